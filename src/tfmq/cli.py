@@ -1,0 +1,273 @@
+"""The `tfmq` command: parses arguments and calls the library; user errors end in one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tfmq.errors import TfmqError
+
+REFERENCE_NAME = "fashion-mnist-test"
+IGNORED_IN_IMAGE_FOLDERS = ("metrics.json",)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _sampler_config(args: argparse.Namespace):
+    from tfmq.sampling import SamplerConfig
+
+    return SamplerConfig(name=args.sampler, steps=args.steps, eta=args.eta, skip_type=args.skip_type)
+
+
+def _load_unet(args: argparse.Namespace):
+    """The model to sample from: the full-precision one, or a quantized checkpoint on its base model."""
+    from tfmq.models.loading import load_model
+    from tfmq.quant.checkpoint import load_quantized, read_metadata
+
+    if args.quantized is None:
+        model = load_model(args.model or "fashion-ddpm")
+        return model, model.unet, model.source
+    base = args.model or read_metadata(args.quantized)["base_model"]["source"]
+    model = load_model(base)
+    return model, load_quantized(args.quantized, model.unet), str(args.quantized)
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from tfmq.images import save_image_folder
+    from tfmq.sampling import sample
+
+    config = _sampler_config(args)
+    model, unet, source = _load_unet(args)
+    started = time.perf_counter()
+    images = sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size, not args.quiet)
+    seconds = time.perf_counter() - started
+    metadata = {"model": source, "seed": args.seed, "sampler": config.to_dict(), "seconds": round(seconds, 2)}
+    out = save_image_folder(images, args.out, metadata)
+    print(f"{len(images)} images in {seconds:.1f} s -> {out} (grid: {out / 'grid.png'})")
+
+
+def _seed_of(folder: Path) -> int | None:
+    metadata = folder / "samples.json"
+    if not metadata.is_file():
+        return None
+    try:
+        return json.loads(metadata.read_text()).get("seed")
+    except json.JSONDecodeError:
+        return None
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from tfmq.images import load_image_folder
+    from tfmq.metrics import QualityMetrics, load_reference_statistics
+    from tfmq.files import write_json
+    from tfmq.report import format_table
+
+    names, images = load_image_folder(args.images, skip=IGNORED_IN_IMAGE_FOLDERS)
+    baseline = None
+    if args.baseline is not None:
+        baseline_names, baseline = load_image_folder(args.baseline, skip=IGNORED_IN_IMAGE_FOLDERS)
+        if baseline_names != names:
+            raise TfmqError(f"{args.images} and {args.baseline} do not hold the same image names; pair sets of one seed")
+        seeds = (_seed_of(Path(args.images)), _seed_of(Path(args.baseline)))
+        if None not in seeds and seeds[0] != seeds[1]:
+            raise TfmqError(f"the two sets come from different seeds ({seeds[0]} vs {seeds[1]}): no pairing")
+    reference = None if args.reference == "none" else (
+        load_reference_statistics() if args.reference == REFERENCE_NAME else load_reference_statistics(args.reference)
+    )
+    metrics = QualityMetrics()
+    result: dict = {"images": str(args.images), "num_images": len(images)}
+    if reference is not None:
+        result.update(metrics.against_reference(images, reference))
+    if baseline is not None:
+        result["baseline"] = str(args.baseline)
+        result.update(metrics.between(images, baseline))
+    out = args.json or Path(args.images) / "metrics.json"
+    write_json(out, result)
+    print(format_table([{k: v for k, v in result.items() if k not in ("images", "baseline")}]))
+    print(f"written to {out}")
+
+
+def _bits(text: str) -> int | None:
+    """A bit width, or full precision as 'none', 'fp' or '32' (the paper's W4A32 means weights only)."""
+    return None if text.lower() in ("none", "fp", "32") else int(text)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    import torch
+
+    from tfmq.models.loading import load_model
+    from tfmq.quant.api import quantize
+    from tfmq.quant.calibration import CalibrationSet, collect_calibration
+    from tfmq.quant.checkpoint import save_quantized
+    from tfmq.quant.config import QuantConfig
+    from tfmq.report import format_table
+
+    try:
+        config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
+                             weight_init=args.weight_init, act_init=args.act_init, keep_fp=tuple(args.keep_fp),
+                             quantize_attention=not args.no_attention_quant)
+    except ValueError as exc:
+        raise TfmqError(str(exc)) from exc
+    sampler = _sampler_config(args)
+    model = load_model(args.model)
+    started = time.perf_counter()
+    if args.calib_load is not None:
+        calibration = CalibrationSet.load(args.calib_load)
+    else:
+        calibration = collect_calibration(model.unet, model.scheduler, args.calib_samples, sampler,
+                                          args.interval_length, args.seed, args.batch_size, not args.quiet)
+        if args.calib_save is not None:
+            calibration.save(args.calib_save)
+    collected = time.perf_counter()
+    quantized = quantize(model.unet, config, calibration, source=model.source, progress=not args.quiet)
+    calibrated = time.perf_counter()
+    quantized.tfmq_info.extra["calibration"] = {
+        "sampler": sampler.to_dict(), "num_samples": args.calib_samples, "interval_length": args.interval_length,
+        "seed": args.seed, "collect_seconds": round(collected - started, 2),
+        "quantize_seconds": round(calibrated - collected, 2),
+    }
+    out = save_quantized(quantized, args.out)
+    held_out = collect_calibration(model.unet, model.scheduler, 8, sampler, 10, args.seed + 1, progress=False)
+    with torch.no_grad():
+        samples, timesteps = held_out.samples[::4], held_out.timesteps[::4]
+        reference = model.unet(samples, timesteps).sample
+        error = (quantized(samples, timesteps).sample - reference).norm() / reference.norm()
+    fp_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
+    file_bytes = (out / "quantized.safetensors").stat().st_size
+    print(format_table([{
+        "method": config.method, "W": config.w_bits or "fp", "A": config.a_bits or "fp",
+        "calib samples": len(calibration), "calib s": round(calibrated - started, 1),
+        "rel. output error": float(error), "size MB": file_bytes / 1e6, "fp32 MB": fp_bytes / 1e6,
+        "smaller": f"{fp_bytes / file_bytes:.1f}x",
+    }]))
+    print(f"quantized model -> {out}")
+
+
+def _cmd_reference_stats(args: argparse.Namespace) -> None:
+    from tfmq.data import load_fashion_mnist
+    from tfmq.metrics import QualityMetrics, save_reference_statistics
+    from tfmq.models.architectures import FASHION_RESOLUTION
+
+    images, _ = load_fashion_mnist("test", FASHION_RESOLUTION, args.data_dir)
+    save_reference_statistics(QualityMetrics().reference_statistics(images), args.out)
+    print(f"reference statistics of {len(images)} test images -> {args.out}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from tfmq.models import training
+
+    if args.what == "ddpm":
+        out = training.train_ddpm(args.out, args.work_dir, steps=args.steps, batch_size=args.batch_size,
+                                  learning_rate=args.lr, seed=args.seed, data_dir=args.data_dir)
+        print(f"wrote {out}")
+    else:
+        record = training.train_classifier(args.out, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir)
+        print(f"test accuracy {record['test_accuracy']:.4f}, {record['wall_seconds']} s -> {args.out}")
+
+
+def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    parser.add_argument("--steps", type=_positive, default=100, help="sampling steps (paper: --timesteps)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--skip-type", choices=["quad", "uniform"], default="quad", help="DDIM timestep spacing")
+    parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded by (seed, i)")
+    parser.add_argument("--batch-size", type=_positive, default=64)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage dump), still with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tfmq", description="Post-training quantization of diffusion models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sample = commands.add_parser("sample", help="sample images (PNGs, a grid, samples.json) from a model")
+    sample.add_argument("--model", default=None,
+                        help="shipped model name or diffusers-layout folder (default fashion-ddpm, or the base "
+                             "model recorded in --quantized)")
+    sample.add_argument("--quantized", type=Path, default=None, help="a folder written by `tfmq quantize`")
+    sample.add_argument("--num", type=_positive, default=64, help="number of images")
+    sample.add_argument("--out", type=Path, required=True, help="output folder (replaced whole when done)")
+    sample.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_sampler_arguments(sample)
+    sample.set_defaults(func=_cmd_sample)
+
+    quantize = commands.add_parser("quantize", help="quantize a model's UNet (calibrating on its own samples)")
+    quantize.add_argument("--model", default="fashion-ddpm", help="shipped model name or diffusers-layout folder")
+    quantize.add_argument("--method", choices=["rtn", "qdiff", "tfmq"], default="rtn")
+    quantize.add_argument("--w-bits", type=_bits, default=4, help="weight bits 2..8, or none (paper: --wq)")
+    quantize.add_argument("--a-bits", type=_bits, default=8,
+                          help="activation bits 4..16, or none (paper: --aq; --use_aq off = none)")
+    quantize.add_argument("--weight-init", choices=["mse", "minmax"], default="mse")
+    quantize.add_argument("--act-init", choices=["mse", "minmax"], default="mse")
+    quantize.add_argument("--keep-fp", nargs="*", default=["conv_in", "conv_out"],
+                          help="module-name patterns left in full precision (default: first and last layer)")
+    quantize.add_argument("--no-attention-quant", action="store_true", help="leave the attention matmuls in fp")
+    quantize.add_argument("--calib-samples", type=_positive, default=64,
+                          help="calibration trajectories (seeds); every step of each is recorded")
+    quantize.add_argument("--interval-length", type=_positive, default=5,
+                          help="weight reconstruction uses every n-th sampling step (paper: --interval_length)")
+    quantize.add_argument("--calib-save", type=Path, default=None,
+                          help="save the calibration set (paper: --cali_save_path)")
+    quantize.add_argument("--calib-load", type=Path, default=None,
+                          help="reuse a saved calibration set (paper: --cali_data_path)")
+    quantize.add_argument("--out", type=Path, required=True, help="output folder (replaced whole when done)")
+    quantize.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_sampler_arguments(quantize)
+    quantize.set_defaults(func=_cmd_quantize)
+
+    evaluate = commands.add_parser("eval", help="FID/sFID/IS vs the test set; FID/PSNR/SSIM vs a baseline set")
+    evaluate.add_argument("images", type=Path, help="folder of generated images")
+    evaluate.add_argument("baseline", type=Path, nargs="?", help="folder of full-precision images, same seeds")
+    evaluate.add_argument("--reference", default=REFERENCE_NAME,
+                          help=f"'{REFERENCE_NAME}' (shipped statistics), a statistics file, or 'none'")
+    evaluate.add_argument("--json", type=Path, default=None, help="where to write the metrics (IMAGES/metrics.json)")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    reference = commands.add_parser("reference-stats", help="recompute the shipped test-set statistics for FID")
+    reference.add_argument("--out", type=Path, required=True)
+    reference.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST idx folder")
+    reference.set_defaults(func=_cmd_reference_stats)
+
+    train = commands.add_parser("train", help="train a shipped model (fashion-ddpm or the metrics classifier)")
+    train.add_argument("what", choices=["ddpm", "classifier"])
+    train.add_argument("--out", type=Path, required=True)
+    train.add_argument("--work-dir", type=Path, default=Path("runs/train"), help="resume checkpoint and loss log")
+    train.add_argument("--steps", type=_positive, default=20_000)
+    train.add_argument("--epochs", type=_positive, default=15)
+    train.add_argument("--batch-size", type=_positive, default=64)
+    train.add_argument("--lr", type=float, default=5e-4)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST idx folder")
+    train.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TfmqError as exc:
+        print(f"tfmq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tfmq: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Image-quality metrics: against the data (FID, sFID, IS) and against paired full-precision samples.
+
+FID and IS are torchmetrics' implementations fed with our own feature network; the reference statistics of
+the Fashion-MNIST test set are torchmetrics' own running sums, stored so the test set need not ship.
+Never compare these values with papers' Inception-based figures: only with each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+
+from tfmq.errors import TfmqError
+from tfmq.images import from_uint8, to_uint8
+from tfmq.metrics.feature_network import Embedding, load_classifier
+from tfmq.models.architectures import FASHION_RESOLUTION
+
+REFERENCE_FILE = Path(__file__).resolve().parent / "fashion_mnist_test_stats.safetensors"
+PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; the mean needs a finite stand-in
+SSIM_KERNEL = 7  # the usual 11-pixel window leaves only 6x6 valid pixels of a 16x16 image
+_CHUNK = 500
+_FID_STATES = ("features_sum", "features_cov_sum", "features_num_samples")
+
+
+def _frechet(embedding: Embedding) -> FrechetInceptionDistance:
+    return FrechetInceptionDistance(feature=embedding, reset_real_features=False)
+
+
+def _update(metric: FrechetInceptionDistance, images: torch.Tensor, real: bool) -> None:
+    for chunk in images.split(_CHUNK):
+        metric.update(chunk, real=real)
+
+
+def png_like(images: torch.Tensor) -> torch.Tensor:
+    """Round images to 8 bits, as the saved PNGs are, so reference and samples go through the same path."""
+    return from_uint8(to_uint8(images))
+
+
+class QualityMetrics:
+    """Holds the feature network once and computes every metric with it."""
+
+    def __init__(self, classifier_dir: str | Path | None = None) -> None:
+        classifier = load_classifier(classifier_dir) if classifier_dir else load_classifier()
+        self.pooled = Embedding(classifier, "pooled")
+        self.spatial = Embedding(classifier, "spatial")
+        self.logits = Embedding(classifier, "logits")
+
+    def reference_statistics(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The real-image sums of FID and sFID for `images` (e.g. the test set), ready to save."""
+        statistics = {}
+        for name, embedding in (("fid", self.pooled), ("sfid", self.spatial)):
+            metric = _frechet(embedding)
+            _update(metric, png_like(images), real=True)
+            for state in _FID_STATES:
+                statistics[f"{name}.{state}"] = getattr(metric, f"real_{state}").clone()
+        return statistics
+
+    def _against_statistics(self, embedding: Embedding, name: str, statistics: dict, images: torch.Tensor) -> float:
+        metric = _frechet(embedding)
+        for state in _FID_STATES:
+            setattr(metric, f"real_{state}", statistics[f"{name}.{state}"].clone())
+        _update(metric, images, real=False)
+        return float(metric.compute())
+
+    def against_reference(self, images: torch.Tensor, statistics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """FID, sFID and IS of generated images against the reference statistics."""
+        _need_two(images)
+        inception = InceptionScore(feature=self.logits, splits=10)
+        for chunk in images.split(_CHUNK):
+            inception.update(chunk)
+        with torch.random.fork_rng():  # IS shuffles its splits with the global generator
+            torch.manual_seed(0)
+            is_mean, is_std = inception.compute()
+        return {
+            "fid": self._against_statistics(self.pooled, "fid", statistics, images),
+            "sfid": self._against_statistics(self.spatial, "sfid", statistics, images),
+            "is": float(is_mean),
+            "is_std": float(is_std),
+        }
+
+    def between(self, images: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
+        """FID between two sets, and per-image PSNR/SSIM of images paired by index (same seeds)."""
+        if images.shape != baseline.shape:
+            raise TfmqError(f"paired sets differ in shape: {tuple(images.shape)} vs {tuple(baseline.shape)}")
+        _need_two(images)
+        metric = _frechet(self.pooled)
+        _update(metric, baseline, real=True)
+        _update(metric, images, real=False)
+        return {"fid_to_baseline": float(metric.compute()), **paired_similarity(images, baseline)}
+
+
+def paired_similarity(images: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
+    """Mean PSNR (dB, capped at PSNR_CAP_DB per image) and mean SSIM of images in [-1, 1]."""
+    mse = (images - baseline).pow(2).flatten(1).mean(1)
+    psnr = torch.where(mse > 0, 10 * torch.log10(4.0 / mse.clamp(min=1e-30)), torch.tensor(PSNR_CAP_DB))
+    ssim = structural_similarity_index_measure(
+        images, baseline, data_range=2.0, kernel_size=SSIM_KERNEL, reduction="none"
+    )
+    return {"psnr": float(psnr.clamp(max=PSNR_CAP_DB).mean()), "ssim": float(ssim.mean())}
+
+
+def _need_two(images: torch.Tensor) -> None:
+    if len(images) < 2:
+        raise TfmqError(f"FID needs at least 2 images, got {len(images)}")
+
+
+def save_reference_statistics(statistics: dict[str, torch.Tensor], path: str | Path = REFERENCE_FILE) -> None:
+    save_file({k: v.contiguous() for k, v in statistics.items()}, str(path), metadata={"resolution": str(FASHION_RESOLUTION)})
+
+
+def load_reference_statistics(path: str | Path = REFERENCE_FILE) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise TfmqError(f"cannot read reference statistics {path}: {str(exc).splitlines()[0]}") from exc

@@ -1,0 +1,176 @@
+"""Training of the shipped models: resumable, seeded, with the wall time recorded for the model card."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from tfmq.data.fashion_mnist import load_fashion_mnist
+from tfmq.models.architectures import (
+    FASHION_RESOLUTION,
+    FashionClassifier,
+    fashion_ddpm_scheduler,
+    fashion_ddpm_unet,
+)
+
+
+def _learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of batch `step` in a per-epoch shuffle that depends only on (seed, epoch): resumable."""
+    per_epoch = num_items // batch_size
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def _log(log_path: Path, record: dict) -> None:
+    with open(log_path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def train_ddpm(
+    out_dir: str | Path,
+    work_dir: str | Path,
+    steps: int = 20_000,
+    batch_size: int = 64,
+    learning_rate: float = 5e-4,
+    ema_decay: float = 0.9995,
+    seed: int = 0,
+    resolution: int = FASHION_RESOLUTION,
+    data_dir: str | Path | None = None,
+    checkpoint_every: int = 500,
+    export_every: int = 2_000,
+) -> Path:
+    """Train `fashion-ddpm` and write its EMA weights as a diffusers DDPMPipeline folder at `out_dir`.
+
+    `work_dir` holds the resume checkpoint (loaded with weights_only=True) and a JSONL loss log;
+    running the same command again continues where it stopped.
+    """
+    from diffusers import DDPMPipeline
+
+    torch.manual_seed(seed)
+    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    images, _ = load_fashion_mnist("train", resolution, data_dir)
+    model, scheduler = fashion_ddpm_unet(resolution), fashion_ddpm_scheduler()
+    ema = deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    checkpoint_path = work_dir / "checkpoint.pt"
+    start, elapsed = 0, 0.0
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, elapsed = int(state["step"]), float(state["elapsed"])
+    alphas_cumprod = scheduler.alphas_cumprod
+
+    def export(step: int) -> None:
+        DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(out_dir)
+        (out_dir / "training.json").write_text(json.dumps({
+            "steps": step, "batch_size": batch_size, "learning_rate": learning_rate, "ema_decay": ema_decay,
+            "seed": seed, "resolution": resolution, "wall_seconds": round(elapsed, 1),
+            "torch_threads": torch.get_num_threads(),
+        }, indent=2))
+
+    model.train()
+    began = time.perf_counter() - elapsed
+    progress = tqdm(range(start, steps), initial=start, total=steps, desc="train fashion-ddpm")
+    for step in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, steps, learning_rate, warmup=500)
+        clean = images[_batch_indices(len(images), batch_size, step, seed)]
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        if torch.rand(1, generator=generator).item() < 0.5:  # horizontal flips keep garments garments
+            clean = clean.flip(-1)
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        noisy = abar.sqrt() * clean + (1 - abar).sqrt() * noise
+        loss = F.mse_loss(model(noisy, timesteps).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema_param, param in zip(ema.parameters(), model.parameters()):
+                ema_param.lerp_(param, 1 - decay)
+        done = step + 1
+        if done % 50 == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            _log(work_dir / "loss.jsonl", {"step": done, "loss": loss.item(), "seconds": time.perf_counter() - began})
+        if done % checkpoint_every == 0 or done == steps:
+            elapsed = time.perf_counter() - began
+            tmp = checkpoint_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": done, "elapsed": elapsed}, tmp)
+            tmp.replace(checkpoint_path)
+        if done % export_every == 0 or done == steps:
+            export(done)
+    return out_dir
+
+
+def train_classifier(
+    out_dir: str | Path,
+    epochs: int = 15,
+    batch_size: int = 128,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    resolution: int = FASHION_RESOLUTION,
+    data_dir: str | Path | None = None,
+) -> dict:
+    """Train the metrics feature network; returns (and writes) its test accuracy and wall time."""
+    torch.manual_seed(seed)
+    began = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, labels = load_fashion_mnist("train", resolution, data_dir)
+    test_images, test_labels = load_fashion_mnist("test", resolution, data_dir)
+    model = FashionClassifier(resolution)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    per_epoch = len(images) // batch_size
+    total = epochs * per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total)
+    generator = torch.Generator().manual_seed(seed)
+    for step in tqdm(range(total), desc="train classifier"):
+        model.train()
+        index = _batch_indices(len(images), batch_size, step, seed)
+        batch = images[index]
+        flip = torch.rand(len(batch), generator=generator) < 0.5
+        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+        shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
+        batch = torch.roll(batch, shifts=shift, dims=(-2, -1))
+        loss = F.cross_entropy(model(batch), labels[index], label_smoothing=0.05)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        predictions = torch.cat([model(chunk).argmax(1) for chunk in test_images.split(1000)])
+    accuracy = (predictions == test_labels).float().mean().item()
+    save_file(model.state_dict(), str(out_dir / "model.safetensors"))
+    record = {
+        "architecture": "FashionClassifier", "resolution": resolution, "num_classes": 10,
+        "test_accuracy": round(accuracy, 4), "epochs": epochs, "batch_size": batch_size,
+        "learning_rate": learning_rate, "seed": seed, "wall_seconds": round(time.perf_counter() - began, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out_dir / "config.json").write_text(json.dumps(record, indent=2))
+    return record

@@ -1,0 +1,219 @@
+"""Uniform affine fake quantization with a learnable step size (LSQ) and range initialisation.
+
+`q = clamp(round(x / s) + z, 0, 2^b - 1)`, `x^ = (q - z) * s`. Rounding passes gradients straight
+through, so both the input and the step `s` receive gradients: reconstruction can train either.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tfmq.quant.config import RANGE_INITS
+
+QUANTIZER_BITS = range(2, 17)
+# Clipping candidates of the MSE search: the observed range shrunk by 1 - i * MSE_SHRINK_STEP,
+# i < MSE_NUM_CANDIDATES (down to 21 % of the range), scored by the mean |x - x^|^MSE_ERROR_POWER.
+# The values of the TFMQ-DM authors' scripts.
+MSE_NUM_CANDIDATES = 80
+MSE_SHRINK_STEP = 0.01
+MSE_ERROR_POWER = 2.4
+# Activation values kept (a uniform random sample over all calibration batches) for the MSE search.
+OBSERVED_SAMPLE_SIZE = 1 << 16
+# Candidates x values scored at once by the MSE search (bounds its temporary memory to ~16 MB).
+SEARCH_CHUNK_ELEMENTS = 1 << 22
+# Floor of the step size: a constant (e.g. all-zero) channel must not divide by zero.
+MIN_SCALE = 1e-8
+
+
+def round_ste(values: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (the straight-through estimator)."""
+    return values + (torch.round(values) - values).detach()
+
+
+def range_to_scale_zero_point(
+    low: torch.Tensor, high: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and zero point of a `bits`-bit grid covering [low, high], widened to contain 0.
+
+    Zero must be exactly representable: zero padding and ReLU/SiLU zeros stay exact.
+    """
+    low = low.clamp(max=0.0)
+    high = high.clamp(min=0.0)
+    scale = ((high - low) / (2**bits - 1)).clamp_min(MIN_SCALE)
+    return scale, torch.round(-low / scale)
+
+
+def quantize_codes(
+    values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """The integer codes q (as floats), with the straight-through gradient of rounding."""
+    return torch.clamp(round_ste(values / scale) + zero_point, 0, 2**bits - 1)
+
+
+def search_range(
+    rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipping range per row of `rows` (channels x values), starting from the observed [low, high].
+
+    "minmax" keeps the observed range; "mse" tries shrunken ranges and keeps, per row, the one with
+    the lowest Lp error, trading clipped outliers for a finer grid on the bulk of the values.
+    Candidates are scored in chunks, several at once, to keep the op count low on small layers.
+    """
+    if method == "minmax":
+        return low, high
+    factors = 1.0 - torch.arange(MSE_NUM_CANDIDATES, device=rows.device) * MSE_SHRINK_STEP
+    best_error = torch.full_like(low, float("inf"))
+    best_factor = torch.ones_like(low)
+    chunk = max(1, SEARCH_CHUNK_ELEMENTS // rows.numel())
+    with torch.no_grad():
+        for start in range(0, MSE_NUM_CANDIDATES, chunk):
+            chunk_factors = factors[start : start + chunk, None]
+            scale, zero_point = range_to_scale_zero_point(low * chunk_factors, high * chunk_factors, bits)
+            scale, zero_point = scale[..., None], zero_point[..., None]
+            codes = torch.clamp(torch.round(rows / scale) + zero_point, 0, 2**bits - 1)
+            error = ((codes - zero_point) * scale - rows).abs().pow(MSE_ERROR_POWER).mean(dim=-1)
+            chunk_error, best_index = error.min(dim=0)
+            better = chunk_error < best_error
+            best_error = torch.where(better, chunk_error, best_error)
+            best_factor = torch.where(better, chunk_factors[best_index, 0], best_factor)
+    return low * best_factor, high * best_factor
+
+
+class _Observation:
+    """Running min/max and a uniform random sample of everything a quantizer saw while calibrating.
+
+    The sample is a bottom-k sample: each value gets a random key and the values with the smallest
+    keys over all batches are kept, so every value seen has the same chance to be in it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.low: torch.Tensor | None = None
+        self.high: torch.Tensor | None = None
+        self.values = torch.empty(0, device=device)
+        self.keys = torch.empty(0, device=device)
+        self.generator = torch.Generator(device=device).manual_seed(0)
+
+    def update(self, batch: torch.Tensor) -> None:
+        batch = batch.detach().flatten().float()
+        batch_low, batch_high = batch.min(), batch.max()
+        self.low = batch_low if self.low is None else torch.minimum(self.low, batch_low)
+        self.high = batch_high if self.high is None else torch.maximum(self.high, batch_high)
+        keys = torch.rand(batch.numel(), generator=self.generator, device=batch.device)
+        values = torch.cat([self.values, batch])
+        keys = torch.cat([self.keys, keys])
+        if values.numel() > OBSERVED_SAMPLE_SIZE:
+            kept = torch.topk(keys, OBSERVED_SAMPLE_SIZE, largest=False).indices
+            values, keys = values[kept], keys[kept]
+        self.values, self.keys = values, keys
+
+
+class UniformQuantizer(nn.Module):
+    """Asymmetric uniform fake quantizer, per tensor or per channel along axis 0.
+
+    The step `scale` is an `nn.Parameter` (LSQ); `zero_point` and `initialized` are buffers, all
+    registered with their final shapes so a freshly built quantizer loads a saved state exactly.
+    `bits=None` makes the quantizer the identity (full precision).
+    """
+
+    def __init__(self, bits: int | None, *, channels: int | None = None, init: str = "mse") -> None:
+        super().__init__()
+        if bits is not None and (isinstance(bits, bool) or bits not in QUANTIZER_BITS):
+            raise ValueError(f"bits must be an int in 2..16 or None, got {bits!r}")
+        if init not in RANGE_INITS:
+            raise ValueError(f"init must be one of {', '.join(RANGE_INITS)}; got {init!r}")
+        self.bits = bits
+        self.channels = channels
+        self.init = init
+        self.enabled = True
+        self._observation: _Observation | None = None
+        size = 1 if channels is None else channels
+        self.scale = nn.Parameter(torch.ones(size))
+        self.register_buffer("zero_point", torch.zeros(size))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def per_channel(self) -> bool:
+        return self.channels is not None
+
+    @property
+    def observing(self) -> bool:
+        return self._observation is not None
+
+    def extra_repr(self) -> str:
+        granularity = f"channels={self.channels}" if self.per_channel else "per_tensor"
+        return f"bits={self.bits}, {granularity}, init={self.init}, enabled={self.enabled}"
+
+    def _broadcast(self, param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.per_channel:
+            return param.view(-1, *([1] * (like.dim() - 1)))
+        return param
+
+    def set_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Fix the grid to cover [low, high] (one value per channel, or one for the tensor)."""
+        scale, zero_point = range_to_scale_zero_point(low, high, self.bits)
+        with torch.no_grad():
+            self.scale.copy_(scale.reshape(self.scale.shape))
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+            self.initialized.fill_(True)
+
+    def init_range(self, values: torch.Tensor) -> None:
+        """Set the range from one tensor seen whole (a weight), by this quantizer's init method."""
+        if self.bits is None:
+            return
+        values = values.detach().float()
+        rows = values.reshape(values.shape[0] if self.per_channel else 1, -1)
+        low, high = rows.min(dim=1).values, rows.max(dim=1).values
+        self.set_range(*search_range(rows, low, high, self.bits, self.init))
+
+    def start_observing(self) -> None:
+        """Calibration mode: the forward pass records its inputs and returns them unchanged."""
+        if self.per_channel:
+            raise RuntimeError("observation covers whole tensors; use init_range for per-channel quantizers")
+        if self.bits is not None:
+            self._observation = _Observation(self.scale.device)
+
+    def observe(self, values: torch.Tensor) -> None:
+        """Record one batch (the forward pass does this by itself while observing)."""
+        if self._observation is None:
+            raise RuntimeError("observe() called outside calibration: call start_observing() first")
+        self._observation.update(values)
+
+    def cancel_observing(self) -> None:
+        """Leave calibration mode without touching the range."""
+        self._observation = None
+
+    def finalize_range(self) -> None:
+        """Leave calibration mode, setting the range from everything observed (if anything was)."""
+        observation, self._observation = self._observation, None
+        if observation is None or observation.low is None:
+            return
+        rows = observation.values.reshape(1, -1)
+        low, high = observation.low.reshape(1), observation.high.reshape(1)
+        self.set_range(*search_range(rows, low, high, self.bits, self.init))
+
+    def _grid(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step and zero point shaped to broadcast against `like`."""
+        if not bool(self.initialized):
+            raise RuntimeError(
+                f"UniformQuantizer({self.extra_repr()}) has no range yet: initialise or calibrate it, "
+                "or load a state_dict"
+            )
+        return self._broadcast(self.scale.clamp_min(MIN_SCALE), like), self._broadcast(self.zero_point, like)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        if self._observation is not None:
+            self.observe(values)
+            return values
+        if self.bits is None or not self.enabled:
+            return values
+        scale, zero_point = self._grid(values)
+        return (quantize_codes(values, scale, zero_point, self.bits) - zero_point) * scale
+
+    def integer_values(self, values: torch.Tensor) -> torch.Tensor:
+        """The integer codes q of `values` as uint8, for packing quantized weights into a checkpoint."""
+        if self.bits is None or self.bits > 8:
+            raise ValueError(f"integer_values needs a quantizer of at most 8 bits, this one has {self.bits}")
+        with torch.no_grad():
+            scale, zero_point = self._grid(values)
+            return quantize_codes(values, scale, zero_point, self.bits).to(torch.uint8)

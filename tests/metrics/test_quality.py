@@ -1,0 +1,53 @@
+import math
+
+import pytest
+import torch
+
+from tfmq.data import load_fashion_mnist
+from tfmq.metrics import QualityMetrics, load_reference_statistics, paired_similarity
+from tfmq.metrics.quality import PSNR_CAP_DB, png_like
+
+
+@pytest.fixture(scope="module")
+def metrics() -> QualityMetrics:
+    return QualityMetrics()
+
+
+@pytest.fixture(scope="module")
+def test_images(fashion_mnist_dir) -> torch.Tensor:
+    return png_like(load_fashion_mnist("test", 16, fashion_mnist_dir)[0])
+
+
+def test_test_set_against_the_shipped_statistics_is_zero(metrics, test_images):
+    scores = metrics.against_reference(test_images, load_reference_statistics())
+    assert abs(scores["fid"]) < 1e-3 and abs(scores["sfid"]) < 1e-3
+    assert scores["is"] > 5.0  # ten balanced, confidently classified classes
+
+
+def test_noise_is_far_from_the_test_set(metrics, test_images):
+    reference = load_reference_statistics()
+    noise = torch.rand(1000, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real = metrics.against_reference(test_images[:1000], reference)
+    fake = metrics.against_reference(noise, reference)
+    assert fake["fid"] > 20 * max(real["fid"], 1.0)
+    assert fake["sfid"] > 20 * max(real["sfid"], 1.0)
+    assert fake["is"] < real["is"]
+
+
+def test_between_sets_orders_near_and_far(metrics, test_images):
+    first, second = test_images[:1000], test_images[1000:2000]
+    noisy = (second + 0.5 * torch.randn(second.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    near, far = metrics.between(first, second), metrics.between(noisy, second)
+    assert near["fid_to_baseline"] < far["fid_to_baseline"]
+    assert far["psnr"] < 20 and far["ssim"] < 0.9
+
+
+def test_identical_sets_have_capped_psnr_and_unit_ssim(test_images):
+    scores = paired_similarity(test_images[:50], test_images[:50])
+    assert scores["psnr"] == PSNR_CAP_DB and scores["ssim"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_psnr_follows_its_definition():
+    images = torch.zeros(3, 1, 8, 8)
+    shifted = images + 0.1  # MSE 0.01 on a range of 2 -> 10 log10(4 / 0.01)
+    assert paired_similarity(shifted, images)["psnr"] == pytest.approx(10 * math.log10(400), rel=1e-5)

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tfmq.quant import QuantConfig
+
+
+def test_defaults_are_the_papers_w4a8_setting() -> None:
+    config = QuantConfig()
+    assert (config.method, config.w_bits, config.a_bits) == ("tfmq", 4, 8)
+    assert (config.weight_init, config.act_init) == ("mse", "mse")
+    assert config.keep_fp == ("conv_in", "conv_out")
+    assert config.quantize_attention and config.split_shortcut
+    assert config.softmax_bits is None
+
+
+def test_round_trips_through_json() -> None:
+    config = QuantConfig(method="qdiff", w_bits=None, a_bits=16, act_init="minmax", keep_fp=("conv_in", "up_blocks.*"),
+                         quantize_attention=False, softmax_bits=6, split_shortcut=False)
+    restored = QuantConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == config
+    assert isinstance(restored.keep_fp, tuple)
+
+
+def test_missing_keys_take_defaults() -> None:
+    assert QuantConfig.from_dict({"w_bits": 8}) == QuantConfig(w_bits=8)
+
+
+def test_keep_fp_list_becomes_a_hashable_tuple() -> None:
+    config = QuantConfig(keep_fp=["conv_in"])
+    assert config.keep_fp == ("conv_in",)
+    hash(config)
+
+
+def test_softmax_bits_default_to_activation_bits() -> None:
+    assert QuantConfig(a_bits=6).attention_probs_bits == 6
+    assert QuantConfig(a_bits=8, softmax_bits=4).attention_probs_bits == 4
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("w_bits", 1), ("w_bits", 9), ("w_bits", True), ("w_bits", 4.0), ("w_bits", "4"),
+        ("a_bits", 3), ("a_bits", 17), ("softmax_bits", 1), ("softmax_bits", 32),
+        ("method", "brecq"), ("weight_init", "percentile"), ("act_init", "max"),
+        ("quantize_attention", 1), ("split_shortcut", "yes"), ("keep_fp", "conv_in"), ("keep_fp", (3,)),
+    ],
+)
+def test_rejects_bad_value_naming_it(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field) as error:
+        QuantConfig(**{field: value})
+    assert repr(value) in str(error.value)
+
+
+def test_from_dict_rejects_unknown_fields() -> None:
+    with pytest.raises(ValueError, match="bits_w"):
+        QuantConfig.from_dict({"bits_w": 4})
+
+
+def test_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        QuantConfig().w_bits = 8  # type: ignore[misc]

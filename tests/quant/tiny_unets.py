@@ -1,0 +1,50 @@
+"""Tiny random UNets for the quantization tests: a few ten thousand parameters, built in milliseconds."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+
+def pixel_unet(seed: int = 0) -> UNet2DModel:
+    """Unconditional 8x8 RGB UNet, self-attention in the lower block."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def text_unet(seed: int = 0) -> UNet2DConditionModel:
+    """Cross-attention 8x8 UNet on 4 latent channels, conditioning of width 8."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+
+
+# Channels of the upsampled part of every up-block resnet's input, by diffusers' construction:
+# resnet 0 reads the previous block's output (16 channels), later ones their own block's width.
+# With block_out_channels (8, 16) both model types have the same layout.
+EXPECTED_SPLITS = {
+    "up_blocks.0.resnets.0.conv_shortcut": 16,
+    "up_blocks.0.resnets.1.conv_shortcut": 16,
+    "up_blocks.1.resnets.0.conv_shortcut": 16,
+    "up_blocks.1.resnets.1.conv_shortcut": 8,
+}
+
+
+def unet_inputs(model: UNet2DModel | UNet2DConditionModel, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random keyword inputs for one forward: noise, timesteps and (for text UNets) 3 tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    inputs = {
+        "sample": torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, generator=generator),
+        "timestep": torch.randint(0, 1000, (batch,), generator=generator),
+    }
+    if isinstance(model, UNet2DConditionModel):
+        inputs["encoder_hidden_states"] = torch.randn(batch, 3, config.cross_attention_dim, generator=generator)
+    return inputs

@@ -1,0 +1,92 @@
+"""The CLI in-process: the main jobs work, and every bad input is one line on stderr with exit code 2."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tfmq.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err
+
+
+def test_sample_writes_pngs_grid_and_metadata(capsys, tmp_path, tiny_model_folder):
+    code, out, _ = _run(capsys, "sample", "--model", tiny_model_folder, "--num", 3, "--steps", 4, "--seed", 7,
+                        "--out", tmp_path / "s", "--quiet")
+    assert code == 0 and "3 images" in out
+    files = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert files == ["000000.png", "000001.png", "000002.png", "grid.png", "samples.json"]
+    metadata = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert metadata["seed"] == 7 and metadata["sampler"]["steps"] == 4
+
+
+def test_eval_against_a_baseline_of_the_same_seed(capsys, tmp_path, tiny_model_folder):
+    for name in ("a", "b"):
+        _run(capsys, "sample", "--model", tiny_model_folder, "--num", 4, "--steps", 3, "--out", tmp_path / name,
+             "--quiet")
+    code, out, _ = _run(capsys, "eval", tmp_path / "a", tmp_path / "b", "--reference", "none")
+    assert code == 0
+    result = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert result["psnr"] == 100.0 and result["ssim"] == pytest.approx(1.0)
+    assert "psnr" in out
+
+
+def test_eval_refuses_sets_of_different_seeds(capsys, tmp_path, tiny_model_folder):
+    for name, seed in (("a", 0), ("b", 1)):
+        _run(capsys, "sample", "--model", tiny_model_folder, "--num", 2, "--steps", 2, "--seed", seed,
+             "--out", tmp_path / name, "--quiet")
+    code, _, err = _run(capsys, "eval", tmp_path / "a", tmp_path / "b", "--reference", "none")
+    _assert_one_line_error(code, err, "different seeds")
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, err = _run(capsys, "sample", "--model", tmp_path / "nope", "--out", tmp_path / "o")
+    _assert_one_line_error(code, err, "neither a shipped model")
+    assert not (tmp_path / "o").exists()
+
+
+def test_folder_without_unet_config(capsys, tmp_path):
+    code, _, err = _run(capsys, "sample", "--model", tmp_path, "--out", tmp_path / "o")
+    _assert_one_line_error(code, err, "no UNet config")
+
+
+@pytest.mark.parametrize("number", ["0", "-3"])
+def test_non_positive_number_of_images(capsys, tmp_path, number):
+    with pytest.raises(SystemExit) as exited:
+        main(["sample", "--num", number, "--out", str(tmp_path / "o")])
+    _assert_one_line_error(exited.value.code, capsys.readouterr().err, "positive")
+
+
+def test_corrupt_safetensors(capsys, tmp_path, tiny_model_folder):
+    weights = tiny_model_folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\x00" * 64)
+    code, _, err = _run(capsys, "sample", "--model", tiny_model_folder, "--out", tmp_path / "o")
+    _assert_one_line_error(code, err, "cannot load UNet weights")
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_image_file_in_an_eval_folder(capsys, tmp_path, tiny_model_folder):
+    _run(capsys, "sample", "--model", tiny_model_folder, "--num", 2, "--steps", 2, "--out", tmp_path / "a", "--quiet")
+    (tmp_path / "a" / "readme.txt").write_text("not an image")
+    code, _, err = _run(capsys, "eval", tmp_path / "a", "--reference", "none")
+    _assert_one_line_error(code, err, "readme.txt is not an image")
+    assert not (tmp_path / "a" / "metrics.json").exists()
+
+
+def test_corrupt_reference_statistics(capsys, tmp_path, tiny_model_folder):
+    _run(capsys, "sample", "--model", tiny_model_folder, "--num", 2, "--steps", 2, "--out", tmp_path / "a", "--quiet")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "stats.safetensors"))
+    (tmp_path / "stats.safetensors").write_bytes(b"broken")
+    code, _, err = _run(capsys, "eval", tmp_path / "a", "--reference", tmp_path / "stats.safetensors")
+    _assert_one_line_error(code, err, "cannot read reference statistics")
