@@ -90,3 +90,58 @@ def test_corrupt_reference_statistics(capsys, tmp_path, tiny_model_folder):
     (tmp_path / "stats.safetensors").write_bytes(b"broken")
     code, _, err = _run(capsys, "eval", tmp_path / "a", "--reference", tmp_path / "stats.safetensors")
     _assert_one_line_error(code, err, "cannot read reference statistics")
+
+
+def _quantize(capsys, model_folder, out, *extra: str) -> tuple[int, str, str]:
+    return _run(capsys, "quantize", "--model", model_folder, "--method", "rtn", "--steps", 4, "--calib-samples", 2,
+                "--out", out, "--quiet", *extra)
+
+
+def test_quantize_then_sample_the_same_seeds(capsys, tmp_path, tiny_model_folder):
+    code, out, _ = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--w-bits", 4, "--a-bits", 8)
+    assert code == 0 and "rtn" in out and "smaller" in out
+    metadata = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert metadata["quant_config"]["w_bits"] == 4 and metadata["calibration"]["num_samples"] == 2
+    code, _, _ = _run(capsys, "sample", "--quantized", tmp_path / "q", "--num", 2, "--steps", 4,
+                      "--out", tmp_path / "qi", "--quiet")
+    assert code == 0
+    _run(capsys, "sample", "--model", tiny_model_folder, "--num", 2, "--steps", 4, "--out", tmp_path / "fp",
+         "--quiet")
+    fp = json.loads((tmp_path / "fp" / "samples.json").read_text())
+    quantized = json.loads((tmp_path / "qi" / "samples.json").read_text())
+    assert fp["seed"] == quantized["seed"] and quantized["model"] == str(tmp_path / "q")
+
+
+def test_weights_only_quantization(capsys, tmp_path, tiny_model_folder):
+    code, _, _ = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--w-bits", 4, "--a-bits", "none")
+    assert code == 0
+    assert json.loads((tmp_path / "q" / "quantization.json").read_text())["quant_config"]["a_bits"] is None
+
+
+@pytest.mark.parametrize("flags", [("--w-bits", "1"), ("--w-bits", "9"), ("--a-bits", "3")])
+def test_unsupported_bit_widths(capsys, tmp_path, tiny_model_folder, flags):
+    code, _, err = _quantize(capsys, tiny_model_folder, tmp_path / "q", *flags)
+    _assert_one_line_error(code, err, "bits")
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantized_checkpoint_on_another_base_model(capsys, tmp_path, tiny_model_folder):
+    _quantize(capsys, tiny_model_folder, tmp_path / "q")
+    other = tmp_path / "other"
+    from diffusers import DDPMPipeline
+    from tests.conftest import tiny_unet
+
+    from tfmq.models.architectures import fashion_ddpm_scheduler
+    DDPMPipeline(unet=tiny_unet(seed=1), scheduler=fashion_ddpm_scheduler()).save_pretrained(other)
+    code, _, err = _run(capsys, "sample", "--quantized", tmp_path / "q", "--model", other, "--out", tmp_path / "o")
+    _assert_one_line_error(code, err, "another base model")
+    assert not (tmp_path / "o").exists()
+
+
+def test_tampered_quantized_checkpoint(capsys, tmp_path, tiny_model_folder):
+    _quantize(capsys, tiny_model_folder, tmp_path / "q")
+    weights = tmp_path / "q" / "quantized.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    code, _, err = _run(capsys, "sample", "--quantized", tmp_path / "q", "--out", tmp_path / "o")
+    _assert_one_line_error(code, err, "modified or truncated")
+

@@ -7,6 +7,7 @@ Never compare these values with papers' Inception-based figures: only with each 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,7 +71,9 @@ class QualityMetrics:
     def against_reference(self, images: torch.Tensor, statistics: dict[str, torch.Tensor]) -> dict[str, float]:
         """FID, sFID and IS of generated images against the reference statistics."""
         _need_two(images)
-        inception = InceptionScore(feature=self.logits, splits=10)
+        with warnings.catch_warnings():  # it warns that it keeps all features: a few MB for our 10 logits
+            warnings.simplefilter("ignore", UserWarning)
+            inception = InceptionScore(feature=self.logits, splits=10)
         for chunk in images.split(_CHUNK):
             inception.update(chunk)
         with torch.random.fork_rng():  # IS shuffles its splits with the global generator

@@ -1,0 +1,124 @@
+"""The method table on a shipped model: FP and each quantization method, same seeds, same calibration set.
+
+    python benchmarks/method_table.py --num 1000 --steps 100 --rows fp rtn:8:8 rtn:4:8
+
+A row is `fp` or `METHOD:W:A` (bits, or `fp` for full precision: `rtn:4:fp` is weights only). Every row runs
+in its own process, so its peak memory (max RSS) is its own; the calibration set is collected once and
+shared by all methods; the FP samples are the pairing baseline for FID/PSNR/SSIM to FP.
+Writes benchmarks/results/method_table.{json,md} (or --name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tfmq import QualityMetrics, SamplerConfig, load_model, sample
+from tfmq.files import write_json, write_text_atomic
+from tfmq.metrics import load_reference_statistics
+from tfmq.quant.api import quantize
+from tfmq.quant.calibration import CalibrationSet, collect_calibration
+from tfmq.quant.checkpoint import WEIGHTS_FILE, save_quantized
+from tfmq.quant.config import QuantConfig
+from tfmq.report import format_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COLUMNS = ("row", "fid", "sfid", "is", "fid_to_fp", "psnr_to_fp", "ssim_to_fp", "calib_s", "sampling_s",
+           "peak_rss_mb", "size_mb")
+
+
+def _bits(text: str) -> int | None:
+    return None if text == "fp" else int(text)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
+    """One row, in this process: quantize (unless fp), sample the evaluation seeds, measure."""
+    model = load_model(args.model)
+    sampler = SamplerConfig(steps=args.steps, skip_type="quad", eta=0.0)
+    unet, result = model.unet, {"row": row}
+    if row != "fp":
+        method, w_bits, a_bits = row.split(":")
+        config = QuantConfig(method=method, w_bits=_bits(w_bits), a_bits=_bits(a_bits))
+        calibration = CalibrationSet.load(work / "calibration.safetensors")
+        started = time.perf_counter()
+        unet = quantize(model.unet, config, calibration, source=model.source)
+        result["calib_s"] = time.perf_counter() - started
+        save_quantized(unet, work / row.replace(":", "_"))
+        result["size_mb"] = (work / row.replace(":", "_") / WEIGHTS_FILE).stat().st_size / 1e6
+    else:
+        result["size_mb"] = sum(p.numel() * p.element_size() for p in unet.parameters()) / 1e6
+    started = time.perf_counter()
+    images = sample(unet, model.scheduler, args.num, args.seed, sampler, batch_size=64)
+    result["sampling_s"] = time.perf_counter() - started
+    metrics = QualityMetrics()
+    scores = metrics.against_reference(images, load_reference_statistics())
+    result.update(fid=scores["fid"], sfid=scores["sfid"], **{"is": scores["is"]})
+    if row == "fp":
+        save_file({"images": images}, str(work / "fp_images.safetensors"))
+    else:
+        paired = metrics.between(images, load_file(str(work / "fp_images.safetensors"))["images"])
+        result.update(fid_to_fp=paired["fid_to_baseline"], psnr_to_fp=paired["psnr"], ssim_to_fp=paired["ssim"])
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="fashion-ddpm")
+    parser.add_argument("--num", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--interval-length", type=int, default=5)
+    parser.add_argument("--rows", nargs="+", default=["fp", "rtn:8:8", "rtn:4:8"])
+    parser.add_argument("--name", default="method_table")
+    parser.add_argument("--work", type=Path, default=Path("runs/benchmark"))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    if args.worker is not None:
+        print(json.dumps(run_row(args.worker, args, args.work)))
+        return
+
+    rows = ["fp"] + [row for row in args.rows if row != "fp"]
+    model = load_model(args.model)
+    started = time.perf_counter()
+    calibration = collect_calibration(model.unet, model.scheduler, args.calib_samples,
+                                      SamplerConfig(steps=args.steps, skip_type="quad"), args.interval_length)
+    calibration.save(args.work / "calibration.safetensors")
+    collect_seconds = time.perf_counter() - started
+    results = []
+    for row in rows:
+        worker = [sys.executable, __file__, "--worker", row, "--model", args.model, "--num", str(args.num),
+                  "--steps", str(args.steps), "--seed", str(args.seed), "--work", str(args.work)]
+        output = subprocess.run(worker, check=True, stdout=subprocess.PIPE, text=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+        print(format_table([results[-1]], COLUMNS), flush=True)
+    table = format_table(results, COLUMNS, markdown=True)
+    setup = (f"`{args.model}`, DDIM {args.steps} steps (quadratic skip, eta 0), {args.num} images of seed "
+             f"{args.seed}; calibration: {args.calib_samples} trajectories x {args.steps} steps "
+             f"(collected once in {collect_seconds:.0f} s, shared by all rows; calib_s excludes it), "
+             f"torch threads {torch.get_num_threads()}")
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    write_json(RESULTS / f"{args.name}.json", {"setup": setup, "collect_calibration_s": collect_seconds,
+                                                "rows": results})
+    command = "python benchmarks/method_table.py " + " ".join(sys.argv[1:])
+    write_text_atomic(RESULTS / f"{args.name}.md", f"# Method table\n\n`{command}`\n\n{setup}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

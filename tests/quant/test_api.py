@@ -1,0 +1,61 @@
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler
+from tests.quant.tiny_unets import pixel_unet, unet_inputs
+from torch import nn
+
+from tfmq.errors import TfmqError
+from tfmq.models.architectures import fashion_ddpm_scheduler
+from tfmq.quant.api import quantize
+from tfmq.quant.calibration import collect_calibration
+from tfmq.quant.config import QuantConfig
+from tfmq.sampling import SamplerConfig
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return collect_calibration(pixel_unet(), fashion_ddpm_scheduler(), 4, SamplerConfig(steps=8), 2, progress=False)
+
+
+def _relative_error(model, base, seed: int = 9) -> float:
+    inputs = unet_inputs(base, 4, seed)
+    inputs["timestep"] = torch.tensor([0, 80, 400, 800])  # on the calibrated trajectory's timesteps range
+    with torch.no_grad():
+        reference = base(**inputs).sample
+        return float((model(**inputs).sample - reference).norm() / reference.norm())
+
+
+def test_rtn_w8a8_stays_close_and_w4a8_is_further(calibration):
+    base = pixel_unet()
+    w8a8 = _relative_error(quantize(base, QuantConfig(method="rtn", w_bits=8, a_bits=8), calibration,
+                                    progress=False), base)
+    w4a8 = _relative_error(quantize(base, QuantConfig(method="rtn", w_bits=4, a_bits=8), calibration,
+                                    progress=False), base)
+    assert w8a8 < 0.05  # the bound stated in the README for W8A8 RTN on random tiny UNets
+    assert w8a8 < w4a8
+
+
+def test_base_model_is_left_in_full_precision(calibration):
+    base = pixel_unet()
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    quantize(base, QuantConfig(method="rtn"), calibration, progress=False)
+    assert all(torch.equal(before[name], tensor) for name, tensor in base.state_dict().items())
+
+
+def test_quantized_unet_runs_inside_a_diffusers_pipeline(calibration):
+    model = quantize(pixel_unet(), QuantConfig(method="rtn", w_bits=8, a_bits=8), calibration, progress=False)
+    pipeline = DDIMPipeline(unet=model, scheduler=DDIMScheduler.from_config(fashion_ddpm_scheduler().config))
+    images = pipeline(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and images.min() >= 0 and images.max() <= 1
+
+
+def test_bad_input_is_a_clear_error(calibration):
+    with pytest.raises(ValueError, match="w_bits"):
+        QuantConfig(w_bits=1)
+    with pytest.raises(ValueError, match="a_bits"):
+        QuantConfig(a_bits=32)
+    with pytest.raises(TfmqError, match="no Conv2d or Linear"):
+        quantize(nn.Sequential(nn.ReLU()), QuantConfig(method="rtn"), calibration, progress=False)
+    with pytest.raises(TfmqError, match="empty"):
+        quantize(pixel_unet(), QuantConfig(method="rtn"), calibration.at_steps([]), progress=False)
