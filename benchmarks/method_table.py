@@ -2,7 +2,8 @@
 
     python benchmarks/method_table.py --num 1000 --steps 100 --rows fp rtn:8:8 rtn:4:8
 
-A row is `fp` or `METHOD:W:A` (bits, or `fp` for full precision: `rtn:4:fp` is weights only). Every row runs
+A row is `fp` or `METHOD:W:A[:FIELD=VALUE,...]` (bits, or `fp` for full precision: `rtn:4:fp` is weights
+only; FIELDs are QuantConfig fields, e.g. `tfmq:4:8:fsc_scope=all,temporal_cache=true`). Every row runs
 in its own process, so its peak memory (max RSS) is its own; the calibration set is collected once and
 shared by all methods; the FP samples are the pairing baseline for FID/PSNR/SSIM to FP.
 Writes benchmarks/results/method_table.{json,md} (or --name).
@@ -39,6 +40,32 @@ def _bits(text: str) -> int | None:
     return None if text == "fp" else int(text)
 
 
+def _value(text: str) -> object:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def row_config(row: str, preset: str) -> QuantConfig:
+    """`METHOD:W:A[:FIELD=VALUE,...]` -> QuantConfig; reconstruction methods get `preset` unless overridden."""
+    method, w_bits, a_bits, *rest = row.split(":")
+    fields: dict = {"recon_preset": preset} if method != "rtn" else {}
+    if method == "tfmq":
+        fields["fsc_scope"] = "temporal"
+    for item in (rest[0].split(",") if rest else []):
+        key, _, value = item.partition("=")
+        fields[key] = _value(value)
+    return QuantConfig(method=method, w_bits=_bits(w_bits), a_bits=_bits(a_bits), **fields)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -49,14 +76,14 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
     sampler = SamplerConfig(steps=args.steps, skip_type="quad", eta=0.0)
     unet, result = model.unet, {"row": row}
     if row != "fp":
-        method, w_bits, a_bits = row.split(":")
-        config = QuantConfig(method=method, w_bits=_bits(w_bits), a_bits=_bits(a_bits))
+        config = row_config(row, args.preset)
         calibration = CalibrationSet.load(work / "calibration.safetensors")
         started = time.perf_counter()
         unet = quantize(model.unet, config, calibration, source=model.source)
         result["calib_s"] = time.perf_counter() - started
-        save_quantized(unet, work / row.replace(":", "_"))
-        result["size_mb"] = (work / row.replace(":", "_") / WEIGHTS_FILE).stat().st_size / 1e6
+        folder = work / row.replace(":", "_").replace(",", "_").replace("=", "-")
+        save_quantized(unet, folder)
+        result["size_mb"] = (folder / WEIGHTS_FILE).stat().st_size / 1e6
     else:
         result["size_mb"] = sum(p.numel() * p.element_size() for p in unet.parameters()) / 1e6
     started = time.perf_counter()
@@ -83,6 +110,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--interval-length", type=int, default=5)
     parser.add_argument("--rows", nargs="+", default=["fp", "rtn:8:8", "rtn:4:8"])
+    parser.add_argument("--preset", default="fast", help="reconstruction preset of qdiff/tfmq rows")
     parser.add_argument("--name", default="method_table")
     parser.add_argument("--work", type=Path, default=Path("runs/benchmark"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -103,7 +131,8 @@ def main() -> None:
     results = []
     for row in rows:
         worker = [sys.executable, __file__, "--worker", row, "--model", args.model, "--num", str(args.num),
-                  "--steps", str(args.steps), "--seed", str(args.seed), "--work", str(args.work)]
+                  "--steps", str(args.steps), "--seed", str(args.seed), "--work", str(args.work),
+                  "--preset", args.preset]
         output = subprocess.run(worker, check=True, stdout=subprocess.PIPE, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
         print(format_table([results[-1]], COLUMNS), flush=True)

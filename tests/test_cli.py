@@ -145,3 +145,10 @@ def test_tampered_quantized_checkpoint(capsys, tmp_path, tiny_model_folder):
     code, _, err = _run(capsys, "sample", "--quantized", tmp_path / "q", "--out", tmp_path / "o")
     _assert_one_line_error(code, err, "modified or truncated")
 
+
+
+def test_quantize_with_block_reconstruction(capsys, tmp_path, tiny_model_folder):
+    code, out, _ = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--method", "qdiff", "--preset", "fast")
+    assert code == 0 and "qdiff" in out and "fast" in out
+    metadata = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert metadata["quant_config"]["recon_preset"] == "fast" and metadata["reconstruction"]

@@ -110,10 +110,15 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from tfmq.quant.config import QuantConfig
     from tfmq.report import format_table
 
+    fsc_scope = args.fsc_scope if args.fsc_scope != "auto" else ("temporal" if args.method == "tfmq" else "none")
+    tfmq_options = {} if args.method != "tfmq" else {
+        "tiar": not args.no_tiar, "temporal_cache": args.temporal_cache, "temporal_selection": args.temporal_selection}
     try:
         config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
                              weight_init=args.weight_init, act_init=args.act_init, keep_fp=tuple(args.keep_fp),
-                             quantize_attention=not args.no_attention_quant)
+                             quantize_attention=not args.no_attention_quant, recon_preset=args.preset,
+                             memory_budget_mb=args.memory_budget_mb,
+                             fsc_scope=fsc_scope if args.a_bits is not None else "none", **tfmq_options)
     except ValueError as exc:
         raise TfmqError(str(exc)) from exc
     sampler = _sampler_config(args)
@@ -144,11 +149,24 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     file_bytes = (out / "quantized.safetensors").stat().st_size
     print(format_table([{
         "method": config.method, "W": config.w_bits or "fp", "A": config.a_bits or "fp",
+        "preset": config.recon_preset if config.method != "rtn" else "-", "FSC": config.fsc_scope,
         "calib samples": len(calibration), "calib s": round(calibrated - started, 1),
         "rel. output error": float(error), "size MB": file_bytes / 1e6, "fp32 MB": fp_bytes / 1e6,
         "smaller": f"{fp_bytes / file_bytes:.1f}x",
     }]))
     print(f"quantized model -> {out}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from tfmq.demo import COMPARISON_FILE, REPORT_FILE, DemoSettings, run_demo
+    from tfmq.report import format_table
+
+    settings = DemoSettings(num_images=args.num, steps=args.steps, seed=args.seed)
+    summary = run_demo(args.out, settings, progress=not args.quiet)
+    print(format_table(summary["rows"], ["model", "fid", "sfid", "is", "fid_to_fp", "psnr_to_fp", "ssim_to_fp"]))
+    print(f"weights {summary['fp32_unet_mb']:.2f} MB fp32 -> {summary['quantized_file_mb']:.2f} MB; "
+          f"quantization {summary['quantize_s']:.0f} s; total {summary['total_s']:.0f} s")
+    print(f"picture: {args.out / COMPARISON_FILE}   report: {args.out / REPORT_FILE}")
 
 
 def _cmd_reference_stats(args: argparse.Namespace) -> None:
@@ -211,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--w-bits", type=_bits, default=4, help="weight bits 2..8, or none (paper: --wq)")
     quantize.add_argument("--a-bits", type=_bits, default=8,
                           help="activation bits 4..16, or none (paper: --aq; --use_aq off = none)")
+    quantize.add_argument("--preset", choices=["fast", "paper"], default="fast",
+                          help="reconstruction length (qdiff, tfmq): 'fast' suits a CPU (minutes), 'paper' is the "
+                               "authors' 20k iterations a block (hours on a CPU)")
+    quantize.add_argument("--fsc-scope", choices=["auto", "none", "temporal", "all"], default="auto",
+                          help="per-timestep activation ranges (FSC): for the temporal features, for every "
+                               "activation, or none (auto: temporal for tfmq, none otherwise)")
+    quantize.add_argument("--no-tiar", action="store_true", help="tfmq: reconstruct the TIB inside its blocks")
+    quantize.add_argument("--temporal-cache", action="store_true",
+                          help="tfmq (journal): cache the quantized temporal features of every scheduled timestep")
+    quantize.add_argument("--temporal-selection", action="store_true",
+                          help="tfmq (journal): per block, keep the TIB path or the cache, whichever errs less")
+    quantize.add_argument("--memory-budget-mb", type=float, default=2048.0,
+                          help="reconstruction caches beyond this go to disk")
     quantize.add_argument("--weight-init", choices=["mse", "minmax"], default="mse")
     quantize.add_argument("--act-init", choices=["mse", "minmax"], default="mse")
     quantize.add_argument("--keep-fp", nargs="*", default=["conv_in", "conv_out"],
@@ -228,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_sampler_arguments(quantize)
     quantize.set_defaults(func=_cmd_quantize)
+
+    demo = commands.add_parser("demo", help="quantize the shipped model with TFMQ W4A8 and compare it with FP")
+    demo.add_argument("--out", type=Path, default=Path("tfmq-demo"), help="output folder")
+    demo.add_argument("--num", type=_positive, default=256, help="images per model (same seeds)")
+    demo.add_argument("--steps", type=_positive, default=100)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_cmd_demo)
 
     evaluate = commands.add_parser("eval", help="FID/sFID/IS vs the test set; FID/PSNR/SSIM vs a baseline set")
     evaluate.add_argument("images", type=Path, help="folder of generated images")

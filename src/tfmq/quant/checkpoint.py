@@ -21,6 +21,7 @@ from torch import nn
 from tfmq.errors import TfmqError
 from tfmq.files import atomic_directory, write_json
 from tfmq.quant.config import QuantConfig
+from tfmq.quant.timestep_table import SCHEDULE_KEY, attach_timestep_tables, timestep_tables
 from tfmq.quant.wrap import quant_layers, quantize_model
 
 FORMAT_VERSION = 1
@@ -86,6 +87,12 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     info: QuantizationInfo | None = getattr(model, "tfmq_info", None)
     if info is None:
         raise TfmqError("this model was not quantized by tfmq.quantize: nothing to save")
+    tables = timestep_tables(model)
+    table_scope = "none" if tables is None else tables.scope
+    if table_scope != info.config.fsc_scope:
+        # load_quantized rebuilds the tables from the config: a mismatch would save an unloadable model
+        raise TfmqError(f"the model's timestep tables have scope {table_scope!r}, its config says "
+                        f"fsc_scope={info.config.fsc_scope!r}")
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     packed_weights = {}
     for name, layer in quant_layers(model):
@@ -104,6 +111,8 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
             "base_model": {"source": info.base_source, "fingerprint": info.base_fingerprint,
                            "class": type(model).__name__},
             "packed_weights": packed_weights,
+            # the sampler timesteps the activation tables serve (also in the weights file, which rules)
+            "timestep_schedule": None if tables is None else tables.schedule.tolist(),
             "weights_sha256": _file_sha256(staging / WEIGHTS_FILE),
             "weights_bytes": (staging / WEIGHTS_FILE).stat().st_size,
             **info.extra,
@@ -151,6 +160,15 @@ def load_quantized(path: str | Path, base: nn.Module) -> nn.Module:
     except (KeyError, ValueError, TypeError) as exc:
         raise TfmqError(f"{path} is corrupt: {exc}") from exc
     model = quantize_model(base, config, init_weight_ranges=False)
+    if config.fsc_scope != "none":
+        schedule = state.get(SCHEDULE_KEY)
+        if schedule is None or schedule.tolist() != metadata.get("timestep_schedule"):
+            raise TfmqError(f"{path} is corrupt: fsc_scope={config.fsc_scope!r} needs the timestep schedule, "
+                            f"and {SCHEDULE_KEY} is missing or disagrees with {METADATA_FILE}")
+        try:
+            attach_timestep_tables(model, schedule, config.fsc_scope)
+        except ValueError as exc:
+            raise TfmqError(f"{path} does not match the model: {exc}") from exc
     for name, packed in metadata["packed_weights"].items():
         codes_key = f"{name}.weight{_CODES_SUFFIX}"
         shape = packed["shape"]
@@ -166,5 +184,5 @@ def load_quantized(path: str | Path, base: nn.Module) -> nn.Module:
     return model.eval()
 
 
-_STANDARD_KEYS = ("format_version", "quant_config", "base_model", "packed_weights", "weights_sha256",
-                  "weights_bytes")
+_STANDARD_KEYS = ("format_version", "quant_config", "base_model", "packed_weights", "timestep_schedule",
+                  "weights_sha256", "weights_bytes")

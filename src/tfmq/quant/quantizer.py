@@ -84,10 +84,12 @@ class _Observation:
     """Running min/max and a uniform random sample of everything a quantizer saw while calibrating.
 
     The sample is a bottom-k sample: each value gets a random key and the values with the smallest
-    keys over all batches are kept, so every value seen has the same chance to be in it.
+    keys over all batches are kept, so every value seen has the same chance to be in it. Without
+    `keep_sample` only the min/max is tracked (all a min-max range needs).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, keep_sample: bool = True) -> None:
+        self.keep_sample = keep_sample
         self.low: torch.Tensor | None = None
         self.high: torch.Tensor | None = None
         self.values = torch.empty(0, device=device)
@@ -99,6 +101,8 @@ class _Observation:
         batch_low, batch_high = batch.min(), batch.max()
         self.low = batch_low if self.low is None else torch.minimum(self.low, batch_low)
         self.high = batch_high if self.high is None else torch.maximum(self.high, batch_high)
+        if not self.keep_sample:
+            return
         keys = torch.rand(batch.numel(), generator=self.generator, device=batch.device)
         values = torch.cat([self.values, batch])
         keys = torch.cat([self.keys, keys])
@@ -114,6 +118,11 @@ class UniformQuantizer(nn.Module):
     The step `scale` is an `nn.Parameter` (LSQ); `zero_point` and `initialized` are buffers, all
     registered with their final shapes so a freshly built quantizer loads a saved state exactly.
     `bits=None` makes the quantizer the identity (full precision).
+
+    A per-tensor quantizer can carry a timestep table instead (finite-set calibration, see
+    `timestep_table`): one step and zero point per sampling timestep, buffers `table_scale`,
+    `table_zero_point` and `table_initialized`, of which the row `timestep_row` is used. The shared
+    `scale` is then not used; a table without a selected row is an error, never a fallback to it.
     """
 
     def __init__(self, bits: int | None, *, channels: int | None = None, init: str = "mse") -> None:
@@ -131,6 +140,11 @@ class UniformQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(size))
         self.register_buffer("zero_point", torch.zeros(size))
         self.register_buffer("initialized", torch.tensor(False))
+        # None until enable_timestep_table(): absent from the state_dict of a quantizer without a table.
+        self.register_buffer("table_scale", None)
+        self.register_buffer("table_zero_point", None)
+        self.register_buffer("table_initialized", None)
+        self.timestep_row: int | None = None
 
     @property
     def per_channel(self) -> bool:
@@ -140,9 +154,40 @@ class UniformQuantizer(nn.Module):
     def observing(self) -> bool:
         return self._observation is not None
 
+    @property
+    def has_timestep_table(self) -> bool:
+        return self.table_scale is not None
+
     def extra_repr(self) -> str:
         granularity = f"channels={self.channels}" if self.per_channel else "per_tensor"
-        return f"bits={self.bits}, {granularity}, init={self.init}, enabled={self.enabled}"
+        table = f", timestep_rows={len(self.table_scale)}" if self.has_timestep_table else ""
+        return f"bits={self.bits}, {granularity}, init={self.init}, enabled={self.enabled}{table}"
+
+    def enable_timestep_table(self, rows: int) -> None:
+        """Give this quantizer `rows` ranges, one per sampling timestep, all still uncalibrated."""
+        if self.per_channel:
+            raise ValueError("timestep tables are for per-tensor activation quantizers, this one is per channel")
+        if self.bits is None:
+            raise ValueError("a full-precision quantizer (bits=None) has no range to tabulate")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"a timestep table needs a positive number of rows, got {rows!r}")
+        if self.has_timestep_table:
+            raise ValueError(f"this quantizer already has a timestep table of {len(self.table_scale)} rows")
+        device = self.scale.device
+        self.table_scale = torch.ones(rows, device=device)
+        self.table_zero_point = torch.zeros(rows, device=device)
+        self.table_initialized = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.timestep_row = None
+
+    def set_table_range(self, row: int, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Fix the grid of timestep row `row` to cover [low, high]."""
+        if not self.has_timestep_table:
+            raise RuntimeError("set_table_range() on a quantizer without a timestep table")
+        scale, zero_point = range_to_scale_zero_point(low.reshape(()), high.reshape(()), self.bits)
+        with torch.no_grad():
+            self.table_scale[row] = scale
+            self.table_zero_point[row] = zero_point
+            self.table_initialized[row] = True
 
     def _broadcast(self, param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if self.per_channel:
@@ -166,12 +211,15 @@ class UniformQuantizer(nn.Module):
         low, high = rows.min(dim=1).values, rows.max(dim=1).values
         self.set_range(*search_range(rows, low, high, self.bits, self.init))
 
-    def start_observing(self) -> None:
-        """Calibration mode: the forward pass records its inputs and returns them unchanged."""
+    def start_observing(self, keep_sample: bool = True) -> None:
+        """Calibration mode: the forward pass records its inputs and returns them unchanged.
+
+        `keep_sample=False` records only the min/max, for a caller that wants nothing else.
+        """
         if self.per_channel:
             raise RuntimeError("observation covers whole tensors; use init_range for per-channel quantizers")
         if self.bits is not None:
-            self._observation = _Observation(self.scale.device)
+            self._observation = _Observation(self.scale.device, keep_sample)
 
     def observe(self, values: torch.Tensor) -> None:
         """Record one batch (the forward pass does this by itself while observing)."""
@@ -183,23 +231,49 @@ class UniformQuantizer(nn.Module):
         """Leave calibration mode without touching the range."""
         self._observation = None
 
-    def finalize_range(self) -> None:
-        """Leave calibration mode, setting the range from everything observed (if anything was)."""
+    def take_observed_range(self, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Leave calibration mode and return the clipping range (low, high) of everything observed, by
+        `method` (default: this quantizer's init method), without setting it; None if nothing was seen."""
         observation, self._observation = self._observation, None
         if observation is None or observation.low is None:
-            return
+            return None
+        method = self.init if method is None else method
+        if method != "minmax" and not observation.keep_sample:
+            raise RuntimeError(f"a {method} range needs the observed values: start_observing(keep_sample=True)")
         rows = observation.values.reshape(1, -1)
         low, high = observation.low.reshape(1), observation.high.reshape(1)
-        self.set_range(*search_range(rows, low, high, self.bits, self.init))
+        return search_range(rows, low, high, self.bits, method)
+
+    def finalize_range(self) -> None:
+        """Leave calibration mode, setting the range from everything observed (if anything was)."""
+        observed_range = self.take_observed_range()
+        if observed_range is not None:
+            self.set_range(*observed_range)
 
     def _grid(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step and zero point shaped to broadcast against `like`."""
+        if self.has_timestep_table:
+            return self._table_grid()
         if not bool(self.initialized):
             raise RuntimeError(
                 f"UniformQuantizer({self.extra_repr()}) has no range yet: initialise or calibrate it, "
                 "or load a state_dict"
             )
         return self._broadcast(self.scale.clamp_min(MIN_SCALE), like), self._broadcast(self.zero_point, like)
+
+    def _table_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.timestep_row
+        if row is None:
+            raise RuntimeError(
+                f"UniformQuantizer({self.extra_repr()}) has a timestep table but no timestep is selected: "
+                "call the model with its timestep, or use timestep_table.selected_timestep(model, t)"
+            )
+        if not bool(self.table_initialized[row]):
+            raise RuntimeError(
+                f"UniformQuantizer({self.extra_repr()}) has no range for timestep row {row}: "
+                "calibrate_timestep_tables has not calibrated it"
+            )
+        return self.table_scale[row : row + 1].clamp_min(MIN_SCALE), self.table_zero_point[row : row + 1]
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         if self._observation is not None:

@@ -1,0 +1,185 @@
+"""AdaRound: learn, per weight, whether to round down or up, instead of rounding to nearest.
+
+Each weight gets a variable V; its soft rounding offset `h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)`
+replaces the fractional part of W/s: `W^ = s * (clamp(floor(W/s) + h(V) + z, 0, 2^b - 1) - z)`. A regulariser
+pushes every h(V) to 0 or 1 as its exponent beta is annealed; at the end each weight is rounded hard
+(h(V) >= 0.5 -> up) and the decision is written into the layer's weight, so the layer's ordinary
+round-to-nearest forward reproduces it and the checkpoint stores its codes.
+
+Soft rounding is a switch on the layer: while `adaptive_rounding(layers)` is open, each layer's
+`weight_quantizer` is an `AdaRoundQuantizer` sharing the original's step and zero point; on exit the
+original quantizer is back in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tfmq.quant.layers import QuantLayer
+from tfmq.quant.quantizer import UniformQuantizer
+
+# The stretch of the rectified sigmoid: h(V) reaches exactly 0 and 1 for finite V (AdaRound paper).
+ZETA = 1.1
+GAMMA = -0.1
+
+
+def rectified_sigmoid(rounding: torch.Tensor) -> torch.Tensor:
+    """h(V): the soft rounding offset in [0, 1]."""
+    return torch.clamp(torch.sigmoid(rounding) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(offset: torch.Tensor) -> torch.Tensor:
+    """A V with h(V) = `offset`, for offsets in [0, 1) (the fractional parts of W/s)."""
+    return torch.logit((offset - GAMMA) / (ZETA - GAMMA))
+
+
+class AdaRoundQuantizer(UniformQuantizer):
+    """Stands in for a layer's weight quantizer while its rounding is learnt.
+
+    Shares `scale`, `zero_point` and `initialized` with the quantizer it replaces (same tensors), so
+    the grid is the one the range search chose and stays fixed. `soft` selects the training mode
+    (W^ from h(V), differentiable in V); with `soft = False` it applies the hard decisions, which is
+    what `harden` will write into the weight.
+    """
+
+    def __init__(self, base: UniformQuantizer, weight: torch.Tensor) -> None:
+        if not base.per_channel or base.bits is None or not bool(base.initialized):
+            raise ValueError("AdaRound needs a weight quantizer with bits and its range set")
+        super().__init__(base.bits, channels=base.channels, init=base.init)
+        self.scale = base.scale
+        self.zero_point = base.zero_point
+        self.initialized = base.initialized
+        self.enabled = base.enabled
+        self.base = [base]  # a list: not a submodule, so `quantizers(model)` does not count it twice
+        self.soft = True
+        with torch.no_grad():
+            scaled = weight.detach() / self._grid(weight)[0]
+            self.rounding = nn.Parameter(inverse_rectified_sigmoid(scaled - torch.floor(scaled)))
+
+    def offsets(self) -> torch.Tensor:
+        """h(V) in soft mode, the hard 0/1 decisions otherwise."""
+        soft_offsets = rectified_sigmoid(self.rounding)
+        return soft_offsets if self.soft else (soft_offsets >= 0.5).to(soft_offsets.dtype)
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """floor(W/s) + h(V) + z, clamped to the grid (integers in hard mode)."""
+        scale, zero_point = self._grid(weight)
+        floor = torch.floor(weight.detach() / scale)
+        return torch.clamp(floor + self.offsets() + zero_point, 0, 2**self.bits - 1)
+
+    def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
+        """W^ = (codes - z) * s, whether or not quantization is switched on."""
+        scale, zero_point = self._grid(weight)
+        return (self.codes(weight) - zero_point) * scale
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.dequantized(weight) if self.enabled else weight
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", adaround={'soft' if self.soft else 'hard'}"
+
+
+def attach(layer: QuantLayer) -> AdaRoundQuantizer:
+    """Switch `layer` to learnt rounding, V initialised so that W^ = W inside the grid."""
+    if isinstance(layer.weight_quantizer, AdaRoundQuantizer):
+        raise ValueError("this layer is already in AdaRound mode")
+    rounding = AdaRoundQuantizer(layer.weight_quantizer, layer.weight).to(layer.weight.device)
+    layer.weight_quantizer = rounding
+    return rounding
+
+
+def detach(layer: QuantLayer) -> None:
+    """Put the layer's original weight quantizer back, leaving the weight as it was."""
+    rounding = layer.weight_quantizer
+    if not isinstance(rounding, AdaRoundQuantizer):
+        raise ValueError("this layer is not in AdaRound mode")
+    base = rounding.base[0]
+    base.enabled = rounding.enabled  # a set_quant_state meanwhile applies to the original too
+    layer.weight_quantizer = base
+
+
+def harden(layer: QuantLayer) -> None:
+    """Round hard (h(V) >= 0.5 -> up), write `(q - z) * s` into the weight and leave AdaRound mode.
+
+    Round-to-nearest of (q - z) * s on the same grid gives q back, so the layer's ordinary forward and
+    `integer_values` reproduce the learnt decisions exactly.
+    """
+    rounding = layer.weight_quantizer
+    if not isinstance(rounding, AdaRoundQuantizer):
+        raise ValueError("this layer is not in AdaRound mode")
+    with torch.no_grad():
+        rounding.soft = False
+        layer.weight.copy_(rounding.dequantized(layer.weight))
+    detach(layer)
+
+
+@contextmanager
+def adaptive_rounding(layers: Sequence[QuantLayer]) -> Iterator[list[AdaRoundQuantizer]]:
+    """Learnt rounding for `layers` (those with quantized weights) while the block is open.
+
+    Yields the AdaRound quantizers (their `rounding` are the parameters to train). On a normal exit
+    every layer is rounded hard and its weight overwritten; on an exception the layers go back to
+    their original quantizers with their weights untouched.
+    """
+    roundable = [layer for layer in layers if layer.weight_quantizer.bits is not None]
+    attached: list[QuantLayer] = []
+    try:
+        for layer in roundable:
+            attach(layer)
+            attached.append(layer)
+        yield [layer.weight_quantizer for layer in attached]  # type: ignore[misc]
+    except BaseException:
+        for layer in attached:
+            detach(layer)
+        raise
+    for layer in attached:
+        harden(layer)
+
+
+@dataclass(frozen=True)
+class RoundingRegularizer:
+    """`weight * sum(1 - |2 h(V) - 1|^beta)`: zero where every h(V) is 0 or 1.
+
+    Off for the first `warmup` fraction of `iterations`; then beta falls linearly from `beta_start`
+    to `beta_end` (reached at `iterations`). A large beta leaves h(V) free except near 0.5; a small
+    one pulls every offset towards 0 or 1 (AdaRound paper, section 3.3).
+    """
+
+    iterations: int
+    weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+
+    @property
+    def warmup_iterations(self) -> int:
+        return math.ceil(self.warmup * self.iterations)
+
+    def active(self, iteration: int) -> bool:
+        return iteration >= self.warmup_iterations
+
+    def beta(self, iteration: int) -> float:
+        """The exponent at `iteration` (beta_start until the warm-up ends)."""
+        span = self.iterations - self.warmup_iterations
+        if span <= 0:
+            return self.beta_end
+        progress = min(max((iteration - self.warmup_iterations) / span, 0.0), 1.0)
+        return self.beta_end + (self.beta_start - self.beta_end) * (1.0 - progress)
+
+    def __call__(self, roundings: Sequence[AdaRoundQuantizer], iteration: int) -> torch.Tensor:
+        if not roundings:
+            return torch.zeros(())
+        reference = roundings[0].rounding
+        if not self.active(iteration):
+            return reference.new_zeros(())
+        beta = self.beta(iteration)
+        total = sum(
+            (1 - (2 * rectified_sigmoid(quantizer.rounding) - 1).abs().pow(beta)).sum() for quantizer in roundings
+        )
+        return self.weight * total

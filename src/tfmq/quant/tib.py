@@ -1,0 +1,173 @@
+"""The Temporal Information Block (TIB) of a diffusers UNet: every module whose output depends on the
+timestep (and class label) alone, and the temporal features it hands to the residual blocks.
+
+In diffusers the TIB is `time_proj` (sinusoidal or learned projection of t), `time_embedding` (the
+Linear-SiLU-Linear MLP), the optional `class_embedding` (added to, or concatenated with, the time
+embedding), the optional `time_embed_act`, and in every `ResnetBlock2D` its `nonlinearity` and
+`time_emb_proj` applied to that embedding. The output of each `time_emb_proj` is one temporal feature.
+Since these depend on (t, y) only, the TIB can be run on its own, without images: this is what TIAR
+reconstructs as one unit and what a cache of temporal features per timestep is computed from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
+from torch import nn
+
+TIME_PROJ = "time_proj"
+TIME_EMBEDDING = "time_embedding"
+CLASS_EMBEDDING = "class_embedding"
+TIME_EMBED_ACT = "time_embed_act"
+# diffusers UNets run their blocks in this order; named_modules lists the mid block last.
+_FORWARD_ORDER = ("down_blocks", "mid_block", "up_blocks")
+
+
+def _forward_rank(name: str) -> int:
+    root = name.split(".", 1)[0]
+    return _FORWARD_ORDER.index(root) if root in _FORWARD_ORDER else len(_FORWARD_ORDER)
+
+
+@dataclass(frozen=True)
+class TemporalInformationBlock:
+    """Where the TIB of `model` lives (qualified module names), and its computation.
+
+    `resnets` are the residual blocks that read the time embedding, in forward order; each has
+    one temporal feature, the output of `<resnet>.time_emb_proj` (width 2C for "scale_shift" blocks,
+    which split it into scale and shift). The names are the same in a model and in its quantized copy.
+    """
+
+    model: nn.Module = field(repr=False, compare=False)
+    time_proj: str
+    time_embedding: str
+    class_embedding: str | None
+    time_embed_act: str | None
+    resnets: tuple[str, ...]
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The temporal features, named by the module producing them: one `time_emb_proj` per block."""
+        return tuple(f"{resnet}.time_emb_proj" for resnet in self.resnets)
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        """Every module of the TIB. A resnet's `nonlinearity` also serves its image path (it is stateless)."""
+        shared = [name for name in (self.time_proj, self.time_embedding, self.class_embedding, self.time_embed_act)
+                  if name is not None]
+        per_block = [f"{resnet}.{part}" for resnet in self.resnets for part in ("nonlinearity", "time_emb_proj")]
+        return tuple(shared + per_block)
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        """Every Linear of the TIB (the layers TIAR reconstructs jointly)."""
+        roots = [name for name in (self.time_embedding, self.class_embedding) if name is not None]
+        shared = [
+            f"{root}.{name}" for root in roots
+            for name, module in self.model.get_submodule(root).named_modules()
+            if isinstance(module, nn.Linear)
+        ]
+        return tuple(shared) + self.feature_names
+
+    @property
+    def feature_reader_names(self) -> tuple[str, ...]:
+        """The Linears whose input is a temporal feature that changes with t: the time MLP's second layer
+        (its input is SiLU of the first) and every block's `time_emb_proj`. The first layer reads the
+        fixed sinusoid, the class embedding reads labels only."""
+        return (f"{self.time_embedding}.linear_2", *self.feature_names)
+
+    def _module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def embedding(self, timesteps: torch.Tensor | int | float, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The time embedding every block's projection reads (time MLP, plus class embedding, then
+        `time_embed_act`), one row per sample, computed as the UNet's own forward does."""
+        model_class = type(self.model).__name__
+        reference = next(self._module(self.time_embedding).parameters())
+        timesteps = torch.as_tensor(timesteps, device=reference.device).reshape(-1)
+        if self.class_embedding is None and class_labels is not None:
+            raise ValueError(f"{model_class} has no class embedding: class_labels must be None")
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError(f"{model_class} is class-conditional: pass class_labels")
+            class_labels = torch.as_tensor(class_labels, device=reference.device)
+            if len(timesteps) == 1:  # one timestep for the whole batch, as the UNet allows
+                timesteps = timesteps.expand(len(class_labels))
+        projected = self._module(self.time_proj)(timesteps).to(dtype=reference.dtype)
+        embedding = self._module(self.time_embedding)(projected)
+        if class_labels is not None:
+            config = getattr(self.model, "config", {})
+            if config.get("class_embed_type") == "timestep":
+                class_labels = self._module(self.time_proj)(class_labels).to(dtype=reference.dtype)
+            class_embedding = self._module(self.class_embedding)(class_labels).to(dtype=reference.dtype)
+            if config.get("class_embeddings_concat"):
+                embedding = torch.cat([embedding, class_embedding], dim=-1)
+            else:
+                embedding = embedding + class_embedding
+        if self.time_embed_act is not None:
+            embedding = self._module(self.time_embed_act)(embedding)
+        return embedding
+
+    def temporal_features(
+        self, timesteps: torch.Tensor | int | float, class_labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every temporal feature for `timesteps` (and `class_labels`), without running the rest of the
+        UNet: {feature name: (N, width)}, equal to what each `time_emb_proj` outputs in a full forward.
+
+        Runs the model's modules as they are: a quantized copy gives its quantized features (one whose
+        quantizers carry timestep tables needs a selected row, see `timestep_table`).
+        """
+        embedding = self.embedding(timesteps, class_labels)
+        features = {}
+        for resnet_name, feature_name in zip(self.resnets, self.feature_names):
+            resnet = self._module(resnet_name)
+            block_input = embedding if resnet.skip_time_act else resnet.nonlinearity(embedding)
+            features[feature_name] = resnet.time_emb_proj(block_input)
+        return features
+
+
+def find_tib(model: nn.Module) -> TemporalInformationBlock:
+    """The TIB of a diffusers UNet2DModel / UNet2DConditionModel, or of its quantized copy.
+
+    Refuses, naming the model class, a model without a time embedding or without residual blocks that
+    read it, and models whose time embedding also depends on other inputs (`timestep_cond`, added
+    text/image embeddings) or reaches blocks other than ResnetBlock2D: for those the temporal features
+    would not be a function of (t, y), or not all of them would be found.
+    """
+    model_class = type(model).__name__
+    modules = dict(model.named_modules())
+    time_proj, time_embedding = modules.get(TIME_PROJ), modules.get(TIME_EMBEDDING)
+    if time_proj is None or not isinstance(time_embedding, TimestepEmbedding):
+        raise ValueError(
+            f"{model_class} has no time embedding (a `{TIME_PROJ}` and a TimestepEmbedding `{TIME_EMBEDDING}`): "
+            "it is not a diffusers UNet with a Temporal Information Block"
+        )
+    config = getattr(model, "config", {})
+    if time_embedding.cond_proj is not None:
+        raise ValueError(f"{model_class}'s time embedding also reads `timestep_cond` (time_cond_proj_dim): "
+                         "its temporal features are not a function of the timestep")
+    if config.get("addition_embed_type") is not None:
+        raise ValueError(f"{model_class} adds a {config.get('addition_embed_type')!r} embedding to the time "
+                         "embedding: its temporal features are not a function of the timestep and class")
+    conditional_norms = [name for name, module in modules.items() if isinstance(module, ResnetBlockCondNorm2D)]
+    if conditional_norms:
+        raise ValueError(f"{model_class} feeds the time embedding to normalisation layers ({conditional_norms[0]}, "
+                         "resnet_time_scale_shift 'ada_group' / 'spatial'): not supported")
+    resnets = tuple(sorted(
+        (name for name, module in modules.items()
+         if isinstance(module, ResnetBlock2D) and module.time_emb_proj is not None),
+        key=_forward_rank,
+    ))
+    if not resnets:
+        raise ValueError(f"{model_class} has no ResnetBlock2D with a time_emb_proj: no block reads the time "
+                         "embedding, so there are no temporal features")
+    return TemporalInformationBlock(
+        model=model,
+        time_proj=TIME_PROJ,
+        time_embedding=TIME_EMBEDDING,
+        class_embedding=CLASS_EMBEDDING if modules.get(CLASS_EMBEDDING) is not None else None,
+        time_embed_act=TIME_EMBED_ACT if modules.get(TIME_EMBED_ACT) is not None else None,
+        resnets=resnets,
+    )

@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import nn
+
+from tests.quant.methods.helpers import calibrated, input_batches
+from tests.quant.tiny_unets import pixel_unet
+from tfmq.quant import QuantConfig, set_quant_state
+from tfmq.quant.config import ReconstructionSettings
+from tfmq.quant.methods.reconstruction import (
+    Call,
+    ReconstructionUnit,
+    UnitCache,
+    capture,
+    reconstruct,
+    reconstruction_loss,
+    unet_units,
+)
+
+UNet = UNet2DModel | UNet2DConditionModel
+W4A8 = QuantConfig(method="qdiff", w_bits=4, a_bits=8)
+
+PIXEL_UNITS = [
+    "time_embedding.linear_1", "time_embedding.linear_2",
+    "down_blocks.0.resnets.0", "down_blocks.0.downsamplers.0", "down_blocks.1.resnets.0",
+    "down_blocks.1.attentions.0",
+    "mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1",
+    "up_blocks.0.resnets.0", "up_blocks.0.attentions.0", "up_blocks.0.resnets.1", "up_blocks.0.attentions.1",
+    "up_blocks.0.upsamplers.0", "up_blocks.1.resnets.0", "up_blocks.1.resnets.1",
+]
+
+
+def settings(**overrides: object) -> ReconstructionSettings:
+    values = dict(weight_iters=30, act_iters=10, batch_size=8, weight_lr=1e-2, act_lr=4e-5, memory_budget_mb=64.0)
+    return ReconstructionSettings(**{**values, **overrides})
+
+
+def test_units_of_a_unet_are_its_blocks_in_forward_order() -> None:
+    full_precision = pixel_unet()
+    model = calibrated(full_precision, W4A8, input_batches(full_precision, 1, 2, seed=0))
+    units = unet_units(model, full_precision, input_batches(full_precision, 1, 2, seed=0)[0])
+    # Registration order would put mid_block.attentions.0 before mid_block.resnets.0.
+    assert [unit.name for unit in units] == PIXEL_UNITS
+    resnet = units[PIXEL_UNITS.index("mid_block.resnets.0")]
+    assert resnet.inputs_from == (model.mid_block.resnets[0],)
+    assert resnet.targets_from == (full_precision.mid_block.resnets[0],)
+    # The temporal path is learnt with its block.
+    assert model.mid_block.resnets[0].time_emb_proj in resnet.layers
+    assert model.mid_block.resnets[0].time_emb_proj.input_quantizer in resnet.activation_quantizers
+    assert all(layer.weight_quantizer not in resnet.activation_quantizers for layer in resnet.layers)
+
+
+def test_quantized_first_and_last_layers_become_units_of_their_own(unet: UNet) -> None:
+    batches = input_batches(unet, 1, 2, seed=0)
+    model = calibrated(unet, QuantConfig(keep_fp=()), batches)
+    names = [unit.name for unit in unet_units(model, unet, batches[0])]
+    assert names[-1] == "conv_out" and "conv_in" in names
+    blocks = [model.get_submodule(name) for name in names]
+    assert any(isinstance(block, Transformer2DModel) for block in blocks) == isinstance(unet, UNet2DConditionModel)
+    assert sum(isinstance(block, ResnetBlock2D) for block in blocks) == 8
+    # Outermost blocks only: no unit lies inside another.
+    assert not any(a != b and b.startswith(a + ".") for a in names for b in names)
+
+
+def test_capture_replays_each_unit_to_its_full_precision_output(unet: UNet) -> None:
+    batches = input_batches(unet, 2, 3, seed=0)
+    model = calibrated(unet, W4A8, batches)
+    set_quant_state(model, weight=False, act=False)  # the quantized twin now computes what the original does
+    for unit in unet_units(model, unet, batches[0]):
+        cache, templates = capture(unit, model, unet, batches, budget_bytes=1e9)
+        with cache:
+            rows = cache.rows(torch.arange(6))
+            calls = [template.filled(rows) for template in templates]
+            output = unit.forward(*calls)
+            output = output[0] if isinstance(output, tuple) else output
+            assert torch.allclose(output, rows["target0"], atol=1e-5), unit.name
+            if isinstance(unit.inputs_from[0], ResnetBlock2D):
+                assert rows["input0.arg1"].shape == (6, 32)  # temb, one row per sample
+            if isinstance(unit.inputs_from[0], Transformer2DModel):
+                assert rows["input0.encoder_hidden_states"].shape == (6, 3, 8)
+                assert templates[0].kwargs["return_dict"] is False  # a static argument, kept as it was
+
+
+def test_unit_cache_on_disk_holds_the_same_bytes_as_in_memory(tmp_path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        {"x": torch.randn(n, 3, 2, generator=generator), "t": torch.randint(0, 9, (n,), generator=generator),
+         "mask": torch.rand(n, 4, generator=generator) > 0.5, "half": torch.randn(n, 5, generator=generator).half()}
+        for n in (4, 3)
+    ]
+    memory, disk = UnitCache(7, budget_bytes=1e6), UnitCache(7, budget_bytes=100, directory=tmp_path)
+    for cache in (memory, disk):
+        for batch in batches:
+            cache.append(batch)
+    assert not memory.on_disk and disk.on_disk and len(list(tmp_path.iterdir())) == 1
+    indices = torch.tensor([6, 0, 3, 3])
+    with memory, disk:
+        for key, tensor in memory.rows(indices).items():
+            from_disk = disk.rows(indices)[key]
+            assert from_disk.dtype == tensor.dtype and torch.equal(from_disk, tensor)
+        assert torch.equal(memory.rows(indices)["x"], torch.cat([b["x"] for b in batches])[indices])
+    assert list(tmp_path.iterdir()) == []  # closing deletes the folder
+
+
+def test_a_budget_too_small_for_memory_caches_on_disk_with_the_same_result(tmp_path, capsys) -> None:
+    full_precision = pixel_unet()
+    batches = input_batches(full_precision, 2, 8, seed=0)
+    reference = calibrated(full_precision, W4A8, batches)
+    fp_state = copy.deepcopy(full_precision.state_dict())
+    models, results = [], []
+    for budget in (64.0, 0.0):
+        model = copy.deepcopy(reference)
+        units = unet_units(model, full_precision, batches[0])[:4]
+        results.append(reconstruct(model, full_precision, units, batches, settings(memory_budget_mb=budget),
+                                   progress=False, cache_dir=tmp_path))
+        models.append(model)
+    assert [r.on_disk for r in results[0]] == [False] * 4 and [r.on_disk for r in results[1]] == [True] * 4
+    assert [r.mse_after for r in results[0]] == [r.mse_after for r in results[1]]
+    memory_state, disk_state = models[0].state_dict(), models[1].state_dict()
+    assert all(torch.equal(tensor, disk_state[name]) for name, tensor in memory_state.items())
+    # Something was learnt: the rounding differs from the reference's round-to-nearest.
+    assert not torch.equal(memory_state["down_blocks.0.resnets.0.conv1.weight"],
+                           reference.state_dict()["down_blocks.0.resnets.0.conv1.weight"])
+    assert not torch.equal(memory_state["down_blocks.0.resnets.0.conv2.input_quantizer.scale"],
+                           reference.state_dict()["down_blocks.0.resnets.0.conv2.input_quantizer.scale"])
+    assert list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err == ""  # progress=False: no bars
+    # The model keeps its modes and gradient flags; the original is untouched.
+    assert all(p.requires_grad for p in models[0].parameters())
+    assert [m.training for m in models[0].modules()] == [m.training for m in reference.modules()]
+    assert all(torch.equal(tensor, fp_state[name]) for name, tensor in full_precision.state_dict().items())
+
+
+def test_a_unit_may_have_several_targets_and_inputs_from_elsewhere() -> None:
+    """The shape of TFMQ's temporal information block: the time embedding MLP and every resnet's
+    projection, learnt together against all the full-precision temporal features."""
+    full_precision = pixel_unet()
+    batches = input_batches(full_precision, 2, 16, seed=0)
+    model = calibrated(full_precision, QuantConfig(w_bits=3, a_bits=8), batches)
+    resnets = [name for name, module in model.named_modules() if isinstance(module, ResnetBlock2D)]
+    projections = [model.get_submodule(f"{name}.time_emb_proj") for name in resnets]
+
+    def temporal_features(call: Call) -> tuple[torch.Tensor, ...]:
+        embedding = model.time_embedding(*call.args, **call.kwargs)
+        return tuple(model.get_submodule(name).time_emb_proj(nn.functional.silu(embedding)) for name in resnets)
+
+    layers = (model.time_embedding.linear_1, model.time_embedding.linear_2, *projections)
+    unit = ReconstructionUnit(
+        name="temporal_information_block",
+        inputs_from=(model.time_embedding,),
+        targets_from=tuple(full_precision.get_submodule(f"{name}.time_emb_proj") for name in resnets),
+        forward=temporal_features,
+        layers=layers,
+        activation_quantizers=tuple(layer.input_quantizer for layer in layers),
+    )
+    (result,) = reconstruct(model, full_precision, [unit], batches, settings(weight_iters=60), progress=False)
+    assert result.samples == 32
+    assert result.mse_after < 0.8 * result.mse_before
+
+
+def test_loss_sums_channels_and_averages_the_rest() -> None:
+    output, target = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
+    assert reconstruction_loss([output], [target]).item() == 3.0
+    assert reconstruction_loss([output, output[:, 0]], [target, target[:, 0]]).item() == 7.0
+    with pytest.raises(ValueError, match="shape"):
+        reconstruction_loss([output], [target[:1]])
+
+
+def test_a_unit_the_forward_never_reaches_is_an_error() -> None:
+    full_precision = pixel_unet()
+    batches = input_batches(full_precision, 1, 2, seed=0)
+    model = calibrated(full_precision, W4A8, batches)
+    stray = nn.Linear(2, 2)
+    unit = ReconstructionUnit("stray", (stray,), (stray,), stray, (), ())
+    with pytest.raises(ValueError, match="before reaching"):
+        reconstruct(model, full_precision, [unit], batches, settings(), progress=False)
+    with pytest.raises(ValueError, match="inputs"):
+        reconstruct(model, full_precision, [unit], [], settings(), progress=False)
+
+
+def test_settings_come_from_the_preset_unless_given() -> None:
+    paper = QuantConfig().reconstruction
+    assert (paper.weight_iters, paper.act_iters, paper.batch_size) == (20_000, 5_000, 32)
+    assert (paper.weight_lr, paper.act_lr) == (1e-3, 4e-5)
+    fast = QuantConfig(recon_preset="fast", recon_weight_iters=7, recon_act_lr=1e-4).reconstruction
+    assert (fast.weight_iters, fast.act_iters, fast.act_lr) == (7, 50, 1e-4)
+    config = QuantConfig(recon_preset="fast", recon_batch_size=4, memory_budget_mb=0.5)
+    assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("recon_preset", "slow"), ("recon_weight_iters", -1), ("recon_act_iters", 2.0), ("recon_batch_size", 0),
+     ("recon_weight_lr", 0.0), ("recon_act_lr", float("nan")), ("memory_budget_mb", -1), ("memory_budget_mb", True)],
+)
+def test_bad_reconstruction_settings_are_refused_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        QuantConfig(**{field: value})

@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+from tests.quant.tiny_unets import pixel_unet, text_unet
+from tfmq.quant import QuantConfig, QuantLinear, quantize_model
+from tfmq.quant.tib import find_tib
+
+# Written out, not derived: the blocks of the tiny UNets that read the time embedding, in forward order.
+EXPECTED_RESNETS = (
+    "down_blocks.0.resnets.0",
+    "down_blocks.1.resnets.0",
+    "mid_block.resnets.0",
+    "mid_block.resnets.1",
+    "up_blocks.0.resnets.0",
+    "up_blocks.0.resnets.1",
+    "up_blocks.1.resnets.0",
+    "up_blocks.1.resnets.1",
+)
+EXPECTED_FEATURES = tuple(f"{resnet}.time_emb_proj" for resnet in EXPECTED_RESNETS)
+
+
+def class_unet(seed: int = 0, **overrides: object) -> UNet2DModel:
+    """pixel_unet with a class embedding (10 classes) added to the time embedding."""
+    torch.manual_seed(seed)
+    settings = dict(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, attention_head_dim=8, num_class_embeds=10,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    return UNet2DModel(**{**settings, **overrides}).eval()
+
+
+def scale_shift_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, attention_head_dim=8, resnet_time_scale_shift="scale_shift",
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def skip_time_act_unet() -> UNet2DModel:
+    model = pixel_unet()
+    model.get_submodule("up_blocks.0.resnets.1").skip_time_act = True  # read at call time by diffusers
+    return model
+
+
+def concat_class_text_unet() -> UNet2DConditionModel:
+    """Text UNet whose class embedding is concatenated to the time embedding, then passed through SiLU."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4, num_class_embeds=3,
+        class_embeddings_concat=True, time_embedding_act_fn="silu",
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+
+
+def quantized_pixel_unet() -> UNet2DModel:
+    model = quantize_model(pixel_unet(), QuantConfig(a_bits=None, weight_init="minmax"))
+    assert isinstance(model.get_submodule("mid_block.resnets.0.time_emb_proj"), QuantLinear)
+    return model
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "pixel": pixel_unet,
+    "text": text_unet,
+    "class": class_unet,
+    "class_timestep": lambda: class_unet(class_embed_type="timestep", num_class_embeds=None),
+    "scale_shift": scale_shift_unet,
+    "skip_time_act": skip_time_act_unet,
+    "concat_class_text": concat_class_text_unet,
+    "quantized": quantized_pixel_unet,
+}
+
+
+def inputs_for(model: nn.Module, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    config = model.config
+    batch = len(timesteps)
+    inputs = {"sample": torch.randn(batch, config.in_channels, 8, 8, generator=generator), "timestep": timesteps}
+    if isinstance(model, UNet2DConditionModel):
+        inputs["encoder_hidden_states"] = torch.randn(batch, 3, config.cross_attention_dim, generator=generator)
+    if model.class_embedding is not None:
+        inputs["class_labels"] = torch.arange(batch) % 3
+    return inputs
+
+
+def features_of_full_forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every `time_emb_proj` output of one full UNet forward, caught by hooks."""
+    captured = {}
+    handles = [
+        module.register_forward_hook(lambda _module, _args, output, name=name: captured.__setitem__(name, output))
+        for name, module in model.named_modules() if name.endswith("time_emb_proj")
+    ]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@pytest.mark.parametrize(
+    ("make", "class_embedding"),
+    [(pixel_unet, None), (text_unet, None), (class_unet, "class_embedding")],
+    ids=["UNet2DModel", "UNet2DConditionModel", "class-conditional UNet2DModel"],
+)
+def test_finds_exactly_the_tib_modules(make: Callable[[], nn.Module], class_embedding: str | None) -> None:
+    tib = find_tib(make())
+    assert (tib.time_proj, tib.time_embedding, tib.class_embedding, tib.time_embed_act) == (
+        "time_proj", "time_embedding", class_embedding, None)
+    assert tib.resnets == EXPECTED_RESNETS
+    assert tib.feature_names == EXPECTED_FEATURES
+    assert tib.feature_reader_names == ("time_embedding.linear_2", *EXPECTED_FEATURES)
+    assert tib.linear_names == ("time_embedding.linear_1", "time_embedding.linear_2", *EXPECTED_FEATURES)
+    shared = ["time_proj", "time_embedding"] + ([class_embedding] if class_embedding else [])
+    per_block = [f"{resnet}.{part}" for resnet in EXPECTED_RESNETS for part in ("nonlinearity", "time_emb_proj")]
+    assert tib.module_names == (*shared, *per_block)
+
+
+def test_finds_the_class_mlp_and_the_embedding_activation() -> None:
+    assert find_tib(MODELS["class_timestep"]()).linear_names[:4] == (
+        "time_embedding.linear_1", "time_embedding.linear_2", "class_embedding.linear_1", "class_embedding.linear_2")
+    tib = find_tib(concat_class_text_unet())
+    assert (tib.class_embedding, tib.time_embed_act) == ("class_embedding", "time_embed_act")
+
+
+def test_a_quantized_copy_has_the_same_tib() -> None:
+    quantized_tib, tib = find_tib(quantized_pixel_unet()), find_tib(pixel_unet())
+    assert quantized_tib == tib  # names only: the model is not compared
+    assert quantized_tib.model is not tib.model
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_temporal_features_equal_those_of_a_full_forward(kind: str) -> None:
+    model = MODELS[kind]()
+    inputs = inputs_for(model, torch.tensor([999, 500, 3]))
+    expected = features_of_full_forward(model, inputs)
+    tib = find_tib(model)
+    with torch.no_grad():
+        features = tib.temporal_features(inputs["timestep"], inputs.get("class_labels"))
+    assert tuple(features) == tib.feature_names
+    assert set(features) == set(expected)  # the TIB misses no projection the UNet uses
+    for name, feature in features.items():
+        assert torch.equal(feature, expected[name]), name
+    # features change with t (and with the class label, for class-conditional models)
+    first = features[EXPECTED_FEATURES[0]]
+    assert not torch.equal(first[0], first[1])
+
+
+def test_scale_shift_features_hold_scale_and_shift() -> None:
+    with torch.no_grad():
+        features = find_tib(scale_shift_unet()).temporal_features(torch.tensor([10]))
+    assert features["down_blocks.0.resnets.0.time_emb_proj"].shape == (1, 2 * 8)
+
+
+def test_class_label_changes_the_features() -> None:
+    tib = find_tib(class_unet())
+    with torch.no_grad():
+        features = tib.temporal_features(torch.tensor([400, 400]), torch.tensor([0, 1]))
+    for feature in features.values():
+        assert not torch.equal(feature[0], feature[1])
+
+
+def test_runs_only_tib_modules() -> None:
+    model = text_unet()
+    tib = find_tib(model)
+    called = []
+    handles = [module.register_forward_hook(lambda *_args, name=name: called.append(name))
+               for name, module in model.named_modules() if name]
+    with torch.no_grad():
+        tib.temporal_features(torch.tensor([7, 800]))
+    for handle in handles:
+        handle.remove()
+    tib_roots = tib.module_names
+    assert called and all(any(name == root or name.startswith(root + ".") for root in tib_roots) for name in called)
+    assert not any(name.endswith(("conv1", "conv2", "conv_in", "to_q")) for name in called)
+
+
+def test_class_labels_are_required_exactly_when_there_is_a_class_embedding() -> None:
+    with pytest.raises(ValueError, match="class-conditional: pass class_labels"):
+        find_tib(class_unet()).temporal_features(torch.tensor([5]))
+    with pytest.raises(ValueError, match="no class embedding"):
+        find_tib(pixel_unet()).temporal_features(torch.tensor([5]), torch.tensor([1]))
+
+
+class ImageOnlyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ResnetBlock2D(in_channels=4, temb_channels=None, groups=2)
+
+
+class TimeButNoTimedBlocks(ImageOnlyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.time_proj = Timesteps(8, True, 0)
+        self.time_embedding = TimestepEmbedding(8, 16)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (nn.Sequential(nn.Conv2d(1, 1, 1)), "Sequential has no time embedding"),
+        (ImageOnlyNet(), "ImageOnlyNet has no time embedding"),
+        (TimeButNoTimedBlocks(), "TimeButNoTimedBlocks has no ResnetBlock2D with a time_emb_proj"),
+    ],
+)
+def test_refuses_a_model_without_temporal_information(model: nn.Module, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        find_tib(model)
+
+
+def test_refuses_a_time_embedding_that_reads_more_than_the_timestep() -> None:
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4, time_cond_proj_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    with pytest.raises(ValueError, match="UNet2DConditionModel.*timestep_cond"):
+        find_tib(model)
