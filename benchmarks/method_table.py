@@ -5,7 +5,9 @@
 A row is `fp` or `METHOD:W:A[:FIELD=VALUE,...]` (bits, or `fp` for full precision: `rtn:4:fp` is weights
 only; FIELDs are QuantConfig fields, e.g. `tfmq:4:8:fsc_scope=all,temporal_cache=true`). Every row runs
 in its own process, so its peak memory (max RSS) is its own; the calibration set is collected once and
-shared by all methods; the FP samples are the pairing baseline for FID/PSNR/SSIM to FP.
+shared by all methods; the FP samples are the pairing baseline for FID/PSNR/SSIM to FP. `--jobs 2` runs
+two rows at a time with one thread each (the FP row first, alone). A finished row is kept in the work
+folder and not run again for the same settings, so an interrupted table resumes where it stopped.
 Writes benchmarks/results/method_table.{json,md} (or --name).
 """
 
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -81,7 +85,7 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
         started = time.perf_counter()
         unet = quantize(model.unet, config, calibration, source=model.source)
         result["calib_s"] = time.perf_counter() - started
-        folder = work / row.replace(":", "_").replace(",", "_").replace("=", "-")
+        folder = work / _folder_name(row)
         save_quantized(unet, folder)
         result["size_mb"] = (folder / WEIGHTS_FILE).stat().st_size / 1e6
     else:
@@ -101,6 +105,27 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
     return result
 
 
+def run_worker(row: str, args: argparse.Namespace) -> dict:
+    """Run `row` in a child process (or return its kept result) and print its line of the table."""
+    done = args.work / "rows" / (_folder_name(row) + ".json")
+    if done.is_file():
+        result = json.loads(done.read_text())
+    else:
+        worker = [sys.executable, __file__, "--worker", row, "--model", args.model, "--num", str(args.num),
+                  "--steps", str(args.steps), "--seed", str(args.seed), "--work", str(args.work),
+                  "--preset", args.preset]
+        env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
+        output = subprocess.run(worker, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
+        result = json.loads(output.strip().splitlines()[-1])
+        write_json(done, result)
+    print(format_table([result], COLUMNS), flush=True)
+    return result
+
+
+def _folder_name(row: str) -> str:
+    return row.replace(":", "_").replace(",", "_").replace("=", "-")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="fashion-ddpm")
@@ -112,6 +137,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=["fp", "rtn:8:8", "rtn:4:8"])
     parser.add_argument("--preset", default="fast", help="reconstruction preset of qdiff/tfmq rows")
     parser.add_argument("--name", default="method_table")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once after the FP row (1 thread each)")
     parser.add_argument("--work", type=Path, default=Path("runs/benchmark"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,25 +148,29 @@ def main() -> None:
         return
 
     rows = ["fp"] + [row for row in args.rows if row != "fp"]
-    model = load_model(args.model)
-    started = time.perf_counter()
-    calibration = collect_calibration(model.unet, model.scheduler, args.calib_samples,
-                                      SamplerConfig(steps=args.steps, skip_type="quad"), args.interval_length)
-    calibration.save(args.work / "calibration.safetensors")
-    collect_seconds = time.perf_counter() - started
-    results = []
-    for row in rows:
-        worker = [sys.executable, __file__, "--worker", row, "--model", args.model, "--num", str(args.num),
-                  "--steps", str(args.steps), "--seed", str(args.seed), "--work", str(args.work),
-                  "--preset", args.preset]
-        output = subprocess.run(worker, check=True, stdout=subprocess.PIPE, text=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
-        print(format_table([results[-1]], COLUMNS), flush=True)
+    calibration_file = args.work / "calibration.safetensors"
+    settings = {"model": args.model, "steps": args.steps, "calib_samples": args.calib_samples,
+                "interval_length": args.interval_length, "num": args.num, "seed": args.seed, "preset": args.preset}
+    settings_file = args.work / "settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
+        raise SystemExit(f"{args.work} holds rows of other settings: pass another --work")
+    write_json(settings_file, settings)
+    if not calibration_file.is_file():
+        model = load_model(args.model)
+        started = time.perf_counter()
+        calibration = collect_calibration(model.unet, model.scheduler, args.calib_samples,
+                                          SamplerConfig(steps=args.steps, skip_type="quad"), args.interval_length)
+        calibration.save(calibration_file)
+        write_json(args.work / "collect_calibration.json", {"seconds": time.perf_counter() - started})
+    collect_seconds = json.loads((args.work / "collect_calibration.json").read_text())["seconds"]
+    results = [run_worker(rows[0], args)]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results += list(pool.map(lambda row: run_worker(row, args), rows[1:]))
     table = format_table(results, COLUMNS, markdown=True)
     setup = (f"`{args.model}`, DDIM {args.steps} steps (quadratic skip, eta 0), {args.num} images of seed "
              f"{args.seed}; calibration: {args.calib_samples} trajectories x {args.steps} steps "
              f"(collected once in {collect_seconds:.0f} s, shared by all rows; calib_s excludes it), "
-             f"torch threads {torch.get_num_threads()}")
+             f"torch threads per row {1 if args.jobs > 1 else torch.get_num_threads()}, {args.jobs} row(s) at a time")
     print(table)
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / f"{args.name}.json", {"setup": setup, "collect_calibration_s": collect_seconds,

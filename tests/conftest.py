@@ -5,22 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
 from tfmq.data import DEFAULT_FASHION_MNIST_DIR
 from tfmq.models.architectures import fashion_ddpm_scheduler
+from tests.quant.tiny_unets import pixel_unet
 
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
-    """8x8 one-channel UNet with attention: a few thousand parameters, milliseconds per call."""
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, attention_head_dim=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
+    """The tiny test UNet with one channel, like the shipped fashion-ddpm."""
+    return pixel_unet(seed, channels=1)
 
 
 @pytest.fixture

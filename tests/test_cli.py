@@ -152,3 +152,15 @@ def test_quantize_with_block_reconstruction(capsys, tmp_path, tiny_model_folder)
     assert code == 0 and "qdiff" in out and "fast" in out
     metadata = json.loads((tmp_path / "q" / "quantization.json").read_text())
     assert metadata["quant_config"]["recon_preset"] == "fast" and metadata["reconstruction"]
+
+
+def test_quantize_with_tfmq_cache_then_sample(capsys, tmp_path, tiny_model_folder):
+    code, out, _ = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--method", "tfmq", "--preset", "fast",
+                             "--temporal-cache", "--temporal-selection")
+    assert code == 0 and "tfmq" in out and "temporal" in out
+    metadata = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert metadata["reconstruction"][0]["name"] == "temporal_information_block"
+    assert set(metadata["temporal_selection"]) >= set(metadata["temporal_cache"]["cached_blocks"])
+    code, _, _ = _run(capsys, "sample", "--quantized", tmp_path / "q", "--num", 2, "--steps", 4,
+                      "--out", tmp_path / "qi", "--quiet")
+    assert code == 0 and (tmp_path / "qi" / "grid.png").is_file()

@@ -8,6 +8,7 @@ from tfmq.errors import TfmqError
 from tfmq.models.architectures import fashion_ddpm_scheduler
 from tfmq.quant.api import quantize
 from tfmq.quant.calibration import collect_calibration
+from tfmq.quant.checkpoint import load_quantized, save_quantized
 from tfmq.quant.config import QuantConfig
 from tfmq.sampling import SamplerConfig
 
@@ -59,3 +60,14 @@ def test_bad_input_is_a_clear_error(calibration):
         quantize(nn.Sequential(nn.ReLU()), QuantConfig(method="rtn"), calibration, progress=False)
     with pytest.raises(TfmqError, match="empty"):
         quantize(pixel_unet(), QuantConfig(method="rtn"), calibration.at_steps([]), progress=False)
+
+
+def test_fsc_tables_come_with_every_method_and_are_saved(calibration, tmp_path):
+    base = pixel_unet()
+    model = quantize(base, QuantConfig(method="rtn", fsc_scope="temporal"), calibration, progress=False)
+    assert torch.equal(model.timestep_tables.schedule, calibration.schedule)
+    reloaded = load_quantized(save_quantized(model, tmp_path / "rtn"), base)
+    inputs = unet_inputs(base, 2, 3)
+    with torch.no_grad():
+        step = int(calibration.schedule[3])
+        assert torch.equal(reloaded(inputs["sample"], step).sample, model(inputs["sample"], step).sample)

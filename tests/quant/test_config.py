@@ -46,6 +46,7 @@ def test_softmax_bits_default_to_activation_bits() -> None:
         ("a_bits", 3), ("a_bits", 17), ("softmax_bits", 1), ("softmax_bits", 32),
         ("method", "brecq"), ("weight_init", "percentile"), ("act_init", "max"),
         ("quantize_attention", 1), ("split_shortcut", "yes"), ("keep_fp", "conv_in"), ("keep_fp", (3,)),
+        ("tiar", 0), ("temporal_cache", "yes"), ("temporal_selection", None), ("temporal_selection", True),
     ],
 )
 def test_rejects_bad_value_naming_it(field: str, value: object) -> None:
@@ -62,3 +63,15 @@ def test_from_dict_rejects_unknown_fields() -> None:
 def test_is_frozen() -> None:
     with pytest.raises(AttributeError):
         QuantConfig().w_bits = 8  # type: ignore[misc]
+
+
+def test_tfmq_switches_round_trip_and_belong_to_tfmq_only() -> None:
+    config = QuantConfig(method="tfmq", tiar=False, temporal_cache=True, temporal_selection=True, fsc_scope="all")
+    assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert (QuantConfig().tiar, QuantConfig().temporal_cache, QuantConfig().temporal_selection) == (True, False, False)
+    with pytest.raises(ValueError, match="temporal_selection=True .* needs temporal_cache=True"):
+        QuantConfig(temporal_selection=True)
+    for method in ("rtn", "qdiff"):
+        with pytest.raises(ValueError, match=f"tiar=False, temporal_cache=True only apply to method 'tfmq', not '{method}'"):
+            QuantConfig(method=method, tiar=False, temporal_cache=True)
+        assert QuantConfig(method=method, fsc_scope="temporal").fsc_scope == "temporal"  # FSC is for every method

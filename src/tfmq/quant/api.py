@@ -11,6 +11,8 @@ from tfmq.quant.config import QuantConfig
 from tfmq.quant.methods.qdiff import reconstruct_qdiff
 from tfmq.quant.methods.reconstruction import calibration_inputs
 from tfmq.quant.methods.rtn import calibrate_activation_ranges
+from tfmq.quant.methods.tfmq import maintain_temporal_features, reconstruct_tfmq
+from tfmq.quant.timestep_table import calibrate_timestep_tables
 from tfmq.quant.wrap import quantize_model
 
 # Activation ranges are observed on this many samples of every sampling step (all steps, as the paper).
@@ -23,8 +25,14 @@ def quantize(
 ) -> nn.Module:
     """A quantized copy of `unet` calibrated by `config.method`; `unet` itself stays full precision.
 
+    The steps, in the order of the TFMQ-DM authors' scripts: activation range init on every sampling step;
+    for qdiff and tfmq, reconstruction (tfmq: TIAR on the whole schedule first, then the other units) on
+    the weight steps; FSC tables when `config.fsc_scope` asks for them (any method); for tfmq with
+    `temporal_cache`, the temporal feature caches (and the per-block selection) last.
+
     The result keeps the UNet's class and call signature (it drops into a diffusers pipeline) and carries
-    `tfmq_info`, which `save_quantized` needs.
+    `tfmq_info`, which `save_quantized` needs. With timestep tables or caches it must be called with the
+    timesteps of `calibration.schedule`: sample with the schedule the calibration data was recorded on.
     """
     if len(calibration) == 0:
         raise TfmqError("the calibration set is empty")
@@ -33,18 +41,27 @@ def quantize(
         model = quantize_model(unet, config)
     except ValueError as exc:
         raise TfmqError(str(exc)) from exc
-    if config.method not in ("rtn", "qdiff"):
-        raise TfmqError(f"method {config.method!r} is not available yet; use 'rtn' or 'qdiff'")
     if config.a_bits is not None:
         activation_data = calibration.per_step(ACTIVATION_SAMPLES_PER_STEP)
         calibrate_activation_ranges(model, activation_data, CALIBRATION_BATCH_SIZE, progress)
     extra = {}
-    if config.method == "qdiff":
+    if config.method in ("qdiff", "tfmq"):
         weight_data = calibration.for_weights()
         if len(weight_data) == 0:
             raise TfmqError("the calibration set has no sample of the weight-reconstruction steps")
-        results = reconstruct_qdiff(model, unet, calibration_inputs(weight_data, CALIBRATION_BATCH_SIZE), config,
-                                    progress=progress)
+        inputs = calibration_inputs(weight_data, CALIBRATION_BATCH_SIZE)
+        if config.method == "qdiff":
+            results = reconstruct_qdiff(model, unet, inputs, config, progress=progress)
+        else:
+            results = reconstruct_tfmq(model, unet, inputs, calibration.schedule, config, progress=progress)
         extra["reconstruction"] = [result.to_dict() for result in results]
+    try:
+        if config.fsc_scope != "none":
+            calibrate_timestep_tables(model, calibration, config.fsc_scope, momentum=config.fsc_momentum,
+                                      init_samples=config.fsc_init_samples, progress=progress)
+        if config.temporal_cache:
+            extra.update(maintain_temporal_features(model, unet, calibration.schedule, config))
+    except ValueError as exc:
+        raise TfmqError(str(exc)) from exc
     model.tfmq_info = QuantizationInfo(config, fingerprint, source, extra)
     return model.eval()

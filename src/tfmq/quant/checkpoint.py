@@ -21,6 +21,7 @@ from torch import nn
 from tfmq.errors import TfmqError
 from tfmq.files import atomic_directory, write_json
 from tfmq.quant.config import QuantConfig
+from tfmq.quant.methods.tfmq import restore_temporal_cache
 from tfmq.quant.timestep_table import SCHEDULE_KEY, attach_timestep_tables, timestep_tables
 from tfmq.quant.wrap import quant_layers, quantize_model
 
@@ -160,13 +161,23 @@ def load_quantized(path: str | Path, base: nn.Module) -> nn.Module:
     except (KeyError, ValueError, TypeError) as exc:
         raise TfmqError(f"{path} is corrupt: {exc}") from exc
     model = quantize_model(base, config, init_weight_ranges=False)
-    if config.fsc_scope != "none":
+    if config.fsc_scope != "none" or config.temporal_cache:
+        # The modules the state fills are rebuilt as quantize built them: FSC tables, then feature caches.
         schedule = state.get(SCHEDULE_KEY)
         if schedule is None or schedule.tolist() != metadata.get("timestep_schedule"):
-            raise TfmqError(f"{path} is corrupt: fsc_scope={config.fsc_scope!r} needs the timestep schedule, "
+            needs = f"fsc_scope={config.fsc_scope!r}" if config.fsc_scope != "none" else "temporal_cache=True"
+            raise TfmqError(f"{path} is corrupt: {needs} needs the timestep schedule, "
                             f"and {SCHEDULE_KEY} is missing or disagrees with {METADATA_FILE}")
+        cached_blocks = metadata.get("temporal_cache", {}).get("cached_blocks")
+        if config.temporal_cache and (not isinstance(cached_blocks, list)
+                                      or not all(isinstance(block, str) for block in cached_blocks)):
+            raise TfmqError(f"{path} is corrupt: temporal_cache=True needs the list temporal_cache.cached_blocks "
+                            f"in {METADATA_FILE}")
         try:
-            attach_timestep_tables(model, schedule, config.fsc_scope)
+            if config.fsc_scope != "none":
+                attach_timestep_tables(model, schedule, config.fsc_scope)
+            if config.temporal_cache:
+                restore_temporal_cache(model, schedule, cached_blocks, config.a_bits)
         except ValueError as exc:
             raise TfmqError(f"{path} does not match the model: {exc}") from exc
     for name, packed in metadata["packed_weights"].items():

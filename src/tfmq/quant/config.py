@@ -103,7 +103,15 @@ class QuantConfig:
     range per sampling timestep. Each step's range is initialised (by `act_init`) on its first
     `fsc_init_samples` samples, then follows the batch min/max of all that step's samples with momentum
     `fsc_momentum`, as the authors' scripts do; `fsc_momentum=None` instead takes the range (by
-    `act_init`) of everything the step saw: the paper's plain per-timestep calibration.
+    `act_init`) of everything the step saw: the paper's plain per-timestep calibration. FSC is only
+    calibration, so every method may use it (rtn or qdiff with FSC isolate what the tables bring).
+
+    TFMQ only (other methods must leave them at their defaults): `tiar` reconstructs the Temporal
+    Information Block as one unit against the temporal features, before the other units (off: its
+    linears are learnt inside their blocks, as in qdiff). `temporal_cache` (journal version) replaces
+    each residual block's temporal feature by its full-precision value at every scheduled timestep,
+    quantized to `a_bits`, so the TIB leaves the sampling loop; `temporal_selection` measures per block
+    the error of that cache and of the TIB path and keeps the better one, so it needs `temporal_cache`.
     """
 
     method: str = "tfmq"
@@ -125,6 +133,9 @@ class QuantConfig:
     fsc_scope: str = "none"
     fsc_momentum: float | None = 0.95
     fsc_init_samples: int = 16
+    tiar: bool = True
+    temporal_cache: bool = False
+    temporal_selection: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -143,6 +154,18 @@ class QuantConfig:
         if isinstance(self.fsc_init_samples, bool) or not isinstance(self.fsc_init_samples, int) \
                 or self.fsc_init_samples < 1:
             raise ValueError(f"fsc_init_samples must be a positive int, got {self.fsc_init_samples!r}")
+        _check_flag("tiar", self.tiar)
+        _check_flag("temporal_cache", self.temporal_cache)
+        _check_flag("temporal_selection", self.temporal_selection)
+        if self.method != "tfmq":
+            changed = [f"{name}={value!r}" for name, value, default in (
+                ("tiar", self.tiar, True), ("temporal_cache", self.temporal_cache, False),
+                ("temporal_selection", self.temporal_selection, False)) if value != default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} only apply to method 'tfmq', not {self.method!r}")
+        if self.temporal_selection and not self.temporal_cache:
+            raise ValueError("temporal_selection=True chooses per block between the TIB path and the temporal "
+                             "cache: it needs temporal_cache=True")
         _check_choice("recon_preset", self.recon_preset, tuple(RECON_PRESETS))
         _check_count("recon_weight_iters", self.recon_weight_iters, 0)
         _check_count("recon_act_iters", self.recon_act_iters, 0)

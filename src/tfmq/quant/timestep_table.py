@@ -12,6 +12,9 @@ it is called with, so the quantized UNet stays a drop-in for diffusers pipelines
   labelled with the sampler's actual timesteps. A timestep outside the schedule, or a batch mixing
   timesteps, is an error, never a fallback.
 - `calibrate_timestep_tables` fills the rows from a CalibrationSet, step by step.
+
+The same row selection serves `TemporalFeatureCache` (TFMQ's cache of temporal features, one row per
+scheduled timestep): `attach_timestep_schedule` gives a model the schedule and the hooks alone.
 """
 
 from __future__ import annotations
@@ -45,12 +48,55 @@ DEFAULT_BATCH_SIZE = 16
 ForwardBatch = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], object]
 
 
+class TemporalFeatureCache(nn.Module):
+    """Stands in for a residual block's `time_emb_proj`: its output at every scheduled timestep, computed
+    ahead and quantized, one row per timestep of the schedule.
+
+    Buffers (saved with the model): `codes` (timesteps, channels), integers on each row's own grid
+    `scale` / `zero_point` (one per row); full-precision values are stored as float codes on the grid
+    (1, 0). The row is selected like the quantizers' tables, from the timestep of the UNet call; the
+    input (the time embedding) is read only for its batch size and dtype.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        super().__init__()
+        if codes.dim() != 2 or scale.shape != (len(codes),) or zero_point.shape != (len(codes),):
+            raise ValueError(f"a temporal feature cache is codes (timesteps, channels) with one scale and zero point "
+                             f"per timestep; got {tuple(codes.shape)}, {tuple(scale.shape)}, {tuple(zero_point.shape)}")
+        self.register_buffer("codes", codes.detach().clone())
+        self.register_buffer("scale", scale.detach().float().clone())
+        self.register_buffer("zero_point", zero_point.detach().float().clone())
+        self.timestep_row: int | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[1]
+
+    def extra_repr(self) -> str:
+        return f"timestep_rows={self.codes.shape[0]}, out_features={self.out_features}, codes={self.codes.dtype}"
+
+    def values(self) -> torch.Tensor:
+        """The whole table, dequantized: (timesteps, channels), as `forward` serves it row by row."""
+        return (self.codes.float() - self.zero_point[:, None]) * self.scale[:, None]
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        row = self.timestep_row
+        if row is None:
+            raise RuntimeError(
+                f"TemporalFeatureCache({self.extra_repr()}) has no timestep selected: call the model with its "
+                "timestep, or use timestep_table.selected_timestep(model, t)"
+            )
+        values = (self.codes[row].float() - self.zero_point[row]) * self.scale[row]
+        return values.to(embedding.dtype).expand(embedding.shape[0], -1)
+
+
 class TimestepTables(nn.Module):
     """The schedule a model's timestep tables are indexed by, and the row in use.
 
     Lives in the UNet as the submodule `timestep_tables`; its `schedule` buffer (int64, the sampler's
     timesteps in sampling order) is saved with the model's state. The row is state of the moment,
-    not saved: None outside a UNet call or `selected_timestep`.
+    not saved: None outside a UNet call or `selected_timestep`. `scope` is the FSC scope of the
+    quantizer tables, "none" when only temporal feature caches use the rows.
     """
 
     def __init__(self, schedule: torch.Tensor, scope: str, timestep_position: int) -> None:
@@ -86,10 +132,11 @@ class TimestepTables(nn.Module):
         return int(matches[0])
 
     def select(self, model: nn.Module, row: int | None) -> None:
-        """Make `row` the current one of every timestep table in `model` (None: no row)."""
+        """Make `row` the current one of every timestep table and feature cache in `model` (None: no row)."""
         # Runs twice per UNet call: walks modules without building their names.
         for module in model.modules():
-            if isinstance(module, UniformQuantizer) and module.has_timestep_table:
+            if (isinstance(module, UniformQuantizer) and module.has_timestep_table) \
+                    or isinstance(module, TemporalFeatureCache):
                 module.timestep_row = row
         self.current_row = row
 
@@ -153,20 +200,35 @@ def attach_timestep_tables(
     model: nn.Module, schedule: torch.Tensor | list[int], scope: str
 ) -> TimestepTables:
     """Give the activation quantizers of `scope` one uncalibrated row per timestep of `schedule`, and
-    make `model` select the row of the timestep it is called with. Changes `model` in place."""
+    make `model` select the row of the timestep it is called with. Changes `model` in place.
+
+    A model that has the schedule alone (`attach_timestep_schedule`, same schedule) keeps it."""
     _check_scope(scope)
     schedule = _checked_schedule(schedule)
     model_class = type(model).__name__
-    if timestep_tables(model) is not None:
+    tables = timestep_tables(model)
+    if tables is not None and (tables.scope != "none" or not torch.equal(tables.schedule.cpu(), schedule)):
         raise ValueError(f"{model_class} already carries timestep tables")
-    position = _timestep_position(model)
     chosen = quantizers_in_scope(model, scope)
     if not chosen:
         raise ValueError(f"{model_class} has no quantized activation in fsc_scope={scope!r}")
+    if tables is None:
+        tables = attach_timestep_schedule(model, schedule)
     for _, quantizer in chosen:
         quantizer.enable_timestep_table(len(schedule))
+    tables.scope = scope
+    return tables
+
+
+def attach_timestep_schedule(model: nn.Module, schedule: torch.Tensor | list[int]) -> TimestepTables:
+    """Make `model` select, from the timestep of each call, the row of `schedule` for every timestep-indexed
+    table in it, without giving any quantizer a table (scope "none"). Changes `model` in place."""
+    schedule = _checked_schedule(schedule)
+    if timestep_tables(model) is not None:
+        raise ValueError(f"{type(model).__name__} already carries timestep tables")
+    position = _timestep_position(model)
     device = next(model.parameters()).device
-    tables = TimestepTables(schedule.to(device), scope, position)
+    tables = TimestepTables(schedule.to(device), "none", position)
     model.add_module(TABLES_NAME, tables)
     # Module-level hooks (no closures): a deep copy of the model selects rows of its own quantizers.
     model.register_forward_pre_hook(_select_row_before_call, with_kwargs=True)
@@ -317,7 +379,7 @@ def calibrate_timestep_tables(
     _check_scope(scope)
     schedule = _check_calibration(calibration)
     tables = timestep_tables(model)
-    if tables is None:
+    if tables is None or tables.scope == "none":
         tables = attach_timestep_tables(model, schedule, scope)
     elif tables.scope != scope or not torch.equal(tables.schedule.cpu(), schedule):
         raise ValueError(f"{model_class} already has timestep tables of scope {tables.scope!r} for another "

@@ -1,0 +1,342 @@
+"""TFMQ-DM: block reconstruction that keeps the temporal features apart, and the journal version's
+temporal-feature cache.
+
+- TIAR (`reconstruct_tib`): the Temporal Information Block (`tib`) is reconstructed first, as one unit:
+  AdaRound on all its linears jointly, against every residual block's full-precision temporal feature,
+  from the timesteps alone (every timestep of the schedule, no images). The other BRECQ units follow
+  (`block_units`) without the TIB's layers: their inputs are captured from the model with the TIB
+  already hardened, so each block reads its temporal feature as an input its loss cannot bend.
+- FSC is per-timestep activation calibration: `timestep_table.calibrate_timestep_tables`.
+- Cache-based maintenance (`maintain_temporal_features`): each block's temporal feature is computed in full
+  precision for every scheduled timestep, quantized per timestep, and served from a table
+  (`TemporalFeatureCache`) by the same timestep-row selection as FSC. When every block reads a cache the
+  time MLP is skipped too (`SkippedTimestepEmbedding`): the TIB leaves the sampling loop.
+- Disturbance-aware selection: per block, the cache is used only where its error against the
+  full-precision feature is not above the TIB path's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.normalization import AdaGroupNorm
+from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
+from torch import nn
+
+from tfmq.quant.config import QuantConfig
+from tfmq.quant.layers import QuantLayer
+from tfmq.quant.methods.qdiff import reconstruct_qdiff
+from tfmq.quant.methods.reconstruction import Call, ModelInputs, ReconstructionUnit, UnitResult, reconstruct, unet_units
+from tfmq.quant.quantizer import quantize_codes, range_to_scale_zero_point
+from tfmq.quant.tib import TemporalInformationBlock, find_tib
+from tfmq.quant.timestep_table import (
+    TemporalFeatureCache,
+    attach_timestep_schedule,
+    temporal_features_by_timestep,
+    timestep_tables,
+)
+from tfmq.quant.wrap import quantizers
+
+TIB_UNIT = "temporal_information_block"
+# The UNet forwards whose only readers of the time embedding, besides the class and added embeddings
+# (refused by find_tib or checked), are the blocks: read in diffusers 0.42.
+_KNOWN_FORWARDS = (UNet2DModel.forward, UNet2DConditionModel.forward)
+
+
+# ----------------------------------------------------------------------------------------------------
+# TIAR
+
+
+class TemporalInformationModel(nn.Module):
+    """A UNet's TIB run as a model of its own: timesteps (and class labels) in, the temporal features out,
+    one per residual block in forward order. What TIAR captures its inputs from and replays."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.tib = find_tib(unet)
+
+    def forward(self, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return tuple(self.tib.temporal_features(timesteps, class_labels).values())
+
+
+def _tib_layers(model: nn.Module, tib: TemporalInformationBlock) -> tuple[QuantLayer, ...]:
+    """The TIB's quantized linears (those outside keep_fp)."""
+    layers = (model.get_submodule(name) for name in tib.linear_names)
+    return tuple(layer for layer in layers if isinstance(layer, QuantLayer))
+
+
+def tib_unit(model: TemporalInformationModel, full_precision: TemporalInformationModel) -> ReconstructionUnit:
+    """The TIB as one reconstruction unit: every quantized linear of it and their input quantizers, against
+    the full-precision output of every block's `time_emb_proj`."""
+    layers = _tib_layers(model.unet, model.tib)
+
+    def replay(call: Call) -> tuple[torch.Tensor, ...]:
+        return model(*call.args, **call.kwargs)
+
+    return ReconstructionUnit(
+        name=TIB_UNIT,
+        inputs_from=(model,),
+        targets_from=tuple(full_precision.unet.get_submodule(name) for name in full_precision.tib.feature_names),
+        forward=replay,
+        layers=layers,
+        activation_quantizers=tuple(
+            quantizer for layer in layers
+            for quantizer in (layer.input_quantizer, layer.split_input_quantizer) if quantizer is not None
+        ),
+    )
+
+
+def reconstruct_tib(
+    model: nn.Module,
+    full_precision: nn.Module,
+    timesteps: torch.Tensor,
+    config: QuantConfig,
+    *,
+    class_labels: torch.Tensor | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> UnitResult | None:
+    """TIAR: reconstruct the TIB of the wrapped UNet `model` against `full_precision` on `timesteps` (with
+    `class_labels`, one per timestep, for class-conditional UNets); None if the TIB has no quantized layer.
+
+    Pass every timestep the sampler visits: the features depend on nothing else, and a reconstruction on a
+    few timesteps fits those and loses elsewhere.
+    """
+    quantized, reference = TemporalInformationModel(model), TemporalInformationModel(full_precision)
+    unit = tib_unit(quantized, reference)
+    if not unit.layers:
+        return None
+    device = next(model.parameters()).device
+    timesteps = torch.as_tensor(timesteps, device=device).reshape(-1)
+    inputs: list[dict[str, torch.Tensor]] = [{"timesteps": chunk} for chunk in timesteps.split(batch_size)]
+    if class_labels is not None:
+        labels = torch.as_tensor(class_labels, device=device).reshape(-1)
+        if len(labels) != len(timesteps):
+            raise ValueError(f"{len(labels)} class labels for {len(timesteps)} timesteps: give one per timestep")
+        for batch, chunk in zip(inputs, labels.split(batch_size)):
+            batch["class_labels"] = chunk
+    (result,) = reconstruct(quantized, reference, [unit], inputs, config.reconstruction, progress=progress)
+    return result
+
+
+def block_units(model: nn.Module, full_precision: nn.Module, example_inputs: ModelInputs) -> list[ReconstructionUnit]:
+    """The BRECQ units of the wrapped UNet without the TIB's layers and their input quantizers: the
+    time-embedding linears are no units of their own, and each resnet unit leaves its `time_emb_proj`
+    as it is (TIAR has learnt it)."""
+    tib_layers = _tib_layers(model, find_tib(model))
+    tib_layer_ids = {id(layer) for layer in tib_layers}
+    tib_quantizer_ids = {id(quantizer) for layer in tib_layers for _, quantizer in quantizers(layer)}
+    units = []
+    for unit in unet_units(model, full_precision, example_inputs):
+        layers = tuple(layer for layer in unit.layers if id(layer) not in tib_layer_ids)
+        activations = tuple(q for q in unit.activation_quantizers if id(q) not in tib_quantizer_ids)
+        if layers or activations:
+            units.append(dataclasses.replace(unit, layers=layers, activation_quantizers=activations))
+    return units
+
+
+def reconstruct_tfmq(
+    model: nn.Module,
+    full_precision: nn.Module,
+    inputs: Sequence[ModelInputs],
+    timesteps: torch.Tensor,
+    config: QuantConfig,
+    *,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+) -> list[UnitResult]:
+    """TIAR on `timesteps` (the whole schedule), then the other units on `inputs` (the weight-reconstruction
+    subset of the calibration data, UNet keyword inputs), in forward order. With `config.tiar` off this is
+    qdiff's reconstruction. Activation ranges must be initialised before, as for qdiff."""
+    if not inputs:
+        raise ValueError("tfmq reconstruction needs calibration inputs; got none")
+    if not config.tiar:
+        return reconstruct_qdiff(model, full_precision, inputs, config, progress=progress, cache_dir=cache_dir)
+    tib_result = reconstruct_tib(model, full_precision, timesteps, config, progress=progress)
+    units = block_units(model, full_precision, inputs[0])
+    results = reconstruct(model, full_precision, units, inputs, config.reconstruction,
+                          progress=progress, cache_dir=cache_dir)
+    return ([] if tib_result is None else [tib_result]) + results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cache-based maintenance and disturbance-aware selection
+
+
+class SkippedTimestepEmbedding(TimestepEmbedding):
+    """The time MLP of a UNet whose every block reads its temporal feature from a cache: nothing reads the
+    embedding any more, so it returns zeros of the right shape without computing anything.
+
+    Keeps the original's layers under the same names, so the model's state (and find_tib) are unchanged.
+    """
+
+    def __init__(self, embedding: TimestepEmbedding) -> None:
+        nn.Module.__init__(self)  # not TimestepEmbedding.__init__: the layers are the original's
+        for name in ("linear_1", "act", "linear_2", "cond_proj", "post_act"):  # TimestepEmbedding's attributes
+            setattr(self, name, getattr(embedding, name))
+
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return sample.new_zeros(sample.shape[0], self.linear_2.out_features)
+
+
+def _time_embedding_unread(model: nn.Module, tib: TemporalInformationBlock) -> bool:
+    """True if no module of `model` reads the time embedding: every block takes its temporal feature from a
+    cache, and nothing else in the forward (class embedding, spatial or adaptive norms) uses it."""
+    if type(model).forward not in _KNOWN_FORWARDS or tib.class_embedding is not None:
+        return False
+    for module in model.modules():
+        if isinstance(module, ResnetBlock2D) and not isinstance(module.time_emb_proj, TemporalFeatureCache):
+            return False  # reads the embedding, projected or (without time_emb_proj) as it is
+        if isinstance(module, (ResnetBlockCondNorm2D, AdaGroupNorm)):
+            return False
+        if isinstance(module, Attention) and module.spatial_norm is not None:
+            return False
+    return True
+
+
+def quantize_rows(features: torch.Tensor, bits: int | None) -> TemporalFeatureCache:
+    """A cache of `features` (timesteps, channels), each row quantized to `bits` on the min-max grid of that
+    row alone; `bits=None` keeps the values."""
+    if bits is None:
+        return TemporalFeatureCache(features, torch.ones(len(features)), torch.zeros(len(features)))
+    low, high = features.min(dim=1, keepdim=True).values, features.max(dim=1, keepdim=True).values
+    scale, zero_point = range_to_scale_zero_point(low, high, bits)
+    codes = quantize_codes(features, scale, zero_point, bits).to(_code_dtype(bits))
+    return TemporalFeatureCache(codes, scale.flatten(), zero_point.flatten())
+
+
+def _code_dtype(bits: int | None) -> torch.dtype:
+    if bits is None:
+        return torch.float32
+    return torch.uint8 if bits <= 8 else torch.int32
+
+
+@torch.no_grad()
+def cached_temporal_features(
+    full_precision: nn.Module, schedule: torch.Tensor, bits: int | None
+) -> dict[str, TemporalFeatureCache]:
+    """{residual block: its cache}: the full-precision temporal feature of every block at every timestep of
+    `schedule`, each row quantized to `bits` on its own range."""
+    tib = find_tib(full_precision)
+    if tib.class_embedding is not None:
+        raise ValueError(f"{type(full_precision).__name__} is class-conditional: a temporal feature cache per "
+                         "(timestep, class) is not supported; use temporal_cache=False")
+    features = tib.temporal_features(torch.as_tensor(schedule))
+    return {resnet: quantize_rows(features[name], bits) for resnet, name in zip(tib.resnets, tib.feature_names)}
+
+
+@torch.no_grad()
+def temporal_path_errors(
+    model: nn.Module, full_precision: nn.Module, schedule: torch.Tensor, cached: Mapping[str, TemporalFeatureCache]
+) -> dict[str, dict[str, Any]]:
+    """Per residual block, the mean squared error over all timesteps of `schedule` against the full-precision
+    temporal feature of the TIB path (the quantized model's TIB, with its timestep rows if it has tables)
+    and of the cache `cached`, and the choice: "cache" unless the TIB path is strictly better."""
+    tib = find_tib(full_precision)
+    schedule = torch.as_tensor(schedule)
+    reference = tib.temporal_features(schedule)
+    tib_path = temporal_features_by_timestep(model, schedule)
+    errors = {}
+    for resnet, name in zip(tib.resnets, tib.feature_names):
+        tib_error = (tib_path[name] - reference[name]).pow(2).mean().item()
+        cache_error = (cached[resnet].values() - reference[name]).pow(2).mean().item()
+        errors[resnet] = {"tib_path_mse": tib_error, "cache_mse": cache_error,
+                          "choice": "cache" if cache_error <= tib_error else "tib"}
+    return errors
+
+
+def install_temporal_cache(
+    model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, TemporalFeatureCache]
+) -> bool:
+    """Make `caches` ({residual block: its cache}) the `time_emb_proj` of their blocks, serving the row of
+    `schedule` of each call; skip the time MLP when no block reads it any more. Returns whether it was
+    skipped. Changes `model` in place; it then needs timesteps of `schedule`."""
+    tib = find_tib(model)
+    unknown = sorted(set(caches) - set(tib.resnets))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not residual blocks reading the time embedding of "
+                         f"{type(model).__name__}")
+    schedule = torch.as_tensor(schedule).cpu()
+    tables = timestep_tables(model)
+    if tables is None:
+        attach_timestep_schedule(model, schedule)
+    elif not torch.equal(tables.schedule.cpu(), schedule.to(tables.schedule.dtype)):
+        raise ValueError(f"{type(model).__name__}'s timestep tables serve another schedule than the cache's")
+    device = next(model.parameters()).device
+    for resnet, cache in caches.items():
+        block = model.get_submodule(resnet)
+        expected = (len(schedule), block.time_emb_proj.out_features)
+        if tuple(cache.codes.shape) != expected:
+            raise ValueError(f"the cache of {resnet} has shape {tuple(cache.codes.shape)}, expected {expected}")
+        block.time_emb_proj = cache.to(device)
+    skipped = _time_embedding_unread(model, tib)
+    if skipped and not isinstance(model.get_submodule(tib.time_embedding), SkippedTimestepEmbedding):
+        setattr(model, tib.time_embedding, SkippedTimestepEmbedding(model.get_submodule(tib.time_embedding)))
+    return skipped
+
+
+def restore_temporal_cache(model: nn.Module, schedule: torch.Tensor, blocks: Sequence[str], bits: int | None) -> bool:
+    """Empty caches (right shapes and dtypes) for `blocks`, ready for `load_state_dict`: what
+    `install_temporal_cache` built, rebuilt from a checkpoint's list of cached blocks and `a_bits`."""
+    caches = {}
+    for block in blocks:
+        try:
+            width = model.get_submodule(block).time_emb_proj.out_features
+        except AttributeError as exc:
+            raise ValueError(f"{block} is not a residual block with a time_emb_proj") from exc
+        steps = len(schedule)
+        caches[block] = TemporalFeatureCache(torch.zeros(steps, width, dtype=_code_dtype(bits)), torch.ones(steps),
+                                             torch.zeros(steps))
+    return install_temporal_cache(model, schedule, caches)
+
+
+def maintain_temporal_features(
+    model: nn.Module, full_precision: nn.Module, schedule: torch.Tensor, config: QuantConfig
+) -> dict[str, Any]:
+    """The journal version's maintenance on the reconstructed (and FSC-calibrated) `model`: cache every
+    block's temporal feature, or with `config.temporal_selection` only where the cache's error is not above
+    the TIB path's. Returns the checkpoint's JSON entries (`temporal_cache`, `temporal_selection`), which
+    `restore_temporal_cache` needs to rebuild the model before loading its state."""
+    cached = cached_temporal_features(full_precision, schedule, config.a_bits)
+    entries: dict[str, Any] = {}
+    if config.temporal_selection:
+        errors = temporal_path_errors(model, full_precision, schedule, cached)
+        entries["temporal_selection"] = errors
+        cached = {block: values for block, values in cached.items() if errors[block]["choice"] == "cache"}
+    skipped = install_temporal_cache(model, schedule, cached)
+    entries["temporal_cache"] = {"cached_blocks": list(cached), "time_embedding_skipped": skipped,
+                                 "steps": len(schedule), "bytes": temporal_cache_stats(model).bytes}
+    return entries
+
+
+@dataclass(frozen=True)
+class TemporalCacheStats:
+    """The temporal feature caches of a model: how many blocks read one, over how many timesteps, how many
+    feature values they hold, and their bytes (codes, and a scale and zero point per row)."""
+
+    blocks: int
+    steps: int
+    values: int
+    bytes: int
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def temporal_cache_stats(model: nn.Module) -> TemporalCacheStats:
+    caches = [module for module in model.modules() if isinstance(module, TemporalFeatureCache)]
+    return TemporalCacheStats(
+        blocks=len(caches),
+        steps=len(caches[0].codes) if caches else 0,
+        values=sum(cache.codes.numel() for cache in caches),
+        bytes=sum(buffer.numel() * buffer.element_size() for cache in caches for buffer in cache.buffers()),
+    )
