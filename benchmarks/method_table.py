@@ -3,7 +3,7 @@
     python benchmarks/method_table.py --num 1000 --steps 100 --rows fp rtn:8:8 rtn:4:8
 
 A row is `fp` or `METHOD:W:A[:FIELD=VALUE,...]` (bits, or `fp` for full precision: `rtn:4:fp` is weights
-only; FIELDs are QuantConfig fields, e.g. `tfmq:4:8:fsc_scope=all,temporal_cache=true`). Every row runs
+only; FIELDs are QuantConfig fields, e.g. `tfmq:4:8:fsc_scope=all,temporal_cache=true`, `null` for None). Every row runs
 in its own process, so its peak memory (max RSS) is its own; the calibration set is collected once and
 shared by all methods; the FP samples are the pairing baseline for FID/PSNR/SSIM to FP. `--jobs 2` runs
 two rows at a time with one thread each (the FP row first, alone). A finished row is kept in the work
@@ -48,7 +48,7 @@ def _value(text: str) -> object:
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
-    if lowered == "none":
+    if lowered == "null":  # "none" stays a string: it is a value of fsc_scope
         return None
     for kind in (int, float):
         try:
@@ -62,7 +62,7 @@ def row_config(row: str, preset: str) -> QuantConfig:
     """`METHOD:W:A[:FIELD=VALUE,...]` -> QuantConfig; reconstruction methods get `preset` unless overridden."""
     method, w_bits, a_bits, *rest = row.split(":")
     fields: dict = {"recon_preset": preset} if method != "rtn" else {}
-    if method == "tfmq":
+    if method == "tfmq" and a_bits != "fp":  # the method's FSC, as `tfmq quantize` defaults to
         fields["fsc_scope"] = "temporal"
     for item in (rest[0].split(",") if rest else []):
         key, _, value = item.partition("=")
@@ -85,7 +85,7 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
         started = time.perf_counter()
         unet = quantize(model.unet, config, calibration, source=model.source)
         result["calib_s"] = time.perf_counter() - started
-        folder = work / _folder_name(row)
+        folder = work / folder_name(row)
         save_quantized(unet, folder)
         result["size_mb"] = (folder / WEIGHTS_FILE).stat().st_size / 1e6
     else:
@@ -107,7 +107,7 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
 
 def run_worker(row: str, args: argparse.Namespace) -> dict:
     """Run `row` in a child process (or return its kept result) and print its line of the table."""
-    done = args.work / "rows" / (_folder_name(row) + ".json")
+    done = args.work / "rows" / (folder_name(row) + ".json")
     if done.is_file():
         result = json.loads(done.read_text())
     else:
@@ -122,7 +122,7 @@ def run_worker(row: str, args: argparse.Namespace) -> dict:
     return result
 
 
-def _folder_name(row: str) -> str:
+def folder_name(row: str) -> str:
     return row.replace(":", "_").replace(",", "_").replace("=", "-")
 
 

@@ -71,3 +71,12 @@ def test_fsc_tables_come_with_every_method_and_are_saved(calibration, tmp_path):
     with torch.no_grad():
         step = int(calibration.schedule[3])
         assert torch.equal(reloaded(inputs["sample"], step).sample, model(inputs["sample"], step).sample)
+
+
+@pytest.mark.parametrize(("scope", "act_iters"), [("temporal", 3), ("all", 0)])
+def test_fsc_over_all_activations_skips_the_activation_step_learning_it_would_discard(calibration, scope, act_iters):
+    config = QuantConfig(method="qdiff", fsc_scope=scope, recon_preset="fast", recon_weight_iters=2,
+                         recon_act_iters=3, recon_batch_size=4)
+    model = quantize(pixel_unet(), config, calibration, progress=False)
+    assert model.tfmq_info.extra["reconstruction_settings"]["act_iters"] == act_iters
+    assert model.tfmq_info.config.recon_act_iters == 3

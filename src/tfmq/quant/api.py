@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from tfmq.errors import TfmqError
@@ -11,7 +15,13 @@ from tfmq.quant.config import QuantConfig
 from tfmq.quant.methods.qdiff import reconstruct_qdiff
 from tfmq.quant.methods.reconstruction import calibration_inputs
 from tfmq.quant.methods.rtn import calibrate_activation_ranges
-from tfmq.quant.methods.tfmq import maintain_temporal_features, reconstruct_tfmq
+from tfmq.quant.methods.tfmq import (
+    choose_temporal_caches,
+    maintain_temporal_features,
+    reconstruct_tfmq,
+    restore_projections,
+    serve_caches_for_reconstruction,
+)
 from tfmq.quant.timestep_table import calibrate_timestep_tables
 from tfmq.quant.wrap import quantize_model
 
@@ -28,7 +38,8 @@ def quantize(
     The steps, in the order of the TFMQ-DM authors' scripts: activation range init on every sampling step;
     for qdiff and tfmq, reconstruction (tfmq: TIAR on the whole schedule first, then the other units) on
     the weight steps; FSC tables when `config.fsc_scope` asks for them (any method); for tfmq with
-    `temporal_cache`, the temporal feature caches (and the per-block selection) last.
+    `temporal_cache`, the temporal feature caches (and the per-block selection): chosen after TIAR and read
+    by the blocks during their reconstruction (without TIAR: chosen after everything else), installed last.
 
     The result keeps the UNet's class and call signature (it drops into a diffusers pipeline) and carries
     `tfmq_info`, which `save_quantized` needs. With timestep tables or caches it must be called with the
@@ -45,23 +56,46 @@ def quantize(
         activation_data = calibration.per_step(ACTIVATION_SAMPLES_PER_STEP)
         calibrate_activation_ranges(model, activation_data, CALIBRATION_BATCH_SIZE, progress)
     extra = {}
+    chosen_caches = None
     if config.method in ("qdiff", "tfmq"):
         weight_data = calibration.for_weights()
         if len(weight_data) == 0:
             raise TfmqError("the calibration set has no sample of the weight-reconstruction steps")
         inputs = calibration_inputs(weight_data, CALIBRATION_BATCH_SIZE)
+        # FSC over every activation quantizer replaces their ranges afterwards: the steps LSQ would learn
+        # are thrown away, so (as in the authors' scripts) no activation learning runs at all.
+        recon_config = dataclasses.replace(config, recon_act_iters=0) if config.fsc_scope == "all" else config
         if config.method == "qdiff":
-            results = reconstruct_qdiff(model, unet, inputs, config, progress=progress)
+            results = reconstruct_qdiff(model, unet, inputs, recon_config, progress=progress)
         else:
-            results = reconstruct_tfmq(model, unet, inputs, calibration.schedule, config, progress=progress)
+            def serve_caches() -> None:
+                # After TIAR the TIB is final: the blocks are reconstructed on the cached features they will
+                # read when sampling, not on the TIB path's (which they would learn to compensate).
+                nonlocal chosen_caches
+                chosen_caches = choose_temporal_caches(model, unet, calibration.schedule, config)
+                serve_caches_for_reconstruction(model, calibration.schedule, chosen_caches[0])
+
+            before_blocks = serve_caches if config.temporal_cache else None
+            with _user_errors():
+                results = reconstruct_tfmq(model, unet, inputs, calibration.schedule, recon_config,
+                                           progress=progress, before_blocks=before_blocks)
+            restore_projections(model)
         extra["reconstruction"] = [result.to_dict() for result in results]
-    try:
+        extra["reconstruction_settings"] = dataclasses.asdict(recon_config.reconstruction)
+    with _user_errors():
         if config.fsc_scope != "none":
             calibrate_timestep_tables(model, calibration, config.fsc_scope, momentum=config.fsc_momentum,
                                       init_samples=config.fsc_init_samples, progress=progress)
         if config.temporal_cache:
-            extra.update(maintain_temporal_features(model, unet, calibration.schedule, config))
-    except ValueError as exc:
-        raise TfmqError(str(exc)) from exc
+            extra.update(maintain_temporal_features(model, unet, calibration.schedule, config, chosen_caches))
     model.tfmq_info = QuantizationInfo(config, fingerprint, source, extra)
     return model.eval()
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """What the model or calibration data cannot do (a ValueError) reaches the user as a TfmqError."""
+    try:
+        yield
+    except ValueError as exc:
+        raise TfmqError(str(exc)) from exc

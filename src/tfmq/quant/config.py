@@ -104,7 +104,9 @@ class QuantConfig:
     `fsc_init_samples` samples, then follows the batch min/max of all that step's samples with momentum
     `fsc_momentum`, as the authors' scripts do; `fsc_momentum=None` instead takes the range (by
     `act_init`) of everything the step saw: the paper's plain per-timestep calibration. FSC is only
-    calibration, so every method may use it (rtn or qdiff with FSC isolate what the tables bring).
+    calibration, so every method may use it (rtn or qdiff with FSC isolate what the tables bring). With
+    scope "all" the tables replace every activation range, so reconstruction learns no activation
+    step (LSQ), as in the authors' scripts.
 
     TFMQ only (other methods must leave them at their defaults): `tiar` reconstructs the Temporal
     Information Block as one unit against the temporal features, before the other units (off: its

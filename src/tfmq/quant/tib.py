@@ -119,13 +119,20 @@ class TemporalInformationBlock:
         Runs the model's modules as they are: a quantized copy gives its quantized features (one whose
         quantizers carry timestep tables needs a selected row, see `timestep_table`).
         """
+        inputs = self.projection_inputs(timesteps, class_labels)
+        return {feature_name: self._module(resnet_name).time_emb_proj(inputs[resnet_name])
+                for resnet_name, feature_name in zip(self.resnets, self.feature_names)}
+
+    def projection_inputs(
+        self, timesteps: torch.Tensor | int | float, class_labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{residual block: what its `time_emb_proj` reads} for `timesteps` (and `class_labels`)."""
         embedding = self.embedding(timesteps, class_labels)
-        features = {}
-        for resnet_name, feature_name in zip(self.resnets, self.feature_names):
+        inputs = {}
+        for resnet_name in self.resnets:
             resnet = self._module(resnet_name)
-            block_input = embedding if resnet.skip_time_act else resnet.nonlinearity(embedding)
-            features[feature_name] = resnet.time_emb_proj(block_input)
-        return features
+            inputs[resnet_name] = embedding if resnet.skip_time_act else resnet.nonlinearity(embedding)
+        return inputs
 
 
 def find_tib(model: nn.Module) -> TemporalInformationBlock:

@@ -23,10 +23,14 @@ from tfmq.quant.checkpoint import METADATA_FILE, QuantizationInfo, load_quantize
 from tfmq.quant.methods.rtn import calibrate_activation_ranges
 from tfmq.quant.methods.tfmq import (
     TIB_UNIT,
+    ScheduledFeatureLookup,
     SkippedTimestepEmbedding,
     block_units,
+    cached_temporal_features,
     maintain_temporal_features,
     reconstruct_tib,
+    restore_projections,
+    serve_caches_for_reconstruction,
     temporal_cache_stats,
 )
 from tfmq.quant.tib import find_tib
@@ -299,3 +303,26 @@ def test_tiar_respects_keep_fp(calibration: CalibrationSet) -> None:
                                 keep_fp=("conv_in", "conv_out", "time_embedding", "*time_emb_proj"))
     assert reconstruct_tib(quantize_model(unet, everything_fp), unet, calibration.schedule, everything_fp,
                            progress=False) is None
+
+
+def test_blocks_read_the_cache_row_of_each_sample_during_reconstruction(calibration: CalibrationSet) -> None:
+    model = quantize_model(pixel_unet(), QuantConfig(method="tfmq", w_bits=4, a_bits=None))
+    schedule = calibration.schedule
+    caches = cached_temporal_features(pixel_unet(), schedule, 8)
+    block = EXPECTED_RESNETS[0]
+    original = model.get_submodule(block).time_emb_proj
+    serve_caches_for_reconstruction(model, schedule, caches)
+    lookup = model.get_submodule(block).time_emb_proj
+    assert isinstance(lookup, ScheduledFeatureLookup)
+    mixed = schedule[[3, 0, 3, 7]]  # one batch, several timesteps: what reconstruction feeds a block
+    with torch.no_grad():
+        embedding = find_tib(model).projection_inputs(mixed)[block]
+        assert torch.equal(lookup(embedding), caches[block].values()[[3, 0, 3, 7]])
+        with pytest.raises(ValueError, match="no scheduled timestep"):
+            lookup(find_tib(model).projection_inputs(torch.tensor([int(schedule[0]) + 7]))[block])
+    restore_projections(model)
+    assert model.get_submodule(block).time_emb_proj is original
+
+
+def test_the_quantized_pipeline_keeps_no_reconstruction_lookup(full_pipeline: nn.Module) -> None:
+    assert not any(isinstance(module, ScheduledFeatureLookup) for module in full_pipeline.modules())

@@ -18,7 +18,7 @@ temporal-feature cache.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,15 +153,21 @@ def reconstruct_tfmq(
     *,
     progress: bool = True,
     cache_dir: str | Path | None = None,
+    before_blocks: Callable[[], None] | None = None,
 ) -> list[UnitResult]:
     """TIAR on `timesteps` (the whole schedule), then the other units on `inputs` (the weight-reconstruction
     subset of the calibration data, UNet keyword inputs), in forward order. With `config.tiar` off this is
-    qdiff's reconstruction. Activation ranges must be initialised before, as for qdiff."""
+    qdiff's reconstruction. Activation ranges must be initialised before, as for qdiff.
+
+    `before_blocks` runs between TIAR and the blocks, when the TIB is final (e.g. to put temporal feature
+    caches in place, so that the blocks learn on the features sampling will give them)."""
     if not inputs:
         raise ValueError("tfmq reconstruction needs calibration inputs; got none")
     if not config.tiar:
         return reconstruct_qdiff(model, full_precision, inputs, config, progress=progress, cache_dir=cache_dir)
     tib_result = reconstruct_tib(model, full_precision, timesteps, config, progress=progress)
+    if before_blocks is not None:
+        before_blocks()
     units = block_units(model, full_precision, inputs[0])
     results = reconstruct(model, full_precision, units, inputs, config.reconstruction,
                           progress=progress, cache_dir=cache_dir)
@@ -299,20 +305,89 @@ def restore_temporal_cache(model: nn.Module, schedule: torch.Tensor, blocks: Seq
     return install_temporal_cache(model, schedule, caches)
 
 
-def maintain_temporal_features(
+class ScheduledFeatureLookup(nn.Module):
+    """Stands in for a cached block's `time_emb_proj` while the blocks are reconstructed: serves each sample
+    the cache row of its own timestep, found by matching the embedding it receives against the embeddings
+    of the schedule. Reconstruction mixes timesteps in a batch and calls blocks without the UNet, so the
+    per-call row selection of `TemporalFeatureCache` cannot serve it."""
+
+    def __init__(self, keys: torch.Tensor, cache: TemporalFeatureCache, projection: nn.Module) -> None:
+        super().__init__()
+        if keys.dim() != 2 or len(keys) != len(cache.codes):
+            raise ValueError(f"a feature lookup needs one key per cached timestep; got {tuple(keys.shape)} keys "
+                             f"for {len(cache.codes)} rows")
+        keys = keys.detach().float().clone()
+        self.register_buffer("keys", keys)
+        self.register_buffer("table", cache.values())
+        # An embedding matches a key when it lies far closer to it than to any other (stored unit inputs
+        # may have been rounded); the keys of distinct timesteps lie far apart.
+        apart = torch.cdist(keys, keys) + torch.diag(torch.full((len(keys),), float("inf")))
+        self.tolerance = 0.25 * float(apart.min()) if len(keys) > 1 else 0.25 * float(keys.norm())
+        self.cache = cache
+        self.projection = projection  # the `time_emb_proj` it stands in for, put back by `restore_projections`
+
+    @property
+    def out_features(self) -> int:
+        return self.cache.out_features
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        distances = torch.cdist(embedding.detach().float(), self.keys)
+        nearest, rows = distances.min(dim=1)
+        if bool((nearest > self.tolerance).any()):
+            raise ValueError("a temporal feature lookup received an embedding of no scheduled timestep")
+        return self.table[rows].to(embedding.dtype)
+
+
+def choose_temporal_caches(
     model: nn.Module, full_precision: nn.Module, schedule: torch.Tensor, config: QuantConfig
-) -> dict[str, Any]:
-    """The journal version's maintenance on the reconstructed (and FSC-calibrated) `model`: cache every
-    block's temporal feature, or with `config.temporal_selection` only where the cache's error is not above
-    the TIB path's. Returns the checkpoint's JSON entries (`temporal_cache`, `temporal_selection`), which
-    `restore_temporal_cache` needs to rebuild the model before loading its state."""
+) -> tuple[dict[str, TemporalFeatureCache], dict[str, Any]]:
+    """{residual block: its cache} for every block, or with `config.temporal_selection` only where the
+    cache's error is not above the TIB path's (of `model` as it is now), and the selection's JSON entries."""
     cached = cached_temporal_features(full_precision, schedule, config.a_bits)
     entries: dict[str, Any] = {}
     if config.temporal_selection:
         errors = temporal_path_errors(model, full_precision, schedule, cached)
         entries["temporal_selection"] = errors
         cached = {block: values for block, values in cached.items() if errors[block]["choice"] == "cache"}
+    return cached, entries
+
+
+@torch.no_grad()
+def serve_caches_for_reconstruction(
+    model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, TemporalFeatureCache]
+) -> None:
+    """Make each block of `caches` read its cache through a `ScheduledFeatureLookup`, keyed by what its
+    `time_emb_proj` receives at every timestep of `schedule`. Changes `model` in place until
+    `restore_projections`."""
+    keys = find_tib(model).projection_inputs(torch.as_tensor(schedule))
+    for block, cache in caches.items():
+        module = model.get_submodule(block)
+        module.time_emb_proj = ScheduledFeatureLookup(keys[block], cache, module.time_emb_proj)
+
+
+def restore_projections(model: nn.Module) -> None:
+    """Put back every `time_emb_proj` that `serve_caches_for_reconstruction` replaced (FSC then calibrates
+    the TIB as the blocks' reconstruction left it; `install_temporal_cache` follows)."""
+    for module in model.modules():
+        if isinstance(module, ResnetBlock2D) and isinstance(module.time_emb_proj, ScheduledFeatureLookup):
+            module.time_emb_proj = module.time_emb_proj.projection
+
+
+def maintain_temporal_features(
+    model: nn.Module,
+    full_precision: nn.Module,
+    schedule: torch.Tensor,
+    config: QuantConfig,
+    chosen: tuple[dict[str, TemporalFeatureCache], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The journal version's maintenance on the reconstructed (and FSC-calibrated) `model`: install the
+    caches `chosen` by `choose_temporal_caches` (chosen now if None). Returns the checkpoint's JSON entries
+    (`temporal_cache`, `temporal_selection`), which `restore_temporal_cache` needs to rebuild the model
+    before loading its state."""
+    cached, entries = chosen if chosen is not None else choose_temporal_caches(model, full_precision, schedule,
+                                                                               config)
     skipped = install_temporal_cache(model, schedule, cached)
+    entries = dict(entries)
     entries["temporal_cache"] = {"cached_blocks": list(cached), "time_embedding_skipped": skipped,
                                  "steps": len(schedule), "bytes": temporal_cache_stats(model).bytes}
     return entries
