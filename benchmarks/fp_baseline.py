@@ -20,6 +20,8 @@ from tfmq.metrics import load_reference_statistics
 from tfmq.files import write_json, write_text_atomic
 from tfmq.report import format_table
 
+from sampling_args import add_sampling_arguments  # this folder: scripts run as files
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -39,10 +41,7 @@ def seconds_per_forward(unet: torch.nn.Module, batch: int, repeats: int = 10) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="fashion-ddpm")
-    parser.add_argument("--num", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(parser)
     args = parser.parse_args()
 
     model = load_model(args.model)

@@ -35,6 +35,8 @@ from tfmq.quant.checkpoint import WEIGHTS_FILE, save_quantized
 from tfmq.quant.config import QuantConfig
 from tfmq.report import format_table
 
+from sampling_args import add_sampling_arguments  # this folder: scripts run as files
+
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ("row", "fid", "sfid", "is", "fid_to_fp", "psnr_to_fp", "ssim_to_fp", "calib_s", "sampling_s",
            "peak_rss_mb", "size_mb")
@@ -128,10 +130,7 @@ def folder_name(row: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="fashion-ddpm")
-    parser.add_argument("--num", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(parser)
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--interval-length", type=int, default=5)
     parser.add_argument("--rows", nargs="+", default=["fp", "rtn:8:8", "rtn:4:8"])
@@ -165,7 +164,9 @@ def main() -> None:
     collect_seconds = json.loads((args.work / "collect_calibration.json").read_text())["seconds"]
     results = [run_worker(rows[0], args)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results += list(pool.map(lambda row: run_worker(row, args), rows[1:]))
+        # Submitted, not mapped: a failing row does not cancel the queued ones (each keeps its result).
+        futures = [pool.submit(run_worker, row, args) for row in rows[1:]]
+        results += [future.result() for future in futures]
     table = format_table(results, COLUMNS, markdown=True)
     setup = (f"`{args.model}`, DDIM {args.steps} steps (quadratic skip, eta 0), {args.num} images of seed "
              f"{args.seed}; calibration: {args.calib_samples} trajectories x {args.steps} steps "
