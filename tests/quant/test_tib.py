@@ -9,6 +9,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+from tests.quant.methods.helpers import unit_outputs
 from tests.quant.tiny_unets import pixel_unet, text_unet
 from tfmq.quant import QuantConfig, QuantLinear, quantize_model
 from tfmq.quant.tib import find_tib
@@ -94,22 +95,6 @@ def inputs_for(model: nn.Module, timesteps: torch.Tensor) -> dict[str, torch.Ten
     return inputs
 
 
-def features_of_full_forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every `time_emb_proj` output of one full UNet forward, caught by hooks."""
-    captured = {}
-    handles = [
-        module.register_forward_hook(lambda _module, _args, output, name=name: captured.__setitem__(name, output))
-        for name, module in model.named_modules() if name.endswith("time_emb_proj")
-    ]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
 @pytest.mark.parametrize(
     ("make", "class_embedding"),
     [(pixel_unet, None), (text_unet, None), (class_unet, "class_embedding")],
@@ -145,7 +130,8 @@ def test_a_quantized_copy_has_the_same_tib() -> None:
 def test_temporal_features_equal_those_of_a_full_forward(kind: str) -> None:
     model = MODELS[kind]()
     inputs = inputs_for(model, torch.tensor([999, 500, 3]))
-    expected = features_of_full_forward(model, inputs)
+    projections = [name for name, _ in model.named_modules() if name.endswith("time_emb_proj")]
+    expected = unit_outputs(model, projections, [inputs])  # what a full UNet forward gives the blocks
     tib = find_tib(model)
     with torch.no_grad():
         features = tib.temporal_features(inputs["timestep"], inputs.get("class_labels"))
