@@ -15,13 +15,7 @@ from tfmq.quant.config import QuantConfig
 from tfmq.quant.methods.qdiff import reconstruct_qdiff
 from tfmq.quant.methods.reconstruction import calibration_inputs
 from tfmq.quant.methods.rtn import calibrate_activation_ranges
-from tfmq.quant.methods.tfmq import (
-    choose_temporal_caches,
-    maintain_temporal_features,
-    reconstruct_tfmq,
-    restore_projections,
-    serve_caches_for_reconstruction,
-)
+from tfmq.quant.methods.tfmq import maintain_temporal_features, reconstruct_tfmq
 from tfmq.quant.timestep_table import calibrate_timestep_tables
 from tfmq.quant.wrap import quantize_model
 
@@ -48,10 +42,8 @@ def quantize(
     if len(calibration) == 0:
         raise TfmqError("the calibration set is empty")
     fingerprint = model_fingerprint(unet)
-    try:
+    with _user_errors():
         model = quantize_model(unet, config)
-    except ValueError as exc:
-        raise TfmqError(str(exc)) from exc
     if config.a_bits is not None:
         activation_data = calibration.per_step(ACTIVATION_SAMPLES_PER_STEP)
         calibrate_activation_ranges(model, activation_data, CALIBRATION_BATCH_SIZE, progress)
@@ -68,18 +60,9 @@ def quantize(
         if config.method == "qdiff":
             results = reconstruct_qdiff(model, unet, inputs, recon_config, progress=progress)
         else:
-            def serve_caches() -> None:
-                # After TIAR the TIB is final: the blocks are reconstructed on the cached features they will
-                # read when sampling, not on the TIB path's (which they would learn to compensate).
-                nonlocal chosen_caches
-                chosen_caches = choose_temporal_caches(model, unet, calibration.schedule, config)
-                serve_caches_for_reconstruction(model, calibration.schedule, chosen_caches[0])
-
-            before_blocks = serve_caches if config.temporal_cache else None
             with _user_errors():
-                results = reconstruct_tfmq(model, unet, inputs, calibration.schedule, recon_config,
-                                           progress=progress, before_blocks=before_blocks)
-            restore_projections(model)
+                results, chosen_caches = reconstruct_tfmq(model, unet, inputs, calibration.schedule, recon_config,
+                                                          progress=progress)
         extra["reconstruction"] = [result.to_dict() for result in results]
         extra["reconstruction_settings"] = dataclasses.asdict(recon_config.reconstruction)
     with _user_errors():

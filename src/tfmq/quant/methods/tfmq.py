@@ -18,7 +18,7 @@ temporal-feature cache.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ from tfmq.quant.timestep_table import (
 from tfmq.quant.wrap import quantizers
 
 TIB_UNIT = "temporal_information_block"
+# {residual block: its cache} and the selection's JSON entries, as `choose_temporal_caches` returns them.
+ChosenCaches = tuple[dict[str, TemporalFeatureCache], dict[str, Any]]
 # The UNet forwards whose only readers of the time embedding, besides the class and added embeddings
 # (refused by find_tib or checked), are the blocks: read in diffusers 0.42.
 _KNOWN_FORWARDS = (UNet2DModel.forward, UNet2DConditionModel.forward)
@@ -153,25 +155,30 @@ def reconstruct_tfmq(
     *,
     progress: bool = True,
     cache_dir: str | Path | None = None,
-    before_blocks: Callable[[], None] | None = None,
-) -> list[UnitResult]:
+) -> tuple[list[UnitResult], ChosenCaches | None]:
     """TIAR on `timesteps` (the whole schedule), then the other units on `inputs` (the weight-reconstruction
     subset of the calibration data, UNet keyword inputs), in forward order. With `config.tiar` off this is
     qdiff's reconstruction. Activation ranges must be initialised before, as for qdiff.
 
-    `before_blocks` runs between TIAR and the blocks, when the TIB is final (e.g. to put temporal feature
-    caches in place, so that the blocks learn on the features sampling will give them)."""
+    With `config.temporal_cache` (and TIAR) the caches are chosen once the TIB is final and the blocks are
+    reconstructed reading them, so they learn on the features sampling will give them, not on the TIB
+    path's; returns them for `maintain_temporal_features` (None otherwise: chosen there)."""
     if not inputs:
         raise ValueError("tfmq reconstruction needs calibration inputs; got none")
     if not config.tiar:
-        return reconstruct_qdiff(model, full_precision, inputs, config, progress=progress, cache_dir=cache_dir)
+        return reconstruct_qdiff(model, full_precision, inputs, config, progress=progress, cache_dir=cache_dir), None
     tib_result = reconstruct_tib(model, full_precision, timesteps, config, progress=progress)
-    if before_blocks is not None:
-        before_blocks()
+    chosen = None
+    if config.temporal_cache:
+        chosen = choose_temporal_caches(model, full_precision, timesteps, config)
+        serve_caches_for_reconstruction(model, timesteps, chosen[0])
     units = block_units(model, full_precision, inputs[0])
-    results = reconstruct(model, full_precision, units, inputs, config.reconstruction,
-                          progress=progress, cache_dir=cache_dir)
-    return ([] if tib_result is None else [tib_result]) + results
+    try:
+        results = reconstruct(model, full_precision, units, inputs, config.reconstruction,
+                              progress=progress, cache_dir=cache_dir)
+    finally:
+        restore_projections(model)
+    return ([] if tib_result is None else [tib_result]) + results, chosen
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,7 +347,7 @@ class ScheduledFeatureLookup(nn.Module):
 
 def choose_temporal_caches(
     model: nn.Module, full_precision: nn.Module, schedule: torch.Tensor, config: QuantConfig
-) -> tuple[dict[str, TemporalFeatureCache], dict[str, Any]]:
+) -> ChosenCaches:
     """{residual block: its cache} for every block, or with `config.temporal_selection` only where the
     cache's error is not above the TIB path's (of `model` as it is now), and the selection's JSON entries."""
     cached = cached_temporal_features(full_precision, schedule, config.a_bits)
@@ -378,7 +385,7 @@ def maintain_temporal_features(
     full_precision: nn.Module,
     schedule: torch.Tensor,
     config: QuantConfig,
-    chosen: tuple[dict[str, TemporalFeatureCache], dict[str, Any]] | None = None,
+    chosen: ChosenCaches | None = None,
 ) -> dict[str, Any]:
     """The journal version's maintenance on the reconstructed (and FSC-calibrated) `model`: install the
     caches `chosen` by `choose_temporal_caches` (chosen now if None). Returns the checkpoint's JSON entries
