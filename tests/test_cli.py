@@ -164,3 +164,47 @@ def test_quantize_with_tfmq_cache_then_sample(capsys, tmp_path, tiny_model_folde
     code, _, _ = _run(capsys, "sample", "--quantized", tmp_path / "q", "--num", 2, "--steps", 4,
                       "--out", tmp_path / "qi", "--quiet")
     assert code == 0 and (tmp_path / "qi" / "grid.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory):
+    from tests.models.tiny_pipelines import write_pipeline
+
+    return write_pipeline("text", tmp_path_factory.mktemp("cli") / "tiny-sd")
+
+
+def test_text_model_quantizes_on_a_captions_file_and_samples_with_prompts(capsys, tmp_path, text_folder):
+    captions = tmp_path / "captions_val2014.json"
+    captions.write_text(json.dumps({"annotations": [{"caption": f"a photo of a {name}"}
+                                                    for name in ("sneaker", "bag", "coat")]}))
+    common = ("--sampler", "plms", "--steps", 3, "--quiet")
+    code, out, err = _run(capsys, "quantize", "--model", text_folder, "--method", "tfmq", "--w-bits", 8,
+                          "--prompts", captions, "--num-prompts", 2, "--calib-samples", 2, "--interval-length", 1,
+                          "--out", tmp_path / "q", *common)
+    assert code == 0, err
+    info = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert info["calibration"]["guidance_scale"] == 3.0
+    code, out, err = _run(capsys, "sample", "--quantized", tmp_path / "q", "--prompt", "a bag", "--prompt", "a coat",
+                          "--num", 3, "--guidance-scale", 2, "--out", tmp_path / "s", *common)
+    assert code == 0, err
+    metadata = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert metadata["prompts"] == ["a bag", "a coat", "a bag"] and metadata["guidance_scale"] == 2.0
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (("--prompt", "a bag"), "unconditional"),
+    (("--class-label", "3"), "unconditional"),
+    (("--guidance-scale", "2"), "unconditional"),
+])
+def test_conditions_for_an_unconditional_model_are_errors(capsys, tmp_path, tiny_model_folder, argv, fragment):
+    code, _, err = _run(capsys, "sample", "--model", tiny_model_folder, "--num", 1, "--steps", 2,
+                        "--out", tmp_path / "s", *argv)
+    _assert_one_line_error(code, err, fragment)
+
+
+def test_text_model_without_prompts_or_with_labels_is_an_error(capsys, tmp_path, text_folder):
+    code, _, err = _run(capsys, "sample", "--model", text_folder, "--num", 1, "--steps", 2, "--out", tmp_path / "s")
+    _assert_one_line_error(code, err, "give at least one prompt")
+    code, _, err = _run(capsys, "sample", "--model", text_folder, "--num", 1, "--steps", 2, "--out", tmp_path / "s",
+                        "--class-label", "1")
+    _assert_one_line_error(code, err, "give prompts, not class labels")

@@ -27,6 +27,20 @@ def _sampler_config(args: argparse.Namespace):
     return SamplerConfig(name=args.sampler, steps=args.steps, eta=args.eta, skip_type=args.skip_type)
 
 
+DEFAULT_GUIDANCE_SCALE = 3.0  # for conditional models when --guidance-scale is not given
+
+
+def _conditioning(args: argparse.Namespace, model, num_images: int, fallback_prompts: list[str] | None = None):
+    """The per-image conditions of a conditional model from --prompt/--prompts/--class-label (None for an
+    unconditional model); `fallback_prompts` serve when no prompt is given."""
+    prompts = _prompts(args)
+    scale = args.guidance_scale
+    if scale is None:
+        scale = DEFAULT_GUIDANCE_SCALE if model.conditioning_kind is not None else 1.0
+    return model.conditioning(num_images, prompts=prompts or fallback_prompts, labels=args.class_label,
+                              guidance_scale=scale)
+
+
 def _load_unet(args: argparse.Namespace):
     """The model to sample from: the full-precision one, or a quantized checkpoint on its base model."""
     from tfmq.models.loading import load_model
@@ -46,12 +60,28 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
     config = _sampler_config(args)
     model, unet, source = _load_unet(args)
+    conditioning = _conditioning(args, model, args.num)
     started = time.perf_counter()
-    images = sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size, not args.quiet)
+    images = sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size, not args.quiet,
+                    conditioning=conditioning, decoder=model.decoder)
     seconds = time.perf_counter() - started
     metadata = {"model": source, "seed": args.seed, "sampler": config.to_dict(), "seconds": round(seconds, 2)}
+    if conditioning is not None:
+        metadata["guidance_scale"] = conditioning.guidance_scale
+        if "class_labels" in conditioning.per_image:
+            metadata["class_labels"] = conditioning.per_image["class_labels"].tolist()
+        else:
+            prompts = _prompts(args)
+            metadata["prompts"] = [prompts[index % len(prompts)] for index in range(args.num)]
     out = save_image_folder(images, args.out, metadata)
     print(f"{len(images)} images in {seconds:.1f} s -> {out} (grid: {out / 'grid.png'})")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt values, then the prompts of the --prompts file."""
+    from tfmq.data.captions import read_prompts
+
+    return list(args.prompt or []) + (read_prompts(args.prompts, args.num_prompts) if args.prompts else [])
 
 
 def _seed_of(folder: Path) -> int | None:
@@ -104,7 +134,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     import torch
 
     from tfmq.models.loading import load_model
-    from tfmq.quant.api import quantize
+    from tfmq.quant.api import quantize, relative_output_error
     from tfmq.quant.calibration import CalibrationSet, collect_calibration
     from tfmq.quant.checkpoint import save_quantized
     from tfmq.quant.config import QuantConfig
@@ -124,32 +154,28 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     sampler = _sampler_config(args)
     model = load_model(args.model)
     started = time.perf_counter()
+    conditioning = _conditioning(args, model, args.calib_samples, model.calibration_prompts())
     if args.calib_load is not None:
         calibration = CalibrationSet.load(args.calib_load)
     else:
         calibration = collect_calibration(model.unet, model.scheduler, args.calib_samples, sampler,
-                                          args.interval_length, args.seed, args.batch_size, not args.quiet)
+                                          args.interval_length, args.seed, args.batch_size, not args.quiet,
+                                          conditioning)
         if args.calib_save is not None:
             calibration.save(args.calib_save)
     collected = time.perf_counter()
     quantized = quantize(model.unet, config, calibration, source=model.source, progress=not args.quiet)
     calibrated = time.perf_counter()
     quantized.tfmq_info.extra["calibration"] = {
-        "sampler": sampler.to_dict(), "num_samples": args.calib_samples, "interval_length": args.interval_length,
+        "sampler": sampler.to_dict(), "num_samples": args.calib_samples,
+        "guidance_scale": None if conditioning is None else conditioning.guidance_scale, "interval_length": args.interval_length,
         "seed": args.seed, "collect_seconds": round(collected - started, 2),
         "quantize_seconds": round(calibrated - collected, 2),
     }
     out = save_quantized(quantized, args.out)
-    held_out = collect_calibration(model.unet, model.scheduler, 8, sampler, 10, args.seed + 1, progress=False)
-    error_sq = reference_sq = 0.0
-    with torch.no_grad():
-        for timestep in held_out.timesteps.unique():  # one timestep per call: FSC tables select rows by it
-            chosen = held_out.timesteps == timestep
-            samples, timesteps = held_out.samples[chosen], held_out.timesteps[chosen]
-            reference = model.unet(samples, timesteps).sample
-            error_sq += (quantized(samples, timesteps).sample - reference).pow(2).sum().item()
-            reference_sq += reference.pow(2).sum().item()
-    error = (error_sq / reference_sq) ** 0.5
+    held_out = collect_calibration(model.unet, model.scheduler, 8, sampler, 10, args.seed + 1, progress=False,
+                                   conditioning=_conditioning(args, model, 8, model.calibration_prompts()))
+    error = relative_output_error(quantized, model.unet, held_out)
     fp_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
     file_bytes = (out / "quantized.safetensors").stat().st_size
     print(format_table([{
@@ -185,24 +211,44 @@ def _cmd_reference_stats(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from tfmq.models import training
+    from tfmq.models import latent_training, training
 
-    if args.what == "ddpm":
-        out = training.train_ddpm(args.out, args.work_dir, steps=args.steps, batch_size=args.batch_size,
-                                  learning_rate=args.lr, seed=args.seed, data_dir=args.data_dir)
-        print(f"wrote {out}")
-    else:
+    common = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "seed": args.seed,
+              "data_dir": args.data_dir}
+    if args.what == "classifier":
         record = training.train_classifier(args.out, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir)
         print(f"test accuracy {record['test_accuracy']:.4f}, {record['wall_seconds']} s -> {args.out}")
+        return
+    if args.what == "ddpm":
+        out = training.train_ddpm(args.out, args.work_dir, **common)
+    elif args.what == "autoencoder":
+        out = latent_training.train_autoencoder(args.out, args.work_dir, **common)
+    else:
+        if args.autoencoder is None:
+            raise TfmqError(f"training {args.what} needs --autoencoder (a folder written by `tfmq train autoencoder`)")
+        out = latent_training.train_latent_diffusion(args.out, args.work_dir, args.autoencoder,
+                                                     conditional=args.what == "cond", **common)
+    print(f"wrote {out}")
 
 
 def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    parser.add_argument("--sampler", choices=["ddim", "ddpm", "plms", "dpm-solver"], default="ddim",
+                        help="plms: Stable Diffusion's sampler in the paper; dpm-solver: DPM-Solver++ 2nd order")
     parser.add_argument("--steps", type=_positive, default=100, help="sampling steps (paper: --timesteps)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--skip-type", choices=["quad", "uniform"], default="quad", help="DDIM timestep spacing")
     parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded by (seed, i)")
     parser.add_argument("--batch-size", type=_positive, default=64)
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="text-conditional models: a prompt (repeat for several; images cycle through them)")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help="prompts file: one a line, or an MS-COCO captions_*.json (paper: 128 COCO captions)")
+    parser.add_argument("--num-prompts", type=_positive, default=128, help="prompts taken from --prompts")
+    parser.add_argument("--class-label", type=int, action="append", default=None,
+                        help="class-conditional models: a label (repeat for several; default: all in turn)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help=f"classifier-free guidance (default {DEFAULT_GUIDANCE_SCALE} for conditional models; "
+                             "1 runs no unconditional branch)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -286,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST idx folder")
     reference.set_defaults(func=_cmd_reference_stats)
 
-    train = commands.add_parser("train", help="train a shipped model (fashion-ddpm or the metrics classifier)")
-    train.add_argument("what", choices=["ddpm", "classifier"])
+    train = commands.add_parser("train", help="train a shipped model (fashion-ddpm, the autoencoder, fashion-ldm, "
+                                "fashion-cond, or the metrics classifier)")
+    train.add_argument("what", choices=["ddpm", "autoencoder", "ldm", "cond", "classifier"])
+    train.add_argument("--autoencoder", type=Path, default=None, help="ldm/cond: the trained autoencoder folder")
     train.add_argument("--out", type=Path, required=True)
     train.add_argument("--work-dir", type=Path, default=Path("runs/train"), help="resume checkpoint and loss log")
     train.add_argument("--steps", type=_positive, default=20_000)

@@ -43,9 +43,9 @@ def test_corrupt_safetensors_is_an_error(tiny_model_folder):
 def test_other_model_class_is_an_error(tiny_model_folder):
     config_path = tiny_model_folder / "unet" / "config.json"
     config = json.loads(config_path.read_text())
-    config["_class_name"] = "UNet2DConditionModel"
+    config["_class_name"] = "UNet3DConditionModel"
     config_path.write_text(json.dumps(config))
-    with pytest.raises(TfmqError, match="not a UNet2DModel"):
+    with pytest.raises(TfmqError, match="not a UNet2DModel or UNet2DConditionModel"):
         load_model(tiny_model_folder)
 
 

@@ -230,7 +230,7 @@ def test_temporal_features_by_timestep_match_those_inside_the_unet_call(temporal
 
 def test_tib_only_calibration_equals_calibration_through_the_whole_unet() -> None:
     through_tib = with_tables("temporal")
-    through_unet = with_tables("temporal", forward_batch=lambda model, samples, timesteps, _: model(samples, timesteps))
+    through_unet = with_tables("temporal", through_unet=True)
     for name, quantizer in table_quantizers(through_tib):
         other = through_unet.get_submodule(name)
         assert torch.equal(quantizer.table_scale, other.table_scale), name
@@ -288,17 +288,16 @@ def test_tables_are_attached_once_for_one_schedule_and_scope() -> None:
         attach_timestep_tables(wrapped("temporal"), [900, 400, 400], "temporal")
 
 
-def test_a_class_conditional_model_calibrates_through_forward_batch() -> None:
+def test_a_class_conditional_model_calibrates_with_the_labels_of_its_calibration_set() -> None:
     config = QuantConfig(**FAST, fsc_scope="temporal")
     model = quantize_model(class_unet(), config)
     calibration = calibration_set()
     labels = torch.arange(len(calibration)) % 10
-    with pytest.raises(ValueError, match="class-conditional: pass forward_batch"):
+    with pytest.raises(ValueError, match="class-conditional: the calibration set needs class_labels"):
         calibrate_timestep_tables(model, calibration, "temporal", progress=False)
+    calibration.conditions["class_labels"] = labels
     set_quant_state(model, weight=True, act=False)  # the shared ranges are not calibrated here
-    calibrate_timestep_tables(model, calibration, "temporal", progress=False, momentum=None,
-                              forward_batch=lambda m, samples, timesteps, indices: m(samples, timesteps,
-                                                                                     class_labels=labels[indices]))
+    calibrate_timestep_tables(model, calibration, "temporal", progress=False, momentum=None)
     # every class label of the step is covered: the rows hold the range over all of them
     quantizer = model.get_submodule("mid_block.resnets.1.time_emb_proj.input_quantizer")
     step = (calibration.step_indices == 1).nonzero().flatten()

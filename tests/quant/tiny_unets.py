@@ -27,6 +27,17 @@ def text_unet(seed: int = 0) -> UNet2DConditionModel:
     ).eval()
 
 
+def class_unet(seed: int = 0, num_classes: int = 3) -> UNet2DModel:
+    """Class-conditional pixel UNet (LDM ImageNet style): `num_classes` labels and a last, null label for
+    the unconditional branch of classifier-free guidance."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, attention_head_dim=8, num_class_embeds=num_classes + 1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
 # Channels of the upsampled part of every up-block resnet's input, by diffusers' construction:
 # resnet 0 reads the previous block's output (16 channels), later ones their own block's width.
 # With block_out_channels (8, 16) both model types have the same layout.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 FASHION_RESOLUTION = 16
@@ -82,3 +82,68 @@ class FashionClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(images)))
+
+
+LATENT_CHANNELS = 4
+LATENT_RESOLUTION = FASHION_RESOLUTION // 2
+
+
+def fashion_autoencoder(resolution: int = FASHION_RESOLUTION) -> AutoencoderKL:
+    """A 0.66 M-parameter KL autoencoder, 16x16x1 -> 8x8x4: the fixed, full-precision first stage of the
+    latent models (the analogue of LDM's VQ-f4 / KL-f8 autoencoders)."""
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=LATENT_CHANNELS,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+
+
+def fashion_ldm_unet() -> UNet2DModel:
+    """A 2.8 M-parameter latent UNet (8x8x4), self-attention at 4x4 and in the middle: the LDM analogue."""
+    return UNet2DModel(
+        sample_size=LATENT_RESOLUTION,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        block_out_channels=(64, 128),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=16,
+        attention_head_dim=32,
+    )
+
+
+def fashion_cond_unet(text_width: int = 64) -> UNet2DConditionModel:
+    """A 3.9 M-parameter latent UNet with cross-attention to the prompt at 4x4 and in the middle: the
+    Stable Diffusion analogue (same class, same call)."""
+    return UNet2DConditionModel(
+        sample_size=LATENT_RESOLUTION,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        block_out_channels=(64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=16,
+        attention_head_dim=32,
+        cross_attention_dim=text_width,
+    )
+
+
+def latent_scheduler() -> DDPMScheduler:
+    """LDM's noise schedule ("scaled linear" betas 0.0015 .. 0.0195, T = 1000, epsilon), no clipping:
+    latents are not bounded like pixels."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.0015,
+        beta_end=0.0195,
+        prediction_type="epsilon",
+        clip_sample=False,
+    )

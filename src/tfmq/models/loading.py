@@ -1,26 +1,140 @@
-"""Load a diffusion model by zoo name or from a local folder in the diffusers layout, offline."""
+"""Load a diffusion model by zoo name or from a local folder in the diffusers layout, offline.
+
+Layouts: `DDPMPipeline` / `DDIMPipeline` (unet, scheduler), `LDMPipeline` (unet, vqvae, scheduler),
+`StableDiffusionPipeline` (unet, vae, text_encoder, tokenizer, scheduler), or a bare `unet/` +
+`scheduler/` folder. Each component is read from its own subfolder with `local_files_only`, so a broken
+one is named in the error and nothing is fetched from a hub; a Stable Diffusion safety checker is not
+loaded (it is no part of what is quantized).
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from diffusers import DDPMScheduler, UNet2DModel
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from torch import nn
 
 from tfmq.errors import TfmqError
+from tfmq.sampling.guidance import Conditioning
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
-ZOO_MODELS = ("fashion-ddpm",)
+ZOO_MODELS = ("fashion-ddpm", "fashion-ldm", "fashion-cond")
+CALIBRATION_PROMPTS_FILE = "calibration_prompts.txt"
+UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+# The components each supported pipeline needs besides its unet and scheduler.
+PIPELINE_COMPONENTS = {
+    "DDPMPipeline": (),
+    "DDIMPipeline": (),
+    "LDMPipeline": ("vqvae",),
+    "StableDiffusionPipeline": ("vae", "text_encoder", "tokenizer"),
+}
 
 
 @dataclass
 class DiffusionModel:
-    """A UNet with the noise schedule it was trained with; `source` names where it came from."""
+    """A UNet with the noise schedule it was trained with and, for latent or text-conditional models, the
+    full-precision parts around it (autoencoder, text encoder, tokenizer); `source` names where it came
+    from, `layout` the diffusers pipeline class of its folder."""
 
-    unet: UNet2DModel
+    unet: nn.Module
     scheduler: DDPMScheduler
     source: str
+    layout: str = "DDPMPipeline"
+    components: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None
+
+    def calibration_prompts(self) -> list[str] | None:
+        """The prompts a text-conditional model folder suggests for calibration (`calibration_prompts.txt`),
+        used when the user gives none."""
+        from tfmq.data.captions import read_prompts
+
+        path = None if self.folder is None else self.folder / CALIBRATION_PROMPTS_FILE
+        if self.conditioning_kind != "text" or path is None or not path.is_file():
+            return None
+        return read_prompts(path, limit=None)
+
+    @property
+    def autoencoder(self) -> nn.Module | None:
+        return self.components.get("vae", self.components.get("vqvae"))
+
+    @property
+    def conditioning_kind(self) -> str | None:
+        """"text" (cross-attention on a prompt), "class" (class labels) or None (unconditional)."""
+        if "text_encoder" in self.components:
+            return "text"
+        if getattr(self.unet.config, "num_class_embeds", None):
+            return "class"
+        return None
+
+    @property
+    def num_classes(self) -> int:
+        """Labels a class-conditional model draws; its last class embedding is the null label of the
+        unconditional branch (the LDM ImageNet convention: 1000 classes + 1)."""
+        return int(self.unet.config.num_class_embeds) - 1
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from the sampler's latents, as the diffusers pipelines decode them."""
+        autoencoder = self.autoencoder
+        with torch.no_grad():
+            return autoencoder.decode(latents / autoencoder.config.scaling_factor).sample.clamp(-1.0, 1.0)
+
+    @property
+    def decoder(self):
+        """What `tfmq.sample` takes as `decoder`: None for a pixel-space model."""
+        return None if self.autoencoder is None else self.decode
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """The text encoder's last hidden states, padded as the Stable Diffusion pipeline pads."""
+        tokenizer = self.components["tokenizer"]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return self.components["text_encoder"](ids)[0]
+
+    def conditioning(
+        self, num_images: int, *, prompts: list[str] | None = None, labels: list[int] | None = None,
+        guidance_scale: float = 1.0,
+    ) -> Conditioning | None:
+        """One condition per image, cycling through `prompts` or `labels` (default: every class in turn),
+        with the unconditional branch ("" or the null label) the guidance needs. None if unconditional."""
+        kind = self.conditioning_kind
+        if kind is None:
+            if prompts or labels or guidance_scale != 1.0:
+                raise TfmqError(f"{self.source} is unconditional: it takes no prompt, class label or guidance")
+            return None
+        if kind == "text":
+            if labels:
+                raise TfmqError(f"{self.source} is text-conditional: give prompts, not class labels")
+            if not prompts:
+                raise TfmqError(f"{self.source} is text-conditional: give at least one prompt")
+            chosen = [prompts[index % len(prompts)] for index in range(num_images)]
+            return Conditioning({"encoder_hidden_states": self.encode_prompts(chosen)},
+                                {"encoder_hidden_states": self.encode_prompts([""])}, guidance_scale)
+        if prompts:
+            raise TfmqError(f"{self.source} is class-conditional: give class labels, not prompts")
+        labels = labels or list(range(self.num_classes))
+        bad = [label for label in labels if not 0 <= label < self.num_classes]
+        if bad:
+            raise TfmqError(f"class labels {bad} out of range: {self.source} draws classes 0..{self.num_classes - 1}")
+        chosen = torch.as_tensor([labels[index % len(labels)] for index in range(num_images)])
+        return Conditioning({"class_labels": chosen}, {"class_labels": torch.tensor([self.num_classes])},
+                            guidance_scale)
+
+    def pipeline(self, unet: nn.Module | None = None):
+        """The diffusers pipeline of this model's layout around `unet` (a quantized twin drops in)."""
+        import diffusers
+
+        if self.layout not in PIPELINE_COMPONENTS:
+            raise TfmqError(f"{self.source} is a bare UNet folder: it has no pipeline")
+        pipeline_class = getattr(diffusers, self.layout)
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
+            if self.layout == "StableDiffusionPipeline" else {}
+        return pipeline_class(unet=unet if unet is not None else self.unet, scheduler=self.components["scheduler"],
+                              **{name: self.components[name] for name in PIPELINE_COMPONENTS[self.layout]}, **extra)
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
@@ -43,22 +157,62 @@ def _read_json(path: Path) -> dict:
         raise TfmqError(f"cannot read {path}: {exc}") from exc
 
 
-def load_model(name_or_path: str | Path) -> DiffusionModel:
-    """Load `unet/` and `scheduler/` of a DDPM/DDIM pipeline folder (or a bare UNet folder + default schedule)."""
-    folder = resolve_model_path(name_or_path)
-    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+def _load_unet(unet_dir: Path) -> nn.Module:
     if not (unet_dir / "config.json").is_file():
-        raise TfmqError(f"{folder} has no UNet config (expected unet/config.json)")
-    config = _read_json(unet_dir / "config.json")
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise TfmqError(f"{unet_dir} holds a {config.get('_class_name')}, not a UNet2DModel")
+        raise TfmqError(f"{unet_dir.parent} has no UNet config (expected unet/config.json)")
+    class_name = _read_json(unet_dir / "config.json").get("_class_name", "UNet2DModel")
+    if class_name not in UNET_CLASSES:
+        raise TfmqError(f"{unet_dir} holds a {class_name}, not a UNet2DModel or UNet2DConditionModel")
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
+        unet = UNET_CLASSES[class_name].from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as exc:  # diffusers raises OSError, ValueError, SafetensorError... for bad weights
         raise TfmqError(f"cannot load UNet weights from {unet_dir}: {str(exc).splitlines()[0]}") from exc
+    return unet.eval().requires_grad_(False)
+
+
+def _load_component(folder: Path, name: str, library: str, class_name: str) -> Any:
+    """Component `name` of a pipeline folder, by the library and class its model_index.json names."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per weights file is noise on stderr
+    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    component_class = getattr(module, class_name, None) if module is not None else None
+    if component_class is None:
+        raise TfmqError(f"{folder}/model_index.json names {library}.{class_name} for {name}, which tfmq cannot load")
+    try:
+        component = component_class.from_pretrained(folder / name, local_files_only=True)
+    except Exception as exc:  # each library raises its own errors for missing or bad files
+        raise TfmqError(f"cannot load {name} from {folder / name}: {str(exc).splitlines()[0]}") from exc
+    if isinstance(component, nn.Module):
+        component = component.eval().requires_grad_(False)
+    return component
+
+
+def load_model(name_or_path: str | Path) -> DiffusionModel:
+    """Load a pipeline folder of a supported layout (see the module docstring), or a bare UNet folder."""
+    folder = resolve_model_path(name_or_path)
+    source = str(name_or_path) if str(name_or_path) in ZOO_MODELS else str(folder.resolve())
+    layout, components = "unet", {}
+    if (folder / "model_index.json").is_file():
+        index = _read_json(folder / "model_index.json")
+        layout = index.get("_class_name", "")
+        if layout not in PIPELINE_COMPONENTS:
+            known = ", ".join(PIPELINE_COMPONENTS)
+            raise TfmqError(f"{folder} holds a {layout or 'pipeline of unknown class'}; tfmq loads {known}")
+        for name in PIPELINE_COMPONENTS[layout]:
+            entry = index.get(name)
+            if not entry or entry[0] is None:
+                raise TfmqError(f"{folder}/model_index.json has no {name}, which a {layout} needs")
+            components[name] = _load_component(folder, name, *entry)
+    unet = _load_unet(folder / "unet" if (folder / "unet").is_dir() else folder)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise TfmqError(f"{folder} has no scheduler config (expected scheduler/scheduler_config.json)")
-    scheduler = DDPMScheduler.from_config(_read_json(scheduler_file))
-    source = str(name_or_path) if str(name_or_path) in ZOO_MODELS else str(folder.resolve())
-    return DiffusionModel(unet=unet.eval().requires_grad_(False), scheduler=scheduler, source=source)
+    scheduler_config = _read_json(scheduler_file)
+    if layout in PIPELINE_COMPONENTS:
+        components["scheduler"] = _load_component(folder, "scheduler", "diffusers",
+                                                  scheduler_config.get("_class_name", "DDPMScheduler"))
+    # tfmq's samplers read the training noise schedule (betas, T, clipping) from a DDPMScheduler config
+    return DiffusionModel(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config), source=source,
+                          layout=layout, components=components, folder=folder)

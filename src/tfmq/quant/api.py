@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from tfmq.errors import TfmqError
@@ -13,7 +14,6 @@ from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.checkpoint import QuantizationInfo, model_fingerprint
 from tfmq.quant.config import QuantConfig
 from tfmq.quant.methods.qdiff import reconstruct_qdiff
-from tfmq.quant.methods.reconstruction import calibration_inputs
 from tfmq.quant.methods.rtn import calibrate_activation_ranges
 from tfmq.quant.methods.tfmq import maintain_temporal_features, reconstruct_tfmq
 from tfmq.quant.timestep_table import calibrate_timestep_tables
@@ -41,6 +41,10 @@ def quantize(
     """
     if len(calibration) == 0:
         raise TfmqError("the calibration set is empty")
+    labels = calibration.conditions.get("class_labels")
+    if config.temporal_cache and labels is not None:
+        raise TfmqError("a temporal feature cache per (timestep, class) is not supported: a class-conditional "
+                        "model's temporal features depend on the label; use temporal_cache=False")
     fingerprint = model_fingerprint(unet)
     with _user_errors():
         model = quantize_model(unet, config)
@@ -53,16 +57,17 @@ def quantize(
         weight_data = calibration.for_weights()
         if len(weight_data) == 0:
             raise TfmqError("the calibration set has no sample of the weight-reconstruction steps")
-        inputs = calibration_inputs(weight_data, CALIBRATION_BATCH_SIZE)
+        inputs = weight_data.batches(CALIBRATION_BATCH_SIZE)
         # FSC over every activation quantizer replaces their ranges afterwards: the steps LSQ would learn
         # are thrown away, so (as in the authors' scripts) no activation learning runs at all.
         recon_config = dataclasses.replace(config, recon_act_iters=0) if config.fsc_scope == "all" else config
         if config.method == "qdiff":
             results = reconstruct_qdiff(model, unet, inputs, recon_config, progress=progress)
         else:
+            timesteps, tib_labels = _temporal_inputs(calibration)
             with _user_errors():
-                results, chosen_caches = reconstruct_tfmq(model, unet, inputs, calibration.schedule, recon_config,
-                                                          progress=progress)
+                results, chosen_caches = reconstruct_tfmq(model, unet, inputs, timesteps, recon_config,
+                                                          progress=progress, class_labels=tib_labels)
         extra["reconstruction"] = [result.to_dict() for result in results]
         extra["reconstruction_settings"] = dataclasses.asdict(recon_config.reconstruction)
     with _user_errors():
@@ -73,6 +78,29 @@ def quantize(
             extra.update(maintain_temporal_features(model, unet, calibration.schedule, config, chosen_caches))
     model.tfmq_info = QuantizationInfo(config, fingerprint, source, extra)
     return model.eval()
+
+
+@torch.no_grad()
+def relative_output_error(quantized: nn.Module, full_precision: nn.Module, held_out: CalibrationSet) -> float:
+    """||eps_q - eps_fp|| / ||eps_fp|| over `held_out` (UNet inputs the calibration never saw), called one
+    timestep at a time as a sampler calls it (per-timestep tables select their row by it)."""
+    error_sq = reference_sq = 0.0
+    for timestep in held_out.timesteps.unique():
+        inputs = held_out.inputs((held_out.timesteps == timestep).nonzero().flatten())
+        reference = full_precision(**inputs).sample
+        error_sq += (quantized(**inputs).sample - reference).pow(2).sum().item()
+        reference_sq += reference.pow(2).sum().item()
+    return (error_sq / reference_sq) ** 0.5
+
+
+def _temporal_inputs(calibration: CalibrationSet) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the TIB is reconstructed on: every scheduled timestep, or for a class-conditional model every
+    (timestep, label) pair of the calibration data (the unconditional branch's null label included)."""
+    labels = calibration.conditions.get("class_labels")
+    if labels is None:
+        return calibration.schedule, None
+    pairs = torch.stack([calibration.timesteps.long(), labels.long()], dim=1).unique(dim=0)
+    return pairs[:, 0], pairs[:, 1]
 
 
 @contextmanager

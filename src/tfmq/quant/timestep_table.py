@@ -43,9 +43,6 @@ DEFAULT_MOMENTUM = 0.95
 DEFAULT_INIT_SAMPLES = 16
 DEFAULT_BATCH_SIZE = 16
 
-# Runs the model on calibration samples `indices`: (model, samples, timesteps, indices) -> anything.
-# Lets the caller add conditioning (class labels, text) that a CalibrationSet does not hold.
-ForwardBatch = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], object]
 
 
 class TemporalFeatureCache(nn.Module):
@@ -354,7 +351,7 @@ def calibrate_timestep_tables(
     momentum: float | None = DEFAULT_MOMENTUM,
     init_samples: int = DEFAULT_INIT_SAMPLES,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    forward_batch: ForwardBatch | None = None,
+    through_unet: bool = False,
     progress: bool = True,
 ) -> TimestepTables:
     """Calibrate one activation range per scheduled timestep for every quantizer of `scope` (FSC).
@@ -365,9 +362,9 @@ def calibrate_timestep_tables(
     `momentum` over all of the step's samples; `momentum=None` takes the init method's range of all the
     step's samples at once. Weights and the other activations are quantized as the model is set.
 
-    The model is called as `model(samples, timesteps)` unless `forward_batch` is given (for conditioning).
-    For the "temporal" scope without `forward_batch`, only the TIB runs: its features do not depend on
-    the images, so this gives the same tables for a fraction of the cost.
+    The model is called on the calibration inputs (conditions included). For the "temporal" scope only the
+    TIB runs (unless `through_unet`): its features depend on the timesteps (and class labels) alone, so
+    this gives the same tables for a fraction of the cost.
     """
     model_class = type(model).__name__
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
@@ -385,19 +382,18 @@ def calibrate_timestep_tables(
         raise ValueError(f"{model_class} already has timestep tables of scope {tables.scope!r} for another "
                          f"schedule or scope than this calibration ({scope!r}, {len(schedule)} steps)")
 
-    tib = find_tib(model) if scope == "temporal" and forward_batch is None else None
-    if tib is not None and tib.class_embedding is not None:
-        raise ValueError(f"{model_class} is class-conditional: pass forward_batch to supply the class labels")
+    tib = find_tib(model) if scope == "temporal" and not through_unet else None
+    labels = calibration.conditions.get("class_labels")
+    if tib is not None and tib.class_embedding is not None and labels is None:
+        raise ValueError(f"{model_class} is class-conditional: the calibration set needs class_labels")
     device = next(model.parameters()).device
 
     def run(indices: torch.Tensor) -> None:
-        timesteps = calibration.timesteps[indices].to(device)
         if tib is not None:
-            tib.temporal_features(timesteps)
-        elif forward_batch is not None:
-            forward_batch(model, calibration.samples[indices].to(device), timesteps, indices)
+            tib.temporal_features(calibration.timesteps[indices].to(device),
+                                  None if labels is None else labels[indices].to(device))
         else:
-            model(calibration.samples[indices].to(device), timesteps)
+            model(**{key: value.to(device) for key, value in calibration.inputs(indices).items()})
 
     named = list(table_quantizers(model))
     quantizers = [quantizer for _, quantizer in named]

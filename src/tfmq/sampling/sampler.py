@@ -1,4 +1,5 @@
-"""Batched, seeded DDIM and DDPM sampling loops over any denoiser with the diffusers UNet call signature."""
+"""Batched, seeded sampling loops (DDIM, DDPM, PLMS, DPM-Solver) over any denoiser with the diffusers UNet
+call signature, with conditioning, classifier-free guidance and a latent decoder where the model has them."""
 
 from __future__ import annotations
 
@@ -8,21 +9,27 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from tqdm import tqdm
 
 from tfmq.errors import TfmqError
+from tfmq.sampling.guidance import Conditioning
 from tfmq.sampling.noise import draw, image_generators
 from tfmq.sampling.schedule import SKIP_TYPES, timestep_schedule
 
-SAMPLERS = ("ddim", "ddpm")
-# Called before every UNet evaluation with (step index, timestep, x_t); calibration records through it.
-StepObserver = Callable[[int, int, torch.Tensor], None]
+SAMPLERS = ("ddim", "ddpm", "plms", "dpm-solver")
+# Called before every UNet evaluation with (step index, timestep, UNet sample input, UNet keyword inputs);
+# calibration records through it. With guidance the inputs are the doubled (unconditional, conditional) batch.
+StepObserver = Callable[[int, int, torch.Tensor, dict[str, torch.Tensor]], None]
+# Turns the sampler's final x_0 into images in [-1, 1]: a latent model's decoder.
+Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """How to sample: DDIM (eta, skip type) or DDPM ancestral, and how many steps."""
+    """How to sample: DDIM (eta, skip type), DDPM ancestral, PLMS (Stable Diffusion's sampler in the paper)
+    or DPM-Solver++ (2nd order), and how many steps. eta and skip type are DDIM's; the others take the
+    timestep spacing of the model's scheduler config."""
 
     name: str = "ddim"
     steps: int = 100
@@ -43,13 +50,32 @@ class SamplerConfig:
         return asdict(self)
 
 
+def _diffusers_sampler(scheduler: DDPMScheduler, config: SamplerConfig):
+    """A fresh diffusers scheduler for DDPM, PLMS or DPM-Solver, set to `config.steps` (they keep state)."""
+    if config.name == "ddpm":
+        sampler = copy.deepcopy(scheduler)
+    elif config.name == "plms":
+        sampler = PNDMScheduler.from_config(scheduler.config, skip_prk_steps=True)
+    else:
+        sampler = DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++",
+                                                          solver_order=2)
+    sampler.set_timesteps(config.steps)
+    return sampler
+
+
 def sampling_timesteps(scheduler: DDPMScheduler, config: SamplerConfig) -> np.ndarray:
-    """The descending timesteps the sampler will visit: calibration and per-timestep tables use exactly these."""
+    """The timesteps the sampler calls the UNet at, in order (PLMS calls one of them twice): calibration and
+    per-timestep tables use exactly these."""
     if config.name == "ddim":
         return timestep_schedule(scheduler.config.num_train_timesteps, config.steps, config.skip_type)
-    ddpm = copy.deepcopy(scheduler)
-    ddpm.set_timesteps(config.steps)
-    return ddpm.timesteps.numpy().astype(np.int64)
+    return _diffusers_sampler(scheduler, config).timesteps.numpy().astype(np.int64)
+
+
+def distinct_timesteps(timesteps: np.ndarray | list[int]) -> np.ndarray:
+    """`timesteps` without repeats, in order of first visit: one table row per timestep the UNet sees."""
+    values = np.asarray(timesteps, dtype=np.int64)
+    _, first = np.unique(values, return_index=True)
+    return values[np.sort(first)]
 
 
 def _ddim_step(
@@ -74,42 +100,48 @@ def _ddim_step(
 @torch.no_grad()
 def sample_batch(
     unet: torch.nn.Module, scheduler: DDPMScheduler, config: SamplerConfig, seed: int, indices: range,
-    observer: StepObserver | None = None,
+    observer: StepObserver | None = None, conditioning: Conditioning | None = None, decoder: Decoder | None = None,
 ) -> torch.Tensor:
-    """Sample images `indices` of `seed`; returns x_0 in [-1, 1]."""
+    """Sample images `indices` of `seed` (with `conditioning` of these images); returns images in [-1, 1]."""
     unet_config = unet.config
     shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
     generators = image_generators(seed, indices)
     x = draw(generators, shape)
+    conditioning = conditioning or Conditioning({})
     timesteps = sampling_timesteps(scheduler, config)
-    ddpm = None
-    if config.name == "ddpm":
-        ddpm = copy.deepcopy(scheduler)
-        ddpm.set_timesteps(config.steps)
+    stepper = None if config.name == "ddim" else _diffusers_sampler(scheduler, config)
     for step_index, t in enumerate(timesteps.tolist()):
+        sample_input, kwargs = conditioning.unet_inputs(x)
         if observer is not None:
-            observer(step_index, t, x)
-        eps = unet(x, torch.full((len(x),), t, dtype=torch.long)).sample
-        if ddpm is not None:
-            x = ddpm.step(eps, t, x, generator=generators).prev_sample
+            observer(step_index, t, sample_input, kwargs)
+        timestep = torch.full((len(sample_input),), t, dtype=torch.long)
+        eps = conditioning.combine(unet(sample_input, timestep, **kwargs).sample)
+        if stepper is not None:
+            extra = {"generator": generators} if config.name == "ddpm" else {}
+            x = stepper.step(eps, t, x, **extra).prev_sample
         else:
             t_prev = int(timesteps[step_index + 1]) if step_index + 1 < len(timesteps) else -1
             x = _ddim_step(scheduler, x, eps, t, t_prev, config.eta, generators)
+    if decoder is not None:
+        x = decoder(x)
     return x.clamp(-1.0, 1.0)
 
 
 def sample(
     unet: torch.nn.Module, scheduler: DDPMScheduler, num_images: int, seed: int = 0,
     config: SamplerConfig = SamplerConfig(), batch_size: int = 64, progress: bool = True,
-    observer: StepObserver | None = None,
+    observer: StepObserver | None = None, conditioning: Conditioning | None = None, decoder: Decoder | None = None,
 ) -> torch.Tensor:
-    """Sample `num_images` images; image i depends only on (seed, i), not on batch size."""
+    """Sample `num_images` images; image i depends only on (seed, i) and its condition, not on batch size."""
     if num_images <= 0:
         raise TfmqError(f"number of images must be positive, got {num_images}")
     if batch_size <= 0:
         raise TfmqError(f"batch size must be positive, got {batch_size}")
+    if conditioning is not None and conditioning.per_image and len(conditioning) != num_images:
+        raise TfmqError(f"{len(conditioning)} conditions for {num_images} images: give one per image")
     batches = [range(start, min(start + batch_size, num_images)) for start in range(0, num_images, batch_size)]
     images = []
     for indices in tqdm(batches, desc=f"{config.name} {config.steps} steps", unit="batch", disable=not progress):
-        images.append(sample_batch(unet, scheduler, config, seed, indices, observer))
+        batch_conditioning = None if conditioning is None else conditioning.of_images(indices)
+        images.append(sample_batch(unet, scheduler, config, seed, indices, observer, batch_conditioning, decoder))
     return torch.cat(images)

@@ -53,7 +53,7 @@ def test_qdiff_reconstructs_every_unit_on_the_weight_steps(pixel_models: dict) -
 def test_every_unit_ends_closer_to_full_precision_than_round_to_nearest(pixel_models: dict) -> None:
     unet, rtn, qdiff = pixel_models["fp"], pixel_models["rtn"], pixel_models["qdiff"]
     held_out = calibration_set(unet, per_step=2, seed=1)
-    batches = [{"sample": samples, "timestep": timesteps} for samples, timesteps in held_out.batches(40)]
+    batches = held_out.batches(40)
     names = [record["name"] for record in qdiff.tfmq_info.extra["reconstruction"]]
     reference = unit_outputs(unet, names, batches)
     errors = {

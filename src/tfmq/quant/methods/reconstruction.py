@@ -177,11 +177,6 @@ def _call_order(model: nn.Module, names: Sequence[str], inputs: ModelInputs) -> 
     return order
 
 
-def calibration_inputs(calibration: CalibrationSet, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """A calibration set as keyword inputs of a UNet forward, `batch_size` samples each."""
-    return [{"sample": samples, "timestep": timesteps} for samples, timesteps in calibration.batches(batch_size)]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Capturing a unit's inputs and targets
 

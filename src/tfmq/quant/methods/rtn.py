@@ -19,6 +19,6 @@ def calibrate_activation_ranges(
     set_quant_state(model, weight=True, act=False)
     batches = calibration.batches(batch_size)
     with observe_activations(model):
-        for samples, timesteps in tqdm(batches, desc="activation ranges", unit="batch", disable=not progress):
-            model(samples, timesteps)
+        for inputs in tqdm(batches, desc="activation ranges", unit="batch", disable=not progress):
+            model(**inputs)
     set_quant_state(model, weight=True, act=True)

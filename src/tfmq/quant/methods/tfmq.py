@@ -155,8 +155,10 @@ def reconstruct_tfmq(
     *,
     progress: bool = True,
     cache_dir: str | Path | None = None,
+    class_labels: torch.Tensor | None = None,
 ) -> tuple[list[UnitResult], ChosenCaches | None]:
-    """TIAR on `timesteps` (the whole schedule), then the other units on `inputs` (the weight-reconstruction
+    """TIAR on `timesteps` (the whole schedule; for class-conditional UNets paired with `class_labels`,
+    one per timestep), then the other units on `inputs` (the weight-reconstruction
     subset of the calibration data, UNet keyword inputs), in forward order. With `config.tiar` off this is
     qdiff's reconstruction. Activation ranges must be initialised before, as for qdiff.
 
@@ -167,7 +169,8 @@ def reconstruct_tfmq(
         raise ValueError("tfmq reconstruction needs calibration inputs; got none")
     if not config.tiar:
         return reconstruct_qdiff(model, full_precision, inputs, config, progress=progress, cache_dir=cache_dir), None
-    tib_result = reconstruct_tib(model, full_precision, timesteps, config, progress=progress)
+    tib_result = reconstruct_tib(model, full_precision, timesteps, config, class_labels=class_labels,
+                                 progress=progress)
     chosen = None
     if config.temporal_cache:
         chosen = choose_temporal_caches(model, full_precision, timesteps, config)
