@@ -84,6 +84,23 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return list(args.prompt or []) + (read_prompts(args.prompts, args.num_prompts) if args.prompts else [])
 
 
+def _requested_classes(folder: Path, count: int):
+    """The class each image of a conditional sample folder was asked for (its label, or the garment its
+    prompt names), or None when samples.json records none or a prompt names no single garment."""
+    import torch
+
+    from tfmq.models.prompts import prompt_class
+
+    metadata_file = folder / "samples.json"
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    labels = metadata.get("class_labels")
+    if labels is None and metadata.get("prompts"):
+        labels = [prompt_class(prompt) for prompt in metadata["prompts"]]
+    if labels is None or len(labels) != count or None in labels:
+        return None
+    return torch.as_tensor(labels)
+
+
 def _seed_of(folder: Path) -> int | None:
     metadata = folder / "samples.json"
     if not metadata.is_file():
@@ -119,6 +136,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if baseline is not None:
         result["baseline"] = str(args.baseline)
         result.update(metrics.between(images, baseline))
+    requested = _requested_classes(Path(args.images), len(images))
+    if requested is not None:
+        result["class_accuracy"] = metrics.class_accuracy(images, requested)
     out = args.json or Path(args.images) / "metrics.json"
     write_json(out, result)
     print(format_table([{k: v for k, v in result.items() if k not in ("images", "baseline")}]))

@@ -52,3 +52,15 @@ def test_psnr_follows_its_definition():
     images = torch.zeros(3, 1, 8, 8)
     shifted = images + 0.1  # MSE 0.01 on a range of 2 -> 10 log10(4 / 0.01)
     assert paired_similarity(shifted, images)["psnr"] == pytest.approx(10 * math.log10(400), rel=1e-5)
+
+
+def test_class_accuracy_counts_the_classifier_agreeing_with_the_request(fashion_mnist_dir):
+    from tfmq.data import load_fashion_mnist
+    from tfmq.metrics import QualityMetrics
+
+    images, labels = load_fashion_mnist("test", 16, fashion_mnist_dir)
+    images, labels = images[:200], labels[:200]
+    metrics = QualityMetrics()
+    right = metrics.class_accuracy(images, labels)
+    wrong = metrics.class_accuracy(images, (labels + 1) % 10)
+    assert right > 0.85 and wrong < 0.1

@@ -86,6 +86,15 @@ class QualityMetrics:
             "is_std": float(is_std),
         }
 
+    @torch.no_grad()
+    def class_accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """The fraction of images the classifier assigns the class they were asked for: tfmq's analogue
+        of CLIP score (does a conditional model still draw what the prompt or label names?)."""
+        if len(images) != len(labels):
+            raise TfmqError(f"{len(images)} images but {len(labels)} requested classes")
+        predicted = torch.cat([self.logits(chunk).argmax(1) for chunk in images.split(_CHUNK)])
+        return float((predicted == labels.to(predicted.device)).float().mean())
+
     def between(self, images: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
         """FID between two sets, and per-image PSNR/SSIM of images paired by index (same seeds)."""
         if images.shape != baseline.shape:

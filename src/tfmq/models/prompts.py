@@ -49,6 +49,23 @@ def prompt_for(label: int, generator: torch.Generator) -> str:
     return template.format(name)
 
 
+def prompt_class(prompt: str) -> int | None:
+    """The Fashion-MNIST class a prompt names (its longest class name found in it), None if none or two
+    different classes are named as long."""
+    text = " " + " ".join(prompt.lower().replace("-", " ").split()) + " "
+    found: dict[int, int] = {}
+    for label, names in enumerate(CLASS_WORDS):
+        for name in names:
+            bare = name.split(" ", 1)[1] if name.startswith(("a ", "an ")) else name
+            if f" {bare.replace('-', ' ')} " in text:
+                found[label] = max(found.get(label, 0), len(bare))
+    if not found:
+        return None
+    longest = max(found.values())
+    winners = [label for label, length in found.items() if length == longest]
+    return winners[0] if len(winners) == 1 else None
+
+
 def vocabulary() -> list[str]:
     words = set(CAPTION_WORDS)
     for names in CLASS_WORDS:
