@@ -33,13 +33,16 @@ from tfmq.quant.api import quantize
 from tfmq.quant.calibration import CalibrationSet, collect_calibration
 from tfmq.quant.checkpoint import WEIGHTS_FILE, save_quantized
 from tfmq.quant.config import QuantConfig
+from tfmq.models.prompts import CLASS_WORDS, prompt_class
 from tfmq.report import format_table
 
 from sampling_args import add_sampling_arguments  # this folder: scripts run as files
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLUMNS = ("row", "fid", "sfid", "is", "fid_to_fp", "psnr_to_fp", "ssim_to_fp", "calib_s", "sampling_s",
-           "peak_rss_mb", "size_mb")
+COLUMNS = ("row", "fid", "sfid", "is", "class_acc", "fid_to_fp", "psnr_to_fp", "ssim_to_fp", "calib_s",
+           "sampling_s", "peak_rss_mb", "size_mb")
+# What a text-conditional model is asked to draw at evaluation: image i shows class i mod 10.
+EVALUATION_PROMPTS = [f"a photo of {names[0]}" for names in CLASS_WORDS]
 
 
 def _bits(text: str) -> int | None:
@@ -76,10 +79,33 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def sampler_config(args: argparse.Namespace) -> SamplerConfig:
+    return SamplerConfig(name=args.sampler, steps=args.steps, skip_type="quad", eta=0.0)
+
+
+def conditioning(model, args: argparse.Namespace, count: int, calibration: bool):
+    """Conditions of a conditional model: calibration prompts of its folder, or for evaluation prompts
+    (labels) asking for class i mod 10 in image i; None for unconditional models."""
+    kind = model.conditioning_kind
+    if kind is None:
+        return None
+    prompts = None
+    if kind == "text":
+        prompts = model.calibration_prompts() if calibration else EVALUATION_PROMPTS
+    return model.conditioning(count, prompts=prompts, guidance_scale=args.guidance_scale)
+
+
+def requested_classes(conditioning) -> torch.Tensor:
+    if "class_labels" in conditioning.per_image:
+        return conditioning.per_image["class_labels"]
+    classes = [prompt_class(prompt) for prompt in EVALUATION_PROMPTS]
+    return torch.as_tensor([classes[index % len(classes)] for index in range(len(conditioning))])
+
+
 def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
     """One row, in this process: quantize (unless fp), sample the evaluation seeds, measure."""
     model = load_model(args.model)
-    sampler = SamplerConfig(steps=args.steps, skip_type="quad", eta=0.0)
+    sampler = sampler_config(args)
     unet, result = model.unet, {"row": row}
     if row != "fp":
         config = row_config(row, args.preset)
@@ -93,11 +119,15 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
     else:
         result["size_mb"] = sum(p.numel() * p.element_size() for p in unet.parameters()) / 1e6
     started = time.perf_counter()
-    images = sample(unet, model.scheduler, args.num, args.seed, sampler, batch_size=64)
+    evaluation = conditioning(model, args, args.num, calibration=False)
+    images = sample(unet, model.scheduler, args.num, args.seed, sampler, batch_size=64, conditioning=evaluation,
+                    decoder=model.decoder)
     result["sampling_s"] = time.perf_counter() - started
     metrics = QualityMetrics()
     scores = metrics.against_reference(images, load_reference_statistics())
     result.update(fid=scores["fid"], sfid=scores["sfid"], **{"is": scores["is"]})
+    if evaluation is not None:
+        result["class_acc"] = metrics.class_accuracy(images, requested_classes(evaluation))
     if row == "fp":
         save_file({"images": images}, str(work / "fp_images.safetensors"))
     else:
@@ -115,7 +145,7 @@ def run_worker(row: str, args: argparse.Namespace) -> dict:
     else:
         worker = [sys.executable, __file__, "--worker", row, "--model", args.model, "--num", str(args.num),
                   "--steps", str(args.steps), "--seed", str(args.seed), "--work", str(args.work),
-                  "--preset", args.preset]
+                  "--preset", args.preset, "--sampler", args.sampler, "--guidance-scale", str(args.guidance_scale)]
         env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
         output = subprocess.run(worker, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
         result = json.loads(output.strip().splitlines()[-1])
@@ -135,6 +165,8 @@ def main() -> None:
     parser.add_argument("--interval-length", type=int, default=5)
     parser.add_argument("--rows", nargs="+", default=["fp", "rtn:8:8", "rtn:4:8"])
     parser.add_argument("--preset", default="fast", help="reconstruction preset of qdiff/tfmq rows")
+    parser.add_argument("--sampler", default="ddim", help="ddim (quadratic skip, eta 0), plms, dpm-solver, ddpm")
+    parser.add_argument("--guidance-scale", type=float, default=3.0, help="conditional models only")
     parser.add_argument("--name", default="method_table")
     parser.add_argument("--jobs", type=int, default=1, help="rows run at once after the FP row (1 thread each)")
     parser.add_argument("--work", type=Path, default=Path("runs/benchmark"))
@@ -148,7 +180,7 @@ def main() -> None:
 
     rows = ["fp"] + [row for row in args.rows if row != "fp"]
     calibration_file = args.work / "calibration.safetensors"
-    settings = {"model": args.model, "steps": args.steps, "calib_samples": args.calib_samples,
+    settings = {"model": args.model, "sampler": args.sampler, "guidance_scale": args.guidance_scale, "steps": args.steps, "calib_samples": args.calib_samples,
                 "interval_length": args.interval_length, "num": args.num, "seed": args.seed, "preset": args.preset}
     settings_file = args.work / "settings.json"
     if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
@@ -157,8 +189,9 @@ def main() -> None:
     if not calibration_file.is_file():
         model = load_model(args.model)
         started = time.perf_counter()
-        calibration = collect_calibration(model.unet, model.scheduler, args.calib_samples,
-                                          SamplerConfig(steps=args.steps, skip_type="quad"), args.interval_length)
+        calibration = collect_calibration(model.unet, model.scheduler, args.calib_samples, sampler_config(args),
+                                          args.interval_length,
+                                          conditioning=conditioning(model, args, args.calib_samples, calibration=True))
         calibration.save(calibration_file)
         write_json(args.work / "collect_calibration.json", {"seconds": time.perf_counter() - started})
     collect_seconds = json.loads((args.work / "collect_calibration.json").read_text())["seconds"]
@@ -168,7 +201,10 @@ def main() -> None:
         futures = [pool.submit(run_worker, row, args) for row in rows[1:]]
         results += [future.result() for future in futures]
     table = format_table(results, COLUMNS, markdown=True)
-    setup = (f"`{args.model}`, DDIM {args.steps} steps (quadratic skip, eta 0), {args.num} images of seed "
+    guidance = "" if load_model(args.model).conditioning_kind is None else (
+        f", guidance scale {args.guidance_scale}, image i asked for class i mod 10 (class_acc: our classifier agrees)")
+    sampler_text = "DDIM" if args.sampler == "ddim" else args.sampler.upper()
+    setup = (f"`{args.model}`, {sampler_text} {args.steps} steps (quadratic skip, eta 0){guidance}, {args.num} images of seed "
              f"{args.seed}; calibration: {args.calib_samples} trajectories x {args.steps} steps "
              f"(collected once in {collect_seconds:.0f} s, shared by all rows; calib_s excludes it), "
              f"torch threads per row {1 if args.jobs > 1 else torch.get_num_threads()}, {args.jobs} row(s) at a time")

@@ -20,7 +20,8 @@ from tfmq.models.architectures import (
     fashion_ldm_unet,
     latent_scheduler,
 )
-from tfmq.models.prompts import build_text_encoder, build_tokenizer, prompt_for, tokenize
+from tfmq.models.loading import CALIBRATION_PROMPTS_FILE
+from tfmq.models.prompts import build_text_encoder, build_tokenizer, calibration_prompts, prompt_for, tokenize
 from tfmq.models.training import (
     TrainingRun,
     batch_indices,
@@ -128,6 +129,8 @@ def train_latent_diffusion(
         else:
             pipeline = LDMPipeline(vqvae=autoencoder, unet=emas["unet"], scheduler=DDIMScheduler.from_config(sampler_config))
         pipeline.save_pretrained(out_dir)
+        if conditional:
+            (out_dir / CALIBRATION_PROMPTS_FILE).write_text("\n".join(calibration_prompts()) + "\n")
         write_training_record(out_dir, run, step, seconds, batch_size=batch_size, seed=seed,
                                scaling_factor=scaling_factor, autoencoder=str(autoencoder_dir),
                                unconditional_probability=UNCONDITIONAL_PROBABILITY if conditional else None)

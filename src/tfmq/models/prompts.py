@@ -49,6 +49,13 @@ def prompt_for(label: int, generator: torch.Generator) -> str:
     return template.format(name)
 
 
+def calibration_prompts(count: int = 128, seed: int = 1) -> list[str]:
+    """`count` prompts from the training distribution, every class in turn: what `fashion-cond` ships as
+    its calibration_prompts.txt (the stand-in for the paper's 128 MS-COCO captions)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [prompt_for(index % len(CLASS_WORDS), generator) for index in range(count)]
+
+
 def prompt_class(prompt: str) -> int | None:
     """The Fashion-MNIST class a prompt names (its longest class name found in it), None if none or two
     different classes are named as long."""
