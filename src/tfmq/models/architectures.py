@@ -104,18 +104,18 @@ def fashion_autoencoder(resolution: int = FASHION_RESOLUTION) -> AutoencoderKL:
     )
 
 
+# The latent UNets' shared shape: 8x8x4 latents, channels (64, 128), attention heads of width 32.
+_LATENT_UNET = {
+    "sample_size": LATENT_RESOLUTION, "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
+    "layers_per_block": 1, "block_out_channels": (64, 128), "norm_num_groups": 16, "attention_head_dim": 32,
+}
+
+
 def fashion_ldm_unet() -> UNet2DModel:
     """A 2.8 M-parameter latent UNet (8x8x4), self-attention at 4x4 and in the middle: the LDM analogue."""
     return UNet2DModel(
-        sample_size=LATENT_RESOLUTION,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        layers_per_block=1,
-        block_out_channels=(64, 128),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=16,
-        attention_head_dim=32,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        **_LATENT_UNET,
     )
 
 
@@ -123,16 +123,8 @@ def fashion_cond_unet(text_width: int = 64) -> UNet2DConditionModel:
     """A 3.9 M-parameter latent UNet with cross-attention to the prompt at 4x4 and in the middle: the
     Stable Diffusion analogue (same class, same call)."""
     return UNet2DConditionModel(
-        sample_size=LATENT_RESOLUTION,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        layers_per_block=1,
-        block_out_channels=(64, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=16,
-        attention_head_dim=32,
-        cross_attention_dim=text_width,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_width, **_LATENT_UNET,
     )
 
 
