@@ -208,3 +208,43 @@ def test_text_model_without_prompts_or_with_labels_is_an_error(capsys, tmp_path,
     code, _, err = _run(capsys, "sample", "--model", text_folder, "--num", 1, "--steps", 2, "--out", tmp_path / "s",
                         "--class-label", "1")
     _assert_one_line_error(code, err, "give prompts, not class labels")
+
+
+def test_export_then_sample_on_onnxruntime_matches_the_fake_quant_images(capsys, tmp_path, tiny_model_folder):
+    from tfmq.images import load_image_folder
+
+    common = ("--steps", 4, "--quiet")
+    code, _, err = _run(capsys, "quantize", "--model", tiny_model_folder, "--w-bits", 8, "--calib-samples", 2,
+                        "--out", tmp_path / "q", *common)
+    assert code == 0, err
+    code, out, err = _run(capsys, "export", tmp_path / "q", "--out", tmp_path / "unet.onnx", "--calibration-images", 2,
+                          "--steps", 4)
+    assert code == 0 and "unet.onnx" in out, err
+    for engine, folder in (("torch", "fake"), ("onnxruntime", "int8")):
+        extra = ("--onnx", tmp_path / "unet.onnx") if engine == "onnxruntime" else ("--quantized", tmp_path / "q")
+        code, _, err = _run(capsys, "sample", "--engine", engine, *extra, "--num", 3, "--out", tmp_path / folder,
+                            *common)
+        assert code == 0, err
+    _, fake = load_image_folder(tmp_path / "fake", skip=("samples.json", "grid.png"))
+    _, integer = load_image_folder(tmp_path / "int8", skip=("samples.json", "grid.png"))
+    mse = (fake - integer).pow(2).mean()
+    assert 10 * torch.log10(4 / mse) > 30  # PNG-rounded images of one seed: the integer engine stays close
+    code, _, err = _run(capsys, "sample", "--engine", "onnxruntime", "--onnx", tmp_path / "unet.onnx", "--num", 1,
+                        "--steps", 5, "--out", tmp_path / "other", "--quiet")
+    _assert_one_line_error(code, err, "serves the timesteps of sampler")
+
+
+def test_onnxruntime_engine_without_a_graph_is_an_error(capsys, tmp_path):
+    code, _, err = _run(capsys, "sample", "--engine", "onnxruntime", "--num", 1, "--out", tmp_path / "s")
+    _assert_one_line_error(code, err, "needs --onnx")
+
+
+def test_bench_times_every_engine_against_fp32_torch(capsys, tmp_path, tiny_model_folder):
+    code, _, err = _run(capsys, "export", "--model", tiny_model_folder, "--out", tmp_path / "fp32.onnx")
+    assert code == 0, err
+    code, out, err = _run(capsys, "bench", "--model", tiny_model_folder, "--onnx", tmp_path / "fp32.onnx",
+                          "--batch", 2, "--repeats", 2, "--json", tmp_path / "bench.json")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [row["engine"] for row in rows] == ["torch fp32", "onnxruntime fp32 fp32.onnx"]
+    assert rows[0]["speedup_vs_torch_fp32"] == 1.0 and all(row["ms_per_step"] > 0 for row in rows)

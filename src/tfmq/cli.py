@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,10 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from tfmq.sampling import sample
 
     config = _sampler_config(args)
-    model, unet, source = _load_unet(args)
+    if args.engine == "onnxruntime":
+        model, unet, source = _load_engine(args, config)
+    else:
+        model, unet, source = _load_unet(args)
     conditioning = _conditioning(args, model, args.num)
     started = time.perf_counter()
     images = sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size, not args.quiet,
@@ -75,6 +79,84 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             metadata["prompts"] = [prompts[index % len(prompts)] for index in range(args.num)]
     out = save_image_folder(images, args.out, metadata)
     print(f"{len(images)} images in {seconds:.1f} s -> {out} (grid: {out / 'grid.png'})")
+
+
+def _load_engine(args: argparse.Namespace, config):
+    """An exported graph in onnxruntime, with the model it was exported from (for its scheduler, decoder and
+    conditioning); the sampler must be the one the graph's timestep table was exported for."""
+    from tfmq.export import OnnxUNet
+    from tfmq.models.loading import load_model
+
+    if args.onnx is None:
+        raise TfmqError("--engine onnxruntime needs --onnx unet.onnx (written by `tfmq export`)")
+    if args.quantized is not None:
+        raise TfmqError("--engine onnxruntime runs the exported graph: give --onnx, not --quantized")
+    engine = OnnxUNet(args.onnx, threads=args.threads)
+    exported_with = engine.info.details.get("sampler")
+    if engine.info.schedule is not None and exported_with is not None and exported_with != config.to_dict():
+        raise TfmqError(f"{args.onnx} serves the timesteps of sampler {exported_with}; sample with those settings")
+    model = load_model(args.model or engine.info.details.get("base_model", "fashion-ddpm"))
+    return model, engine, str(args.onnx)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from tfmq.export import export_onnx, trajectory_inputs
+    from tfmq.sampling import distinct_timesteps, sampling_timesteps
+
+    config = _sampler_config(args)
+    model, unet, source = _load_unet(args)
+    details = {"model": source, "base_model": model.source, "sampler": config.to_dict()}
+    if args.quantized is None:
+        path = export_onnx(unet, args.out, format="fp32", opset=args.opset, details=details)
+    else:
+        calibration = None if args.exact_convs else trajectory_inputs(
+            unet, model.scheduler, config, num_images=args.calibration_images,
+            conditioning=_conditioning(args, model, args.calibration_images, model.calibration_prompts()))
+        path = export_onnx(unet, args.out, schedule=distinct_timesteps(sampling_timesteps(model.scheduler, config)),
+                           calibration=calibration, opset=args.opset, integer_convs=not args.exact_convs,
+                           requantize_weights=args.requantize_weights, details=details)
+    print(f"{path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from tfmq.export import OnnxUNet
+    from tfmq.export.timing import time_steps
+    from tfmq.files import write_json
+    from tfmq.report import format_table
+
+    model, quantized, _ = _load_unet(args)
+    engines: dict = {"torch fp32": model.unet}
+    files = {}
+    if args.quantized is not None:
+        engines["torch fake-quant"] = quantized
+    for path in args.onnx:
+        engine = OnnxUNet(path, threads=args.threads)
+        engines[f"onnxruntime {engine.info.format} {path.name}"] = engine
+        files[path.name] = path.stat().st_size
+    schedules = [engine.info.schedule for engine in engines.values() if getattr(engine, "info", None)
+                 and engine.info.schedule]
+    timestep = int(schedules[0][len(schedules[0]) // 2]) if schedules else 500
+    config = model.unet.config
+    conditioning = _conditioning(args, model, 1, model.calibration_prompts())
+    rows = []
+    for batch in args.batch:
+        inputs = {"sample": torch.randn(batch, config.in_channels, config.sample_size, config.sample_size),
+                  "timestep": timestep}
+        if conditioning is not None:
+            inputs.update({key: value[:1].expand(batch, *value.shape[1:]) for key, value in
+                           conditioning.per_image.items()})
+        seconds = time_steps(engines, inputs, args.repeats)
+        rows += [{"engine": name, "batch": batch, "ms_per_step": value * 1000,
+                  "speedup_vs_torch_fp32": seconds["torch fp32"] / value} for name, value in seconds.items()]
+    print(format_table(rows, ("engine", "batch", "ms_per_step", "speedup_vs_torch_fp32")))
+    fp32_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
+    for name, size in files.items():
+        print(f"{name}: {size / 1e6:.2f} MB ({fp32_bytes / size:.1f}x smaller than the fp32 UNet weights)")
+    if args.json is not None:
+        write_json(args.json, {"timestep": timestep, "threads": torch.get_num_threads(), "rows": rows,
+                               "file_bytes": files, "fp32_weight_bytes": fp32_bytes})
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -151,8 +233,6 @@ def _bits(text: str) -> int | None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    import torch
-
     from tfmq.models.loading import load_model
     from tfmq.quant.api import quantize, relative_output_error
     from tfmq.quant.calibration import CalibrationSet, collect_calibration
@@ -291,8 +371,41 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=_positive, default=64, help="number of images")
     sample.add_argument("--out", type=Path, required=True, help="output folder (replaced whole when done)")
     sample.add_argument("--quiet", action="store_true", help="no progress bars")
+    sample.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
+                        help="onnxruntime: run the graph of `tfmq export` (--onnx) on integer kernels")
+    sample.add_argument("--onnx", type=Path, default=None, help="the exported graph (--engine onnxruntime)")
+    sample.add_argument("--threads", type=_positive, default=None, help="onnxruntime threads (default: torch's)")
     _add_sampler_arguments(sample)
     sample.set_defaults(func=_cmd_sample)
+
+    export = commands.add_parser("export", help="export a quantized UNet (or with no folder the FP32 one) to "
+                                 "ONNX QDQ for onnxruntime's integer kernels")
+    export.add_argument("quantized", type=Path, nargs="?", default=None,
+                        help="a folder written by `tfmq quantize` (omit: the FP32 graph of --model)")
+    export.add_argument("--model", default=None, help="base model (default: the one recorded in the folder)")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=int, default=21)
+    export.add_argument("--exact-convs", action="store_true",
+                        help="convs in float on dequantized operands: exact, not faster")
+    export.add_argument("--requantize-weights", action="store_true",
+                        help="8-bit weights onto symmetric int8: faster kernels, approximate")
+    export.add_argument("--calibration-images", type=_positive, default=8,
+                        help="trajectories that calibrate the integer convs' output grids")
+    _add_sampler_arguments(export)
+    export.set_defaults(func=_cmd_export)
+
+    bench = commands.add_parser("bench", help="time one UNet step: FP32 torch against fake-quant and exported "
+                                "graphs, same process, as ratios")
+    bench.add_argument("--model", default=None, help="base model (default fashion-ddpm, or --quantized's)")
+    bench.add_argument("--quantized", type=Path, default=None, help="also time the fake-quant model of this folder")
+    bench.add_argument("--onnx", type=Path, nargs="*", default=[], help="graphs written by `tfmq export`")
+    bench.add_argument("--batch", type=_positive, nargs="+", default=[1, 64])
+    bench.add_argument("--repeats", type=_positive, default=10, help="calls per engine per round (3 rounds)")
+    bench.add_argument("--threads", type=_positive, default=None, help="onnxruntime threads (default: torch's)")
+    bench.add_argument("--json", type=Path, default=None, help="also write the table here")
+    bench.set_defaults(func=_cmd_bench, prompt=None, prompts=None, num_prompts=128, class_label=None,
+                       guidance_scale=1.0)
 
     quantize = commands.add_parser("quantize", help="quantize a model's UNet (calibrating on its own samples)")
     quantize.add_argument("--model", default="fashion-ddpm", help="shipped model name or diffusers-layout folder")
@@ -370,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "engine", "torch") == "onnxruntime" or args.command == "bench":
+        # torch's OpenMP threads spin-wait and steal onnxruntime's cores (measured 49 vs 50-97 ms a step);
+        # must be set before torch starts its thread pool (the CLI imports torch lazily)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         args.func(args)
     except TfmqError as exc:

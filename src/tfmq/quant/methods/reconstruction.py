@@ -37,7 +37,6 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 from tqdm import tqdm
 
-from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.config import ReconstructionSettings
 from tfmq.quant.layers import QuantLayer
 from tfmq.quant.methods.adaround import RoundingRegularizer, adaptive_rounding

@@ -1,0 +1,158 @@
+"""Real low-bit inference of the shipped model: speed of one UNet step, file sizes, and image agreement.
+
+    python benchmarks/integer_inference.py --steps 20 --images 16
+
+Quantizes fashion-ddpm by RTN at W8A8 and W4A8 (calibration on its own trajectories), exports the
+full-precision UNet and the quantized ones to ONNX, and times one UNet call at batch 1 and 64 for:
+FP32 torch, FP32 onnxruntime, W8A8 onnxruntime with exact uint8 weights and with weights requantized to
+symmetric int8, W4A8 onnxruntime (4-bit file, int8 kernels), the W4A8 graph as stored (4-bit weights that
+onnxruntime dequantizes to float every call), and the fake-quant torch W8A8 model - all in
+this process, in blocks of `--repeats` calls, three rounds, the median call; speed-ups are FP32 torch time /
+engine time.
+Then samples `--images` images with each integer engine and with its fake-quant torch model from the same
+seeds (PSNR between them), and profiles the W4A8 engine (all-s8 weights) per op type at batch 64.
+Writes benchmarks/results/integer_inference.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from tfmq import SamplerConfig, load_model, sample
+from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
+from tfmq.export.timing import time_steps
+from tfmq.files import write_json, write_text_atomic
+from tfmq.metrics import paired_similarity
+from tfmq.quant.api import quantize
+from tfmq.quant.calibration import collect_calibration
+from tfmq.quant.config import QuantConfig
+from tfmq.report import format_table
+from tfmq.sampling import distinct_timesteps, sampling_timesteps
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BATCHES = (1, 64)
+SPEED_COLUMNS = ("engine", "batch", "ms_per_step", "speedup_vs_torch_fp32")
+QUALITY_COLUMNS = ("engine", "reference", "images", "psnr_db", "ssim")
+
+
+def profile_by_op(engine_path: Path, batch: int, channels: int, size: int, timestep: int, threads: int,
+                  calls: int = 10) -> list[dict]:
+    """onnxruntime's per-node profile of `calls` calls, summed by op type, largest first."""
+    engine = OnnxUNet(engine_path, threads=threads, profile=True)
+    x = torch.full((batch,), timestep)
+    sample_input = torch.randn(batch, channels, size, size)
+    for _ in range(calls):
+        engine(sample_input, x)
+    trace_file = Path(engine.end_profiling())
+    trace = json.loads(trace_file.read_text())
+    trace_file.unlink()
+    totals: dict[str, float] = defaultdict(float)
+    for event in trace:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            totals[event["args"]["op_name"]] += event["dur"]
+    whole = sum(totals.values())
+    return [{"op": op, "ms_per_call": micros / calls / 1000, "share": micros / whole}
+            for op, micros in sorted(totals.items(), key=lambda item: -item[1])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="fashion-ddpm")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (quadratic skip) of the exported schedule")
+    parser.add_argument("--calibration-images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=16, help="images sampled per engine for the PSNR")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--work", type=Path, default=Path("runs/integer_inference"), help="where the .onnx go")
+    parser.add_argument("--name", default="integer_inference")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = load_model(args.model)
+    unet, scheduler = model.unet.eval(), model.scheduler
+    sampler = SamplerConfig(steps=args.steps, skip_type="quad")
+    schedule = distinct_timesteps(sampling_timesteps(scheduler, sampler))
+    calibration = collect_calibration(unet, scheduler, args.calibration_images, sampler, progress=False)
+    fake_quant = {f"w{bits}a8": quantize(unet, QuantConfig(method="rtn", w_bits=bits, a_bits=8), calibration,
+                                         progress=False) for bits in (8, 4)}
+    args.work.mkdir(parents=True, exist_ok=True)
+    files = {"fp32": export_onnx(unet, args.work / "fp32.onnx", format="fp32")}
+    graphs = {"w8a8": ("w8a8", False), "w8a8 requantized": ("w8a8", True), "w4a8": ("w4a8", False)}
+    for graph, (name, requantize) in graphs.items():
+        quantized = fake_quant[name]
+        files[graph] = export_onnx(quantized, args.work / f"{graph.replace(' ', '_')}.onnx", schedule=schedule,
+                                   calibration=trajectory_inputs(quantized, scheduler, sampler, num_images=8),
+                                   requantize_weights=requantize, details={"sampler": sampler.to_dict()})
+    engines = {
+        "torch fp32": unet,
+        "ort fp32": OnnxUNet(files["fp32"], threads=args.threads),
+        "ort w8a8 (exact u8 weights)": OnnxUNet(files["w8a8"], threads=args.threads),
+        "ort w8a8 requantized (s8 weights)": OnnxUNet(files["w8a8 requantized"], threads=args.threads),
+        "ort w4a8 (u4 file, s8 at load)": OnnxUNet(files["w4a8"], threads=args.threads),
+        "ort w4a8 as stored (u4 DQ to float)": OnnxUNet(files["w4a8"], threads=args.threads, widen_4bit=False),
+        "torch fake-quant w8a8": fake_quant["w8a8"],
+    }
+    config = unet.config
+    timestep = int(schedule[len(schedule) // 2])
+    speed_rows = []
+    for batch in BATCHES:
+        inputs = {"sample": torch.randn(batch, config.in_channels, config.sample_size, config.sample_size),
+                  "timestep": timestep}
+        seconds = time_steps(engines, inputs, args.repeats)
+        for name, value in seconds.items():
+            speed_rows.append({"engine": name, "batch": batch, "ms_per_step": value * 1000,
+                               "speedup_vs_torch_fp32": seconds["torch fp32"] / value})
+        print(format_table(speed_rows[-len(seconds):], SPEED_COLUMNS), flush=True)
+
+    sizes = {name: path.stat().st_size for name, path in files.items()}
+    size_row = {**{f"{name.replace(' ', '_')}_bytes": size for name, size in sizes.items()},
+                "fp32/w8a8": sizes["fp32"] / sizes["w8a8"], "fp32/w4a8": sizes["fp32"] / sizes["w4a8"]}
+
+    quality_rows = []
+    references = {name: sample(quantized, scheduler, args.images, 0, sampler, batch_size=args.images,
+                               progress=False) for name, quantized in fake_quant.items()}
+    for graph, (name, _) in graphs.items():
+        engine = OnnxUNet(files[graph], threads=args.threads)
+        images = sample(engine, scheduler, args.images, 0, sampler, batch_size=args.images, progress=False)
+        quality_rows.append({"engine": f"ort {graph}", "reference": f"torch fake-quant {name}",
+                             "images": args.images, **_similarity(images, references[name])})
+    full_precision = sample(unet, scheduler, args.images, 0, sampler, batch_size=args.images, progress=False)
+    for name, images in references.items():
+        quality_rows.append({"engine": f"torch fake-quant {name}", "reference": "torch fp32", "images": args.images,
+                             **_similarity(images, full_precision)})
+    print(format_table(quality_rows, QUALITY_COLUMNS), flush=True)
+
+    profile = profile_by_op(files["w4a8"], 64, config.in_channels, config.sample_size, timestep, args.threads)
+    details = {name: OnnxUNet(path, threads=1).info.details for name, path in files.items() if name != "fp32"}
+
+    speed_table = format_table(speed_rows, SPEED_COLUMNS, markdown=True)
+    size_table = format_table([size_row], tuple(size_row), markdown=True)
+    quality_table = format_table(quality_rows, QUALITY_COLUMNS, markdown=True)
+    profile_table = format_table(profile[:12], ("op", "ms_per_call", "share"), markdown=True)
+    print(speed_table, size_table, quality_table, profile_table, sep="\n\n")
+    RESULTS.mkdir(exist_ok=True)
+    write_json(RESULTS / f"{args.name}.json", {
+        "speed": speed_rows, "sizes": size_row, "quality": quality_rows, "profile_w4a8_b64": profile,
+        "export_details": details, "threads": args.threads, "steps": args.steps, "timestep": timestep})
+    command = "python benchmarks/integer_inference.py " + " ".join(sys.argv[1:])
+    write_text_atomic(RESULTS / f"{args.name}.md", (
+        f"# Integer inference (onnxruntime)\n\n`{command}`\n\n{args.model}, RTN quantization, DDIM {args.steps} "
+        f"steps (quad), {args.threads} threads for torch and onnxruntime, timestep {timestep}; median of 3 "
+        f"rounds of {args.repeats} calls per engine.\n\n## Time per UNet step\n\n{speed_table}\n\n"
+        f"## File sizes\n\n{size_table}\n\n## Images vs the fake-quant model (same seeds)\n\n{quality_table}\n\n"
+        f"## Where the W4A8 engine spends its time (batch 64, onnxruntime profile)\n\n{profile_table}\n"))
+
+
+def _similarity(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    scores = paired_similarity(images, reference)
+    return {"psnr_db": scores["psnr"], "ssim": scores["ssim"]}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The export twins of QuantConv2d/QuantLinear: frozen QDQ around the op, in the order onnxruntime fuses.
+
+A conv becomes QLinearConv only with a QuantizeLinear on its output, which the fake-quant model does not
+have: `output` is that extra 8-bit grid (None keeps the conv in float on dequantized operands, exact but
+not faster). A linear needs none: onnxruntime fuses DQ -> MatMul into MatMulIntegerToFloat, whose float
+output is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from tfmq.export.qdq import DequantizedWeight, QdqActivation, WeightCodes
+from tfmq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
+
+
+class IntegerLayer(nn.Module):
+    """What the twins share: frozen input quantizer(s), integer weight, float bias, optional output grid."""
+
+    channel_dim: int
+
+    def __init__(self, layer: QuantLayer, weight: nn.Module, output: QdqActivation | None) -> None:
+        super().__init__()
+        self.input_quantizer = QdqActivation.of(layer.input_quantizer)
+        self.split = layer.split
+        self.split_input_quantizer = None if layer.split is None else QdqActivation.of(layer.split_input_quantizer)
+        self.weight = weight
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.output_quantizer = output
+
+    @staticmethod
+    def weight_of(layer: QuantLayer, requantize: bool, axis: int = 0, transpose: bool = False) -> nn.Module:
+        """The layer's weight for the graph: integer codes (see WeightCodes for `requantize`), or float where
+        its quantizer is off."""
+        quantizer = layer.weight_quantizer
+        if quantizer.bits is None or not quantizer.enabled:
+            weight = layer.weight.detach().clone()
+            return _FloatWeight(weight.t().contiguous() if transpose else weight)
+        return DequantizedWeight(WeightCodes.of(layer.weight, quantizer, requantize), axis, transpose)
+
+    def quantize_input(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.split is None:
+            return inputs if self.input_quantizer is None else self.input_quantizer(inputs)
+        head, tail = inputs.split([self.split, inputs.shape[self.channel_dim] - self.split], dim=self.channel_dim)
+        parts = [part if quantizer is None else quantizer(part)
+                 for part, quantizer in ((head, self.input_quantizer), (tail, self.split_input_quantizer))]
+        return torch.cat(parts, dim=self.channel_dim)
+
+    def quantize_output(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs if self.output_quantizer is None else self.output_quantizer(outputs)
+
+
+class _FloatWeight(nn.Module):
+    """A weight left in full precision (its quantizer is off): a float initializer."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("values", weight)
+
+    def forward(self) -> torch.Tensor:
+        return self.values
+
+
+class IntegerConv2d(IntegerLayer):
+    """A conv as DQ(input) * DQ(weight) [-> QDQ output]: QLinearConv when it has the output grid."""
+
+    channel_dim = 1
+
+    def __init__(self, layer: QuantConv2d, output: QdqActivation | None, requantize_weights: bool = False) -> None:
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={layer.padding_mode!r} has no ONNX Conv equivalent; only 'zeros'")
+        super().__init__(layer, self.weight_of(layer, requantize_weights), output)
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        outputs = functional.conv2d(self.quantize_input(inputs), self.weight(), self.bias, self.stride, self.padding,
+                                    self.dilation, self.groups)
+        return self.quantize_output(outputs)
+
+
+class IntegerLinear(IntegerLayer):
+    """Weight stored transposed (in, out), scales along axis 1: a plain DQ -> MatMul for onnxruntime."""
+
+    channel_dim = -1
+
+    def __init__(self, layer: QuantLinear, requantize_weights: bool = False) -> None:
+        super().__init__(layer, self.weight_of(layer, requantize_weights, axis=1, transpose=True), None)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        outputs = torch.matmul(self.quantize_input(inputs), self.weight())
+        return outputs if self.bias is None else outputs + self.bias

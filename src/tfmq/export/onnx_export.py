@@ -1,0 +1,240 @@
+"""`export_onnx`: a UNet as an ONNX graph for onnxruntime, integer (QDQ) or full precision.
+
+The integer graph takes the step index instead of the timestep (see docs/design/integer_inference.md):
+the TIB is a table over the schedule, so the graph serves exactly the timesteps it was exported for.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from torch import nn
+
+from tfmq.errors import TfmqError
+from tfmq.export.conv_outputs import UNetInputs, conv_output_grids, integer_conv_names
+from tfmq.export.dependencies import require
+from tfmq.export.graph import StepGraph, TimestepGraph, integer_twin
+from tfmq.export.metadata import ENCODER_HIDDEN_STATES, OUTPUT, SAMPLE, GraphInfo
+from tfmq.export.qdq import KERNEL_BITS
+from tfmq.quant.layers import QuantLayer
+from tfmq.quant.timestep_table import timestep_tables
+
+FORMATS = ("int8", "fp32")
+SUPPORTED_OPSETS = range(17, 22)
+DEFAULT_OPSET = 21
+# torch's TorchScript exporter writes at most opset 20 (custom QDQ symbolics need it); onnx's version
+# converter takes the graph further.
+TORCH_MAX_OPSET = 20
+# 4-bit tensors exist from opset 21 on: weights of at most 4 bits are stored packed there.
+UINT4_OPSET = 21
+UINT4_MAX = 15
+_EXAMPLE_BATCH = 2
+_EXAMPLE_TOKENS = 3
+
+
+def export_onnx(
+    unet: nn.Module,
+    path: str | Path,
+    *,
+    format: str = "int8",
+    schedule: Sequence[int] | torch.Tensor | None = None,
+    calibration: Iterable[UNetInputs] | None = None,
+    opset: int = DEFAULT_OPSET,
+    integer_convs: bool = True,
+    requantize_weights: bool = False,
+    details: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `unet` to `path` as ONNX, to run with `OnnxUNet`.
+
+    format "int8": a model from `tfmq.quantize`/`load_quantized` as a QDQ graph that onnxruntime runs on
+    integer kernels. It serves the timesteps of `schedule` (the sampler's distinct timesteps; default and
+    required to match: the model's timestep-table schedule). `calibration` (UNet keyword inputs, e.g.
+    `trajectory_inputs(...)`) ranges the 8-bit conv outputs that integer convolution needs;
+    `integer_convs=False` keeps convs in float on dequantized operands instead (exact, not faster).
+    Weights are exact: symmetric int8 up to 7 bits, uint8 with zero points at 8 bits (slower kernels);
+    `requantize_weights=True` rounds 8-bit weights onto symmetric int8 instead (fast, approximate).
+    format "fp32": a full-precision UNet as it is, any timestep.
+    `details` (JSON values) is stored in the graph's metadata, e.g. the sampler it was exported for.
+    """
+    onnx = require("onnx")
+    if format not in FORMATS:
+        raise TfmqError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    if opset not in SUPPORTED_OPSETS:
+        raise TfmqError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
+        raise TfmqError(f"export takes a diffusers UNet2DModel or UNet2DConditionModel, not {type(unet).__name__}")
+    quantized = any(isinstance(module, QuantLayer) for module in unet.modules())
+    info_details = dict(details or {})
+    if format == "fp32":
+        if quantized:
+            raise TfmqError("format 'fp32' exports a full-precision UNet; this one is quantized (use format 'int8')")
+        graph, schedule_list = TimestepGraph(unet.eval()), None
+        timestep = torch.full((_EXAMPLE_BATCH,), 10, dtype=torch.int64)
+    else:
+        schedule_tensor = _checked_schedule(unet, schedule, quantized)
+        try:
+            graph, counts = _integer_graph(unet, schedule_tensor, calibration, integer_convs, requantize_weights)
+        except ValueError as exc:
+            raise TfmqError(str(exc)) from exc
+        info_details.update(counts, quant_config=unet.tfmq_info.config.to_dict())
+        schedule_list, timestep = schedule_tensor.tolist(), torch.tensor(0, dtype=torch.int64)
+    info = GraphInfo(format, type(unet).__name__, _json_config(unet), schedule_list, info_details)
+    model = _traced(graph, unet, timestep, info, opset, onnx)
+    if format == "int8" and opset >= UINT4_OPSET:
+        info.details["uint4_weights"] = pack_uint4_weights(model, onnx)
+    _compact_value_names(model)
+    for key, value in info.to_props().items():
+        model.metadata_props.add(key=key, value=value)
+    return _save_atomic(model, Path(path), onnx)
+
+
+def _checked_schedule(unet: nn.Module, schedule: Sequence[int] | torch.Tensor | None, quantized: bool) -> torch.Tensor:
+    if getattr(unet, "tfmq_info", None) is None or not quantized:
+        raise TfmqError(f"this {type(unet).__name__} was never quantized (no tfmq_info or no quantized layer): "
+                        "format 'int8' needs a model from tfmq.quantize or load_quantized; use format 'fp32' for "
+                        "the full-precision UNet")
+    config = unet.tfmq_info.config
+    if config.fsc_scope == "all":
+        raise TfmqError("fsc_scope='all' gives every activation a scale per timestep, and integer kernels need "
+                        "constant scales: quantize with fsc_scope 'temporal' or 'none' for integer inference")
+    if config.a_bits is not None and config.a_bits > KERNEL_BITS:
+        raise TfmqError(f"a_bits={config.a_bits}: onnxruntime's integer kernels take at most {KERNEL_BITS}-bit "
+                        "activations")
+    if getattr(unet, "class_embedding", None) is not None:
+        raise TfmqError("class-conditional UNets are not supported by the integer export (the temporal table "
+                        "would need a row per timestep and class)")
+    if unet.config.get("time_embedding_type") == "fourier":
+        raise TfmqError("UNets with fourier time embeddings divide their output by the timestep: not supported "
+                        "by the integer export")
+    tables = timestep_tables(unet)
+    if tables is not None:
+        if schedule is not None and torch.as_tensor(schedule).tolist() != tables.schedule.tolist():
+            raise TfmqError("the schedule given differs from the one the model's timestep tables were "
+                            "calibrated for; export with the model's own schedule")
+        return tables.schedule.cpu()
+    if schedule is None:
+        raise TfmqError("an integer graph serves a fixed list of timesteps: pass schedule= (the sampler's, "
+                        "e.g. distinct_timesteps(sampling_timesteps(scheduler, config)) from tfmq.sampling)")
+    schedule = torch.as_tensor(schedule).reshape(-1).to(torch.int64)
+    if len(schedule) == 0 or len(schedule.unique()) != len(schedule):
+        raise TfmqError("the schedule must be a non-empty list of distinct timesteps")
+    return schedule
+
+
+def _integer_graph(
+    unet: nn.Module, schedule: torch.Tensor, calibration: Iterable[UNetInputs] | None, use_integer_convs: bool,
+    requantize_weights: bool,
+) -> tuple[StepGraph, dict[str, int]]:
+    names = integer_conv_names(unet) if use_integer_convs else []
+    if names and calibration is None:
+        raise ValueError("integer convolutions need calibration inputs for their 8-bit output grids: pass "
+                         "calibration= (e.g. trajectory_inputs(unet, scheduler, sampler)) or integer_convs=False")
+    grids = conv_output_grids(unet, names, calibration) if names else {}
+    graph, counts = integer_twin(unet, schedule, grids, requantize_weights)
+    return graph, {**counts, "integer_convs": len(grids)}
+
+
+def _json_config(unet: nn.Module) -> dict[str, Any]:
+    return {key: value for key, value in dict(unet.config).items() if not key.startswith("_")}
+
+
+def _traced(graph: nn.Module, unet: nn.Module, timestep: torch.Tensor, info: GraphInfo, opset: int, onnx) -> Any:
+    """Trace `graph` with TorchScript's exporter (dynamic batch and text length) and load the result."""
+    config = unet.config
+    sample = torch.randn(_EXAMPLE_BATCH, config.in_channels, config.sample_size, config.sample_size)
+    args: tuple = (sample, timestep)
+    names = [SAMPLE, info.timestep_input]
+    dynamic = {SAMPLE: {0: "batch"}, OUTPUT: {0: "batch"}}
+    if timestep.dim() > 0:
+        dynamic[info.timestep_input] = {0: "batch"}
+    if isinstance(unet, UNet2DConditionModel):
+        args += (torch.randn(_EXAMPLE_BATCH, _EXAMPLE_TOKENS, config.cross_attention_dim),)
+        names.append(ENCODER_HIDDEN_STATES)
+        dynamic[ENCODER_HIDDEN_STATES] = {0: "batch", 1: "tokens"}
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        # diffusers' shape checks (asserts, size branches) are constant for a fixed sample size; the
+        # TorchScript exporter is deprecated but the only one that takes our QDQ symbolics as they are
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced_file = Path(folder) / "graph.onnx"
+        with torch.no_grad():
+            torch.onnx.export(graph, args, str(traced_file), dynamo=False, opset_version=min(opset, TORCH_MAX_OPSET),
+                              input_names=names, output_names=[OUTPUT], dynamic_axes=dynamic,
+                              do_constant_folding=True)
+        model = onnx.load(str(traced_file))
+    if opset > TORCH_MAX_OPSET:
+        model = onnx.version_converter.convert_version(model, opset)
+    return model
+
+
+def pack_uint4_weights(model: Any, onnx) -> int:
+    """Store every int8 weight whose codes span at most 16 values per channel (weights of at most 4 bits)
+    as uint4 codes with a uint4 zero point per channel: exact, half the bytes. Returns how many were packed.
+    `OnnxUNet` widens them back to symmetric int8 at load."""
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    packed = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in initializers:
+            continue
+        codes = initializers[node.input[0]]
+        if codes.data_type != onnx.TensorProto.INT8 or len(codes.dims) < 2:
+            continue
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1)
+        centred = np.moveaxis(onnx.numpy_helper.to_array(codes).astype(np.int16), axis, 0)
+        flat = centred.reshape(len(centred), -1)
+        zero_point = -flat.min(axis=1)
+        if int((flat.max(axis=1) + zero_point).max()) > UINT4_MAX:
+            continue
+        unsigned = np.moveaxis(centred + zero_point.reshape(-1, *([1] * (centred.ndim - 1))), 0, axis)
+        codes.CopyFrom(_uint4_tensor(codes.name, unsigned, onnx))
+        # A fresh zero point: the exporter may share one initializer between several weights.
+        uint4_zero_point = _uint4_tensor(f"{codes.name}.zero_point_uint4", zero_point, onnx)
+        model.graph.initializer.append(uint4_zero_point)
+        node.input[2] = uint4_zero_point.name
+        packed += 1
+    return packed
+
+
+def _uint4_tensor(name: str, values: np.ndarray, onnx) -> Any:
+    """Two codes a byte, the first in the low nibble (ONNX's layout); raw bytes, not a varint list."""
+    flat = values.astype(np.uint8).flatten()
+    if len(flat) % 2:
+        flat = np.append(flat, np.uint8(0))
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    return onnx.helper.make_tensor(name, onnx.TensorProto.UINT4, values.shape, packed.tobytes(), raw=True)
+
+
+def _compact_value_names(model: Any) -> None:
+    """Drop the shape annotations and give intermediate values short names: with 4-bit weights the exporter's
+    scope-path names took a third of the file. Inputs, outputs, initializers and node names stay."""
+    del model.graph.value_info[:]
+    kept = {value.name for value in (*model.graph.input, *model.graph.output, *model.graph.initializer)}
+    short: dict[str, str] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.output):
+            if name and name not in kept:
+                node.output[index] = short.setdefault(name, f"v{len(short)}")
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            node.input[index] = short.get(name, name)
+
+
+def _save_atomic(model: Any, path: Path, onnx) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        onnx.save(model, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,113 @@
+"""The quantization ops of a QDQ graph, as torch modules that export to exactly those ONNX nodes.
+
+In torch they compute what the fake-quant model computes (up to float rounding), so an export twin built
+from them can be checked against the fake-quant model before ONNX is involved; in ONNX they become the
+QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses with the op between them into integer kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tfmq.quant.quantizer import MIN_SCALE, UniformQuantizer
+
+# Integer kernels of onnxruntime read 8-bit operands: uint8 activations, int8 weights.
+KERNEL_BITS = 8
+INT8_MAX = 127
+
+
+class _DequantizeWeight(torch.autograd.Function):
+    """(codes - zero point) * scale per slice along `axis`: one DequantizeLinear of integer initializers."""
+
+    @staticmethod
+    def forward(ctx, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+        shape = [1] * codes.dim()
+        shape[axis] = -1
+        return (codes.float() - zero_point.float().view(shape)) * scale.view(shape)
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero_point, axis: int):
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
+
+
+class QdqActivation(nn.Module):
+    """A per-tensor activation quantizer frozen into constants (a QDQ pair in ONNX)."""
+
+    def __init__(self, scale: float, zero_point: int, bits: int) -> None:
+        super().__init__()
+        if bits > KERNEL_BITS:
+            raise ValueError(f"integer kernels take at most {KERNEL_BITS}-bit activations, got {bits} bits")
+        self.scale, self.zero_point, self.bits = scale, zero_point, bits
+
+    @classmethod
+    def of(cls, quantizer: UniformQuantizer) -> QdqActivation | None:
+        """The frozen twin of a calibrated per-tensor quantizer; None for one that passes values through."""
+        if quantizer.bits is None or not quantizer.enabled:
+            return None
+        if quantizer.has_timestep_table:
+            raise ValueError("a quantizer with a timestep table has no single scale to freeze")
+        scale = float(quantizer.scale.detach().clamp_min(MIN_SCALE).reshape(()))
+        return cls(scale, int(quantizer.zero_point.reshape(())), quantizer.bits)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}, zero_point={self.zero_point}, bits={self.bits}"
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        # torch's own fake quantization exports as a uint8 QuantizeLinear/DequantizeLinear pair (a custom
+        # autograd op feeding attention's shape arithmetic breaks TorchScript's exporter); a grid narrower
+        # than uint8's gets a Clip to its range first.
+        if self.bits < KERNEL_BITS:
+            values = values.clamp(-self.zero_point * self.scale, (2**self.bits - 1 - self.zero_point) * self.scale)
+        return torch.fake_quantize_per_tensor_affine(values, self.scale, self.zero_point, 0, 2**KERNEL_BITS - 1)
+
+
+@dataclass(frozen=True)
+class WeightCodes:
+    """A fake-quant weight as integer codes, a scale and a zero point per output channel, exactly.
+
+    The asymmetric b-bit codes q of the quantizer become symmetric int8 codes q - z (zero point 0: what
+    onnxruntime's fast u8s8 kernels take) whenever every |q - z| <= 127, always so up to 7 bits. Otherwise
+    (8 bits) they stay uint8 q with their zero points z: still exact, on the slower u8u8 kernels; or, with
+    `requantize`, the fake-quant weight is rounded again onto a symmetric int8 grid per channel (max |w| /
+    127): fast kernels, at up to half an int8 step of extra error per weight.
+    """
+
+    codes: torch.Tensor       # int8 or uint8, the weight's shape
+    scale: torch.Tensor       # float32, (out_channels,)
+    zero_point: torch.Tensor  # codes' dtype, (out_channels,)
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, quantizer: UniformQuantizer, requantize: bool = False) -> WeightCodes:
+        with torch.no_grad():
+            codes = quantizer.integer_values(weight)
+            zero_point = quantizer.zero_point.detach().round()
+            scale = quantizer.scale.detach().clamp_min(MIN_SCALE).float()
+            channel_shape = (-1,) + (1,) * (weight.dim() - 1)
+            centred = codes.float() - zero_point.view(channel_shape)
+            symmetric_zero_point = torch.zeros_like(zero_point, dtype=torch.int8)
+            if float(centred.abs().max()) <= INT8_MAX:
+                return cls(centred.to(torch.int8), scale, symmetric_zero_point)
+            if not requantize:
+                return cls(codes, scale, zero_point.to(torch.uint8))
+            values = centred * scale.view(channel_shape)
+            new_scale = values.flatten(1).abs().amax(dim=1).clamp_min(MIN_SCALE) / INT8_MAX
+            requantized = torch.round(values / new_scale.view(channel_shape)).to(torch.int8)
+            return cls(requantized, new_scale, symmetric_zero_point)
+
+
+class DequantizedWeight(nn.Module):
+    """Weight codes, scales and zero points as buffers (integer initializers in ONNX), dequantized along `axis`."""
+
+    def __init__(self, weight: WeightCodes, axis: int = 0, transpose: bool = False) -> None:
+        super().__init__()
+        codes = weight.codes.t().contiguous() if transpose else weight.codes
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", weight.scale)
+        self.register_buffer("zero_point", weight.zero_point)
+        self.axis = axis
+
+    def forward(self) -> torch.Tensor:
+        return _DequantizeWeight.apply(self.codes, self.scale, self.zero_point, self.axis)

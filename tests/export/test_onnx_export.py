@@ -1,0 +1,161 @@
+import collections
+import dataclasses
+import statistics
+
+import pytest
+import torch
+
+from tests.export.conftest import SAMPLER
+from tests.quant.tiny_unets import pixel_unet, text_unet, unet_inputs
+from tfmq.errors import TfmqError
+from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
+from tfmq.export.runtime import widen_uint4_weights
+from tfmq.sampling import Conditioning, sample
+
+onnx = pytest.importorskip("onnx")  # the optional export dependencies
+onnxruntime = pytest.importorskip("onnxruntime")
+
+# Relative L2 error of one UNet call against the fake-quant torch model. Exact graphs (convs in float on
+# dequantized operands) differ by float summation order only: most calls agree to float precision, but now
+# and then a value lies so close to a rounding boundary that the other order moves it one code, and that
+# call differs by up to a few per cent on these tiny random UNets - hence the median over the calls.
+# Integer graphs add an 8-bit grid on every conv output, which QLinearConv needs: a few per cent here
+# (random weights, outliers everywhere); on the trained fashion-ddpm see benchmarks/results/integer_inference.md.
+EXACT_TOLERANCE = 1e-5
+INTEGER_TOLERANCE = 0.1
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output - reference).norm() / reference.norm())
+
+
+def engine_vs_fake_quant(engine: OnnxUNet, model, schedule: list[int], tokens: int | None = None) -> list[float]:
+    """Relative errors of one call per scheduled timestep (text UNets: `tokens` conditioning tokens)."""
+    errors = []
+    for index, timestep in enumerate(schedule):
+        inputs = {**unet_inputs(model, 3, index), "timestep": torch.full((3,), timestep)}
+        if tokens is not None:
+            inputs["encoder_hidden_states"] = torch.randn(3, tokens, model.config.cross_attention_dim,
+                                                          generator=torch.Generator().manual_seed(index))
+        with torch.no_grad():
+            reference = model(**inputs).sample
+        errors.append(relative_error(engine(**inputs).sample, reference))
+    return errors
+
+
+def assert_exact(errors: list[float]) -> None:
+    assert statistics.median(errors) < EXACT_TOLERANCE and max(errors) < INTEGER_TOLERANCE, errors
+
+
+@pytest.fixture(scope="module")
+def pixel_graphs(pixel_w4a8, scheduler, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pixel")
+    calibration = trajectory_inputs(pixel_w4a8, scheduler, SAMPLER, num_images=4)
+    return {
+        "integer": export_onnx(pixel_w4a8, folder / "integer.onnx", calibration=calibration),
+        "exact": export_onnx(pixel_w4a8, folder / "exact.onnx", integer_convs=False),
+    }
+
+
+def optimized_op_counts(path, tmp_path) -> collections.Counter:
+    """The op types onnxruntime actually runs, after its QDQ fusions (widened as OnnxUNet loads it)."""
+    engine = OnnxUNet(path, threads=1)
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    model = onnx.load(str(path))
+    widen_uint4_weights(model, onnx)
+    onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert engine.info.format == "int8"
+    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_pixel_unet_graphs_match_the_fake_quant_model(pixel_graphs, pixel_w4a8, schedule):
+    exact = OnnxUNet(pixel_graphs["exact"], threads=1)
+    integer = OnnxUNet(pixel_graphs["integer"], threads=1)
+    assert exact.info.schedule == schedule  # the model's FSC schedule
+    assert_exact(engine_vs_fake_quant(exact, pixel_w4a8, schedule))
+    assert max(engine_vs_fake_quant(integer, pixel_w4a8, schedule)) < INTEGER_TOLERANCE
+
+
+def test_graph_holds_qdq_pairs_packed_4bit_weights_and_fuses_into_integer_kernels(pixel_graphs, tmp_path):
+    model = onnx.load(str(pixel_graphs["integer"]))
+    ops = collections.Counter(node.op_type for node in model.graph.node)
+    types = collections.Counter(onnx.TensorProto.DataType.Name(tensor.data_type) for tensor in model.graph.initializer)
+    details = OnnxUNet(pixel_graphs["integer"], threads=1).info.details
+    # Every quantized layer outside the TIB: 4-bit weights packed two a byte; an input QDQ pair each,
+    # plus an output pair per integer conv and the four attention operands per attention.
+    layers = details["int8_weights"] + details["uint8_weights"]
+    assert types["UINT4"] == 2 * layers and details["uint4_weights"] == layers > 10
+    assert ops["QuantizeLinear"] >= layers + details["integer_convs"] + 4
+    assert ops["DequantizeLinear"] >= ops["QuantizeLinear"] + layers
+    fused = optimized_op_counts(pixel_graphs["integer"], tmp_path)
+    assert fused["QLinearConv"] == details["integer_convs"] > 10
+    assert fused["MatMulIntegerToFloat"] >= 4 + 2  # attention projections and both attention matmuls
+
+
+def test_text_unet_graph_takes_the_conditioning_as_input(text_w8a8, scheduler, schedule, tmp_path):
+    text = Conditioning({"encoder_hidden_states": torch.randn(2, 3, text_w8a8.config.cross_attention_dim)})
+    calibration = trajectory_inputs(text_w8a8, scheduler, SAMPLER, num_images=2, conditioning=text)
+    path = export_onnx(text_w8a8, tmp_path / "text.onnx", schedule=schedule, calibration=calibration)
+    engine = OnnxUNet(path, threads=1)
+    assert [entry.name for entry in engine.session.get_inputs()] == ["sample", "step", "encoder_hidden_states"]
+    assert engine.info.details["uint8_weights"] > 0  # 8-bit weights keep their zero points: exact
+    assert max(engine_vs_fake_quant(engine, text_w8a8, schedule, tokens=5)) < INTEGER_TOLERANCE
+    exact = OnnxUNet(export_onnx(text_w8a8, tmp_path / "exact.onnx", schedule=schedule, integer_convs=False),
+                     threads=1)
+    assert_exact(engine_vs_fake_quant(exact, text_w8a8, schedule, tokens=5))
+    # The sampler passes the conditioning through to the engine as to the torch model.
+    images = sample(exact, scheduler, 2, config=SAMPLER, progress=False, conditioning=text)
+    reference = sample(text_w8a8, scheduler, 2, config=SAMPLER, progress=False, conditioning=text)
+    assert (images - reference).abs().max() < 1e-2
+
+
+def test_requantized_8bit_weights_are_symmetric_int8(text_w8a8, schedule, tmp_path):
+    path = export_onnx(text_w8a8, tmp_path / "fast.onnx", schedule=schedule, integer_convs=False,
+                       requantize_weights=True)
+    engine = OnnxUNet(path, threads=1)
+    assert engine.info.details["uint8_weights"] == 0 and engine.info.details["int8_weights"] > 0
+    errors = engine_vs_fake_quant(engine, text_w8a8, schedule, tokens=2)
+    assert EXACT_TOLERANCE < statistics.median(errors) and max(errors) < INTEGER_TOLERANCE
+
+
+@pytest.mark.parametrize("make_unet", [pixel_unet, text_unet])
+def test_fp32_graph_matches_torch_at_any_timestep(make_unet, tmp_path):
+    unet = make_unet()
+    engine = OnnxUNet(export_onnx(unet, tmp_path / "fp32.onnx", format="fp32"), threads=1)
+    inputs = {**unet_inputs(unet, 3, 0), "timestep": torch.tensor([3, 500, 999])}
+    with torch.no_grad():
+        reference = unet(**inputs).sample
+    assert engine.info.schedule is None
+    assert relative_error(engine(**inputs).sample, reference) < EXACT_TOLERANCE  # no rounding: no flips
+
+
+def test_export_refuses_what_it_cannot_serve(pixel_w4a8, schedule, tmp_path):
+    with pytest.raises(TfmqError, match="never quantized"):
+        export_onnx(pixel_unet(), tmp_path / "a.onnx", schedule=schedule)
+    with pytest.raises(TfmqError, match="is quantized"):
+        export_onnx(pixel_w4a8, tmp_path / "a.onnx", format="fp32")
+    with pytest.raises(TfmqError, match="opset 12 is not supported"):
+        export_onnx(pixel_w4a8, tmp_path / "a.onnx", opset=12)
+    with pytest.raises(TfmqError, match="unknown export format"):
+        export_onnx(pixel_w4a8, tmp_path / "a.onnx", format="int4")
+    with pytest.raises(TfmqError, match="differs from the one"):
+        export_onnx(pixel_w4a8, tmp_path / "a.onnx", schedule=schedule[:-1])
+    with pytest.raises(TfmqError, match="calibration inputs"):
+        export_onnx(pixel_w4a8, tmp_path / "a.onnx")
+    all_scales = dataclasses.replace(pixel_w4a8.tfmq_info.config, fsc_scope="all")
+    pixel_w4a8.tfmq_info = dataclasses.replace(pixel_w4a8.tfmq_info, config=all_scales)
+    try:
+        with pytest.raises(TfmqError, match="constant scales"):
+            export_onnx(pixel_w4a8, tmp_path / "a.onnx", integer_convs=False)
+    finally:
+        pixel_w4a8.tfmq_info = dataclasses.replace(pixel_w4a8.tfmq_info,
+                                                   config=dataclasses.replace(all_scales, fsc_scope="temporal"))
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_export_without_onnx_is_a_clear_error(pixel_w4a8, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)
+    with pytest.raises(TfmqError, match="onnx cannot be imported"):
+        export_onnx(pixel_w4a8, tmp_path / "a.onnx", integer_convs=False)
