@@ -2,6 +2,8 @@ import collections
 import dataclasses
 import statistics
 
+import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -12,8 +14,6 @@ from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
 from tfmq.export.runtime import widen_uint4_weights
 from tfmq.sampling import Conditioning, sample
 
-onnx = pytest.importorskip("onnx")  # the optional export dependencies
-onnxruntime = pytest.importorskip("onnxruntime")
 
 # Relative L2 error of one UNet call against the fake-quant torch model. Exact graphs (convs in float on
 # dequantized operands) differ by float summation order only: most calls agree to float precision, but now

@@ -8,8 +8,6 @@ from tfmq import sample
 from tfmq.errors import TfmqError
 from tfmq.export import OnnxUNet, export_onnx
 
-pytest.importorskip("onnxruntime")  # the optional export dependencies
-
 
 @pytest.fixture(scope="module")
 def exact_graph(pixel_w4a8, tmp_path_factory):
