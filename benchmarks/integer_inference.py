@@ -9,7 +9,8 @@ symmetric int8, W4A8 onnxruntime (4-bit file, int8 kernels), the W4A8 graph as s
 onnxruntime dequantizes to float every call), and the fake-quant torch W8A8 model - all in
 this process, in blocks of `--repeats` calls, three rounds, the median call; speed-ups are FP32 torch time /
 engine time.
-Then samples `--images` images with each integer engine and with its fake-quant torch model from the same
+Then times a full sampling run at batch 1 and 64 with each engine in its own process (with its peak
+memory), samples `--images` images with each integer engine and with its fake-quant torch model from the same
 seeds (PSNR between them), and profiles the W4A8 engine (all-s8 weights) per op type at batch 64.
 Writes benchmarks/results/integer_inference.{json,md}.
 """
@@ -18,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import time
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -61,6 +65,38 @@ def profile_by_op(engine_path: Path, batch: int, channels: int, size: int, times
             for op, micros in sorted(totals.items(), key=lambda item: -item[1])]
 
 
+RUN_COLUMNS = ("engine", "images", "batch", "sampling_s", "speedup_vs_torch_fp32", "peak_rss_mb")
+
+
+def _engine(kind: str, path: str, threads: int):
+    """An engine by kind: "torch" (the base model's FP32 UNet; `path` is the model name) or "onnx" (a graph)."""
+    if kind == "torch":
+        return load_model(path).unet.eval()
+    return OnnxUNet(path, threads=threads)
+
+
+def sampling_run(kind: str, path: str, args: argparse.Namespace, images: int) -> dict:
+    """One full sampling run of `images` images in one batch, in this process: seconds and peak RSS (the
+    process holds nothing else, so its peak is the engine's)."""
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    engine = _engine(kind, path, args.threads)
+    sampler = SamplerConfig(steps=args.steps, skip_type="quad")
+    sample(engine, model.scheduler, 1, 0, sampler, progress=False)  # warm-up
+    started = time.perf_counter()
+    sample(engine, model.scheduler, images, 0, sampler, batch_size=images, progress=False)
+    return {"sampling_s": time.perf_counter() - started,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measured_run(kind: str, path: str, args: argparse.Namespace, images: int) -> dict:
+    """`sampling_run` in a child process (for its own peak memory)."""
+    worker = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--threads",
+              str(args.threads), "--run", kind, path, str(images)]
+    output = subprocess.run(worker, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="fashion-ddpm")
@@ -71,8 +107,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--work", type=Path, default=Path("runs/integer_inference"), help="where the .onnx go")
     parser.add_argument("--name", default="integer_inference")
+    parser.add_argument("--run", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.run is not None:
+        kind, path, images = args.run
+        print(json.dumps(sampling_run(kind, path, args, int(images))))
+        return
 
     model = load_model(args.model)
     unet, scheduler = model.unet.eval(), model.scheduler
@@ -128,23 +169,35 @@ def main() -> None:
                              **_similarity(images, full_precision)})
     print(format_table(quality_rows, QUALITY_COLUMNS), flush=True)
 
+    run_rows = []
+    for batch in BATCHES:
+        runs = {"torch fp32": measured_run("torch", args.model, args, batch)}
+        runs.update({f"ort {graph}": measured_run("onnx", str(path), args, batch) for graph, path in files.items()})
+        for name, run in runs.items():
+            run_rows.append({"engine": name, "images": batch, "batch": batch, **run,
+                             "speedup_vs_torch_fp32": runs["torch fp32"]["sampling_s"] / run["sampling_s"]})
+    print(format_table(run_rows, RUN_COLUMNS), flush=True)
+
     profile = profile_by_op(files["w4a8"], 64, config.in_channels, config.sample_size, timestep, args.threads)
     details = {name: OnnxUNet(path, threads=1).info.details for name, path in files.items() if name != "fp32"}
 
     speed_table = format_table(speed_rows, SPEED_COLUMNS, markdown=True)
     size_table = format_table([size_row], tuple(size_row), markdown=True)
     quality_table = format_table(quality_rows, QUALITY_COLUMNS, markdown=True)
+    run_table = format_table(run_rows, RUN_COLUMNS, markdown=True)
     profile_table = format_table(profile[:12], ("op", "ms_per_call", "share"), markdown=True)
     print(speed_table, size_table, quality_table, profile_table, sep="\n\n")
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / f"{args.name}.json", {
-        "speed": speed_rows, "sizes": size_row, "quality": quality_rows, "profile_w4a8_b64": profile,
+        "speed": speed_rows, "sampling_runs": run_rows, "sizes": size_row, "quality": quality_rows,
+        "profile_w4a8_b64": profile,
         "export_details": details, "threads": args.threads, "steps": args.steps, "timestep": timestep})
     command = "python benchmarks/integer_inference.py " + " ".join(sys.argv[1:])
     write_text_atomic(RESULTS / f"{args.name}.md", (
         f"# Integer inference (onnxruntime)\n\n`{command}`\n\n{args.model}, RTN quantization, DDIM {args.steps} "
         f"steps (quad), {args.threads} threads for torch and onnxruntime, timestep {timestep}; median of 3 "
         f"rounds of {args.repeats} calls per engine.\n\n## Time per UNet step\n\n{speed_table}\n\n"
+        f"## Full sampling runs ({args.steps} steps, one batch, each engine in its own process)\n\n{run_table}\n\n"
         f"## File sizes\n\n{size_table}\n\n## Images vs the fake-quant model (same seeds)\n\n{quality_table}\n\n"
         f"## Where the W4A8 engine spends its time (batch 64, onnxruntime profile)\n\n{profile_table}\n"))
 
