@@ -55,3 +55,13 @@ def test_shipped_fashion_ddpm_loads():
     assert model.unet.config.sample_size == 16 and model.unet.config.in_channels == 1
     assert model.scheduler.config.beta_schedule == "linear"
     assert 2_000_000 < sum(p.numel() for p in model.unet.parameters()) < 4_000_000
+
+
+def test_shipped_latent_model_loads_with_its_autoencoder():
+    model = load_model("fashion-ldm")
+    assert model.layout == "LDMPipeline" and model.conditioning_kind is None
+    assert model.unet.config.in_channels == 4 and model.unet.config.sample_size == 8
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = model.decode(latents)
+    assert images.shape == (2, 1, 16, 16) and images.abs().max() <= 1
+    assert (ZOO_DIR / "fashion-ldm" / "MODEL_CARD.md").is_file()
