@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -26,6 +25,8 @@ from tfmq.quant.api import quantize
 from tfmq.quant.calibration import collect_calibration
 from tfmq.quant.config import QuantConfig
 from tfmq.report import format_table
+
+from memory import peak_rss_mb  # this folder: scripts run as files
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ("samples", "budget_mb", "weight_samples", "units_on_disk", "quantize_s", "peak_rss_mb",
@@ -70,7 +71,7 @@ def run_row(samples: int, budget: float, steps: int) -> dict:
     return {"samples": samples, "budget_mb": budget, "weight_samples": len(calibration.for_weights()),
             "units_on_disk": f"{sum(unit['on_disk'] for unit in reconstruction)}/{len(reconstruction)}",
             "quantize_s": time.perf_counter() - started,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "peak_anon_mb": anonymous.peak_kb / 1024}
 
 

@@ -9,7 +9,6 @@ figures are comparable as ratios with later rows, not as absolute numbers on a n
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tfmq.metrics import load_reference_statistics
 from tfmq.files import write_json, write_text_atomic
 from tfmq.report import format_table
 
+from memory import peak_rss_mb  # this folder: scripts run as files
 from sampling_args import add_sampling_arguments  # this folder: scripts run as files
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,7 +55,7 @@ def main() -> None:
         "model": args.model, "images": args.num, "sampler": f"DDIM {args.steps} quad, eta 0",
         "fid": scores["fid"], "sfid": scores["sfid"], "is": scores["is"],
         "s_per_forward_b64": forward, "sampling_s": sampling_seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "params_m": sum(p.numel() for p in model.unet.parameters()) / 1e6,
         "torch_threads": torch.get_num_threads(),
     }

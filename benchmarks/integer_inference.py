@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import time
 import sys
@@ -38,6 +37,8 @@ from tfmq.quant.calibration import collect_calibration
 from tfmq.quant.config import QuantConfig
 from tfmq.report import format_table
 from tfmq.sampling import distinct_timesteps, sampling_timesteps
+
+from memory import peak_rss_mb  # this folder: scripts run as files
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 64)
@@ -86,7 +87,7 @@ def sampling_run(kind: str, path: str, args: argparse.Namespace, images: int) ->
     started = time.perf_counter()
     sample(engine, model.scheduler, images, 0, sampler, batch_size=images, progress=False)
     return {"sampling_s": time.perf_counter() - started,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def measured_run(kind: str, path: str, args: argparse.Namespace, images: int) -> dict:

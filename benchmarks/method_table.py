@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from tfmq.quant.config import QuantConfig
 from tfmq.models.prompts import CLASS_WORDS, prompt_class
 from tfmq.report import format_table
 
+from memory import peak_rss_mb  # this folder: scripts run as files
 from sampling_args import add_sampling_arguments  # this folder: scripts run as files
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,10 +73,6 @@ def row_config(row: str, preset: str) -> QuantConfig:
         key, _, value = item.partition("=")
         fields[key] = _value(value)
     return QuantConfig(method=method, w_bits=_bits(w_bits), a_bits=_bits(a_bits), **fields)
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
@@ -133,7 +129,7 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
     else:
         paired = metrics.between(images, load_file(str(work / "fp_images.safetensors"))["images"])
         result.update(fid_to_fp=paired["fid_to_baseline"], psnr_to_fp=paired["psnr"], ssim_to_fp=paired["ssim"])
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
