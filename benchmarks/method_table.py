@@ -199,8 +199,8 @@ def main() -> None:
     table = format_table(results, COLUMNS, markdown=True)
     guidance = "" if load_model(args.model).conditioning_kind is None else (
         f", guidance scale {args.guidance_scale}, image i asked for class i mod 10 (class_acc: our classifier agrees)")
-    sampler_text = "DDIM" if args.sampler == "ddim" else args.sampler.upper()
-    setup = (f"`{args.model}`, {sampler_text} {args.steps} steps (quadratic skip, eta 0){guidance}, {args.num} images of seed "
+    sampler_text = "DDIM (quadratic skip, eta 0)" if args.sampler == "ddim" else args.sampler.upper()
+    setup = (f"`{args.model}`, {sampler_text} {args.steps} steps{guidance}, {args.num} images of seed "
              f"{args.seed}; calibration: {args.calib_samples} trajectories x {args.steps} steps "
              f"(collected once in {collect_seconds:.0f} s, shared by all rows; calib_s excludes it), "
              f"torch threads per row {1 if args.jobs > 1 else torch.get_num_threads()}, {args.jobs} row(s) at a time")
