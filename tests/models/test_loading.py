@@ -65,3 +65,15 @@ def test_shipped_latent_model_loads_with_its_autoencoder():
     images = model.decode(latents)
     assert images.shape == (2, 1, 16, 16) and images.abs().max() <= 1
     assert (ZOO_DIR / "fashion-ldm" / "MODEL_CARD.md").is_file()
+
+
+def test_shipped_text_model_loads_with_encoder_tokenizer_and_calibration_prompts():
+    model = load_model("fashion-cond")
+    assert model.layout == "StableDiffusionPipeline" and model.conditioning_kind == "text"
+    prompts = model.calibration_prompts()
+    assert len(prompts) == 128
+    conditioning = model.conditioning(3, prompts=prompts[:2], guidance_scale=3.0)
+    states = conditioning.per_image["encoder_hidden_states"]
+    assert states.shape == (3, 16, 64) and torch.equal(states[0], states[2])
+    assert not torch.equal(states[0], conditioning.unconditional["encoder_hidden_states"][0])
+    assert (ZOO_DIR / "fashion-cond" / "MODEL_CARD.md").is_file()
