@@ -14,3 +14,14 @@ def test_the_top_level_api_runs_the_documented_flow_on_a_latent_model(tmp_path):
     loaded = tfmq.load_quantized(tfmq.save_quantized(qunet, tmp_path / "q"), model.unet)
     images = tfmq.sample(loaded, model.scheduler, 2, config=sampler, progress=False, decoder=model.decoder)
     assert images.shape == (2, 1, 16, 16)
+
+
+def test_importing_the_cli_does_not_import_torch():
+    # the CLI sets OMP_WAIT_POLICY for onnxruntime before torch starts its OpenMP pool (measured: the
+    # int8 engine ran 1.0x FP32 torch with spinning torch threads, 2.2x without)
+    import subprocess
+    import sys
+
+    code = "import sys, tfmq, tfmq.cli; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -5,17 +5,36 @@
     calibration = tfmq.collect_calibration(model.unet, model.scheduler)
     qunet = tfmq.quantize(model.unet, tfmq.QuantConfig(method="tfmq", w_bits=4, a_bits=8), calibration)
     images = tfmq.sample(qunet, model.scheduler, num_images=64, seed=0, decoder=model.decoder)
+
+The names load on first use: importing the package does not import torch, so the CLI can set the
+OpenMP wait policy onnxruntime needs before torch's thread pool starts.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from tfmq.errors import TfmqError
-from tfmq.metrics import QualityMetrics
-from tfmq.models.loading import DiffusionModel, load_model
-from tfmq.quant.api import quantize
-from tfmq.quant.calibration import collect_calibration
-from tfmq.quant.checkpoint import load_quantized, save_quantized
-from tfmq.quant.config import QuantConfig
-from tfmq.sampling import Conditioning, SamplerConfig, sample
 
 __version__ = "0.1.0"
-__all__ = ["Conditioning", "DiffusionModel", "QualityMetrics", "QuantConfig", "SamplerConfig", "TfmqError",
-           "collect_calibration", "load_model", "load_quantized", "quantize", "sample", "save_quantized"]
+_WHERE = {
+    "Conditioning": "tfmq.sampling",
+    "DiffusionModel": "tfmq.models.loading",
+    "QualityMetrics": "tfmq.metrics",
+    "QuantConfig": "tfmq.quant.config",
+    "SamplerConfig": "tfmq.sampling",
+    "collect_calibration": "tfmq.quant.calibration",
+    "load_model": "tfmq.models.loading",
+    "load_quantized": "tfmq.quant.checkpoint",
+    "quantize": "tfmq.quant.api",
+    "sample": "tfmq.sampling",
+    "save_quantized": "tfmq.quant.checkpoint",
+}
+__all__ = ["TfmqError", *sorted(_WHERE)]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'tfmq' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)
