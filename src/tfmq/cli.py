@@ -31,15 +31,13 @@ def _sampler_config(args: argparse.Namespace):
 DEFAULT_GUIDANCE_SCALE = 3.0  # for conditional models when --guidance-scale is not given
 
 
-def _conditioning(args: argparse.Namespace, model, num_images: int, fallback_prompts: list[str] | None = None):
-    """The per-image conditions of a conditional model from --prompt/--prompts/--class-label (None for an
-    unconditional model); `fallback_prompts` serve when no prompt is given."""
-    prompts = _prompts(args)
+def _conditioning(args: argparse.Namespace, model, num_images: int, prompts: list[str] | None):
+    """The per-image conditions of a conditional model from `prompts`, --class-label and --guidance-scale
+    (None for an unconditional model)."""
     scale = args.guidance_scale
     if scale is None:
         scale = DEFAULT_GUIDANCE_SCALE if model.conditioning_kind is not None else 1.0
-    return model.conditioning(num_images, prompts=prompts or fallback_prompts, labels=args.class_label,
-                              guidance_scale=scale)
+    return model.conditioning(num_images, prompts=prompts, labels=args.class_label, guidance_scale=scale)
 
 
 def _load_unet(args: argparse.Namespace):
@@ -57,6 +55,7 @@ def _load_unet(args: argparse.Namespace):
 
 def _cmd_sample(args: argparse.Namespace) -> None:
     from tfmq.images import save_image_folder
+    from tfmq.models.loading import cycled
     from tfmq.sampling import sample
 
     config = _sampler_config(args)
@@ -64,7 +63,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         model, unet, source = _load_engine(args, config)
     else:
         model, unet, source = _load_unet(args)
-    conditioning = _conditioning(args, model, args.num)
+    prompts = _prompts(args)
+    conditioning = _conditioning(args, model, args.num, prompts)
     started = time.perf_counter()
     images = sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size, not args.quiet,
                     conditioning=conditioning, decoder=model.decoder)
@@ -75,8 +75,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         if "class_labels" in conditioning.per_image:
             metadata["class_labels"] = conditioning.per_image["class_labels"].tolist()
         else:
-            prompts = _prompts(args)
-            metadata["prompts"] = [prompts[index % len(prompts)] for index in range(args.num)]
+            metadata["prompts"] = cycled(prompts, args.num)
     out = save_image_folder(images, args.out, metadata)
     print(f"{len(images)} images in {seconds:.1f} s -> {out} (grid: {out / 'grid.png'})")
 
@@ -111,7 +110,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     else:
         calibration = None if args.exact_convs else trajectory_inputs(
             unet, model.scheduler, config, num_images=args.calibration_images,
-            conditioning=_conditioning(args, model, args.calibration_images, model.calibration_prompts()))
+            conditioning=_conditioning(args, model, args.calibration_images,
+                                       _prompts(args) or model.calibration_prompts()))
         path = export_onnx(unet, args.out, schedule=distinct_timesteps(sampling_timesteps(model.scheduler, config)),
                            calibration=calibration, opset=args.opset, integer_convs=not args.exact_convs,
                            requantize_weights=args.requantize_weights, details=details)
@@ -139,7 +139,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                  and engine.info.schedule]
     timestep = int(schedules[0][len(schedules[0]) // 2]) if schedules else 500
     config = model.unet.config
-    conditioning = _conditioning(args, model, 1, model.calibration_prompts())
+    # one step of the model as sampling calls it: a calibration prompt's conditional branch
+    conditioning = model.conditioning(1, prompts=model.calibration_prompts())
     rows = []
     for batch in args.batch:
         inputs = {"sample": torch.randn(batch, config.in_channels, config.sample_size, config.sample_size),
@@ -254,7 +255,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     sampler = _sampler_config(args)
     model = load_model(args.model)
     started = time.perf_counter()
-    conditioning = _conditioning(args, model, args.calib_samples, model.calibration_prompts())
+    prompts = _prompts(args) or model.calibration_prompts()
+    conditioning = _conditioning(args, model, args.calib_samples, prompts)
     if args.calib_load is not None:
         calibration = CalibrationSet.load(args.calib_load)
     else:
@@ -267,14 +269,14 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     quantized = quantize(model.unet, config, calibration, source=model.source, progress=not args.quiet)
     calibrated = time.perf_counter()
     quantized.tfmq_info.extra["calibration"] = {
-        "sampler": sampler.to_dict(), "num_samples": args.calib_samples,
-        "guidance_scale": None if conditioning is None else conditioning.guidance_scale, "interval_length": args.interval_length,
+        "sampler": sampler.to_dict(), "num_samples": args.calib_samples, "interval_length": args.interval_length,
+        "guidance_scale": None if conditioning is None else conditioning.guidance_scale,
         "seed": args.seed, "collect_seconds": round(collected - started, 2),
         "quantize_seconds": round(calibrated - collected, 2),
     }
     out = save_quantized(quantized, args.out)
     held_out = collect_calibration(model.unet, model.scheduler, 8, sampler, 10, args.seed + 1, progress=False,
-                                   conditioning=_conditioning(args, model, 8, model.calibration_prompts()))
+                                   conditioning=_conditioning(args, model, 8, prompts))
     error = relative_output_error(quantized, model.unet, held_out)
     fp_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
     file_bytes = (out / "quantized.safetensors").stat().st_size
@@ -404,8 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive, default=10, help="calls per engine per round (3 rounds)")
     bench.add_argument("--threads", type=_positive, default=None, help="onnxruntime threads (default: torch's)")
     bench.add_argument("--json", type=Path, default=None, help="also write the table here")
-    bench.set_defaults(func=_cmd_bench, prompt=None, prompts=None, num_prompts=128, class_label=None,
-                       guidance_scale=1.0)
+    bench.set_defaults(func=_cmd_bench)
 
     quantize = commands.add_parser("quantize", help="quantize a model's UNet (calibrating on its own samples)")
     quantize.add_argument("--model", default="fashion-ddpm", help="shipped model name or diffusers-layout folder")

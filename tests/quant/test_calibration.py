@@ -57,3 +57,11 @@ def test_bad_input_is_a_clear_error(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(TfmqError, match="cannot read calibration data"):
         CalibrationSet.load(tmp_path / "junk.safetensors")
+
+
+def test_timestep_groups_call_one_timestep_at_a_time_and_cover_every_sample():
+    calibration = _collect()
+    groups = list(calibration.timestep_groups())
+    assert len(groups) == 10
+    assert all(len(group["timestep"].unique()) == 1 and len(group["sample"]) == 3 for group in groups)
+    assert sorted(int(group["timestep"][0]) for group in groups) == sorted(calibration.schedule.tolist())

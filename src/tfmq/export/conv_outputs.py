@@ -18,7 +18,8 @@ from tfmq.export.qdq import KERNEL_BITS, QdqActivation
 from tfmq.quant.layers import QuantConv2d, QuantLayer
 from tfmq.quant.quantizer import UniformQuantizer
 from tfmq.quant.wrap import quant_layers
-from tfmq.sampling import Conditioning, SamplerConfig, sample
+from tfmq.quant.calibration import collect_calibration
+from tfmq.sampling import Conditioning, SamplerConfig
 
 UNetInputs = Mapping[str, Any]
 
@@ -83,13 +84,8 @@ def trajectory_inputs(
     batch_size: int = 8, conditioning: Conditioning | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """UNet keyword inputs at every step of `unet`'s own sampling trajectories (with `conditioning`, one
-    condition per image, as `tfmq.sample` takes it): the calibration of the conv output grids, on the inputs
-    the graph will see."""
-    recorded: list[dict[str, torch.Tensor]] = []
-
-    def record(step: int, t: int, x: torch.Tensor, conditions: dict[str, torch.Tensor]) -> None:
-        recorded.append({"sample": x.clone(), "timestep": torch.full((len(x),), t), **conditions})
-
-    sample(unet, scheduler, num_images, seed, sampler, batch_size, progress=False, observer=record,
-           conditioning=conditioning)
-    return recorded
+    condition per image), one call per timestep: the calibration of the conv output grids, on the inputs the
+    graph will see."""
+    trajectories = collect_calibration(unet, scheduler, num_images, sampler, 1, seed, batch_size, progress=False,
+                                       conditioning=conditioning)
+    return list(trajectories.timestep_groups())

@@ -111,7 +111,7 @@ class DiffusionModel:
                 raise TfmqError(f"{self.source} is text-conditional: give prompts, not class labels")
             if not prompts:
                 raise TfmqError(f"{self.source} is text-conditional: give at least one prompt")
-            chosen = [prompts[index % len(prompts)] for index in range(num_images)]
+            chosen = cycled(prompts, num_images)
             return Conditioning({"encoder_hidden_states": self.encode_prompts(chosen)},
                                 {"encoder_hidden_states": self.encode_prompts([""])}, guidance_scale)
         if prompts:
@@ -120,7 +120,7 @@ class DiffusionModel:
         bad = [label for label in labels if not 0 <= label < self.num_classes]
         if bad:
             raise TfmqError(f"class labels {bad} out of range: {self.source} draws classes 0..{self.num_classes - 1}")
-        chosen = torch.as_tensor([labels[index % len(labels)] for index in range(num_images)])
+        chosen = torch.as_tensor(cycled(labels, num_images))
         return Conditioning({"class_labels": chosen}, {"class_labels": torch.tensor([self.num_classes])},
                             guidance_scale)
 
@@ -135,6 +135,11 @@ class DiffusionModel:
             if self.layout == "StableDiffusionPipeline" else {}
         return pipeline_class(unet=unet if unet is not None else self.unet, scheduler=self.components["scheduler"],
                               **{name: self.components[name] for name in PIPELINE_COMPONENTS[self.layout]}, **extra)
+
+
+def cycled(items: list, count: int) -> list:
+    """`count` items taken from `items` in turn: image i gets item i mod len(items)."""
+    return [items[index % len(items)] for index in range(count)]
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:

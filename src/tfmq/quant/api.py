@@ -85,8 +85,7 @@ def relative_output_error(quantized: nn.Module, full_precision: nn.Module, held_
     """||eps_q - eps_fp|| / ||eps_fp|| over `held_out` (UNet inputs the calibration never saw), called one
     timestep at a time as a sampler calls it (per-timestep tables select their row by it)."""
     error_sq = reference_sq = 0.0
-    for timestep in held_out.timesteps.unique():
-        inputs = held_out.inputs((held_out.timesteps == timestep).nonzero().flatten())
+    for inputs in held_out.timestep_groups():
         reference = full_precision(**inputs).sample
         error_sq += (quantized(**inputs).sample - reference).pow(2).sum().item()
         reference_sq += reference.pow(2).sum().item()

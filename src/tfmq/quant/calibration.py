@@ -8,6 +8,7 @@ steps, which gives each step the same marginal distribution for a hundredth of t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +20,7 @@ from tfmq.errors import TfmqError
 from tfmq.sampling import Conditioning, SamplerConfig, distinct_timesteps, sample, sampling_timesteps
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration seeds never coincide with evaluation seeds 0, 1, 2, ...
-
-
-CONDITION_PREFIX = "condition."
+CONDITION_PREFIX = "condition."  # conditions' keys in a saved set
 
 
 @dataclass
@@ -64,6 +63,12 @@ class CalibrationSet:
         """UNet keyword inputs of samples `indices`."""
         return {"sample": self.samples[indices], "timestep": self.timesteps[indices],
                 **{key: value[indices] for key, value in self.conditions.items()}}
+
+    def timestep_groups(self) -> Iterator[dict[str, torch.Tensor]]:
+        """UNet keyword inputs of one timestep at a time: how a sampler calls the UNet, and all that a model
+        with per-timestep tables accepts."""
+        for timestep in self.timesteps.unique():
+            yield self.inputs((self.timesteps == timestep).nonzero().flatten())
 
     def batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
         """The whole set as UNet keyword inputs, `batch_size` samples at a time, in order."""

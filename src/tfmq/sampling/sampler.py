@@ -68,7 +68,12 @@ def sampling_timesteps(scheduler: DDPMScheduler, config: SamplerConfig) -> np.nd
     per-timestep tables use exactly these."""
     if config.name == "ddim":
         return timestep_schedule(scheduler.config.num_train_timesteps, config.steps, config.skip_type)
-    return _diffusers_sampler(scheduler, config).timesteps.numpy().astype(np.int64)
+    return _visited(_diffusers_sampler(scheduler, config))
+
+
+def _visited(stepper) -> np.ndarray:
+    """The timesteps a set diffusers scheduler calls the UNet at."""
+    return stepper.timesteps.numpy().astype(np.int64)
 
 
 def distinct_timesteps(timesteps: np.ndarray | list[int]) -> np.ndarray:
@@ -108,8 +113,8 @@ def sample_batch(
     generators = image_generators(seed, indices)
     x = draw(generators, shape)
     conditioning = conditioning or Conditioning({})
-    timesteps = sampling_timesteps(scheduler, config)
     stepper = None if config.name == "ddim" else _diffusers_sampler(scheduler, config)
+    timesteps = sampling_timesteps(scheduler, config) if stepper is None else _visited(stepper)
     for step_index, t in enumerate(timesteps.tolist()):
         sample_input, kwargs = conditioning.unet_inputs(x)
         if observer is not None:
