@@ -191,6 +191,38 @@ def test_text_model_quantizes_on_a_captions_file_and_samples_with_prompts(capsys
     assert metadata["prompts"] == ["a bag", "a coat", "a bag"] and metadata["guidance_scale"] == 2.0
 
 
+def test_single_file_checkpoint_quantizes_samples_and_exports_like_its_folder(capsys, tmp_path, text_folder):
+    """A CompVis-layout .safetensors with its config folder gives the same quantized images as the diffusers
+    folder it was written from, and every later command finds it from what quantize and export recorded."""
+    from tests.models.original_checkpoint import single_file_model
+
+    from tfmq.images import load_image_folder
+
+    checkpoint, configs = single_file_model(text_folder, tmp_path / "released")
+    common = ("--sampler", "plms", "--steps", 3, "--quiet")
+    images = {}
+    models = {"file": ("--model", checkpoint, "--model-config", configs), "folder": ("--model", text_folder)}
+    for name, model in models.items():
+        code, _, err = _run(capsys, "quantize", *model, "--w-bits", 8, "--calib-samples", 2, "--interval-length", 1,
+                            "--prompt", "a coat", "--out", tmp_path / f"q-{name}", *common)
+        assert code == 0, err
+        code, _, err = _run(capsys, "sample", "--quantized", tmp_path / f"q-{name}", "--prompt", "a bag", "--num", 2,
+                            "--out", tmp_path / f"s-{name}", *common)
+        assert code == 0, err
+        images[name] = load_image_folder(tmp_path / f"s-{name}", skip=("samples.json", "grid.png"))[1]
+    assert torch.equal(images["file"], images["folder"])
+    base = json.loads((tmp_path / "q-file" / "quantization.json").read_text())["base_model"]
+    assert base["source"] == str(checkpoint.resolve()) and base["config"] == str(configs.resolve())
+    code, _, err = _run(capsys, "export", tmp_path / "q-file", "--out", tmp_path / "unet.onnx", "--exact-convs",
+                        "--prompt", "a bag", "--sampler", "plms", "--steps", 3)
+    assert code == 0, err
+    code, _, err = _run(capsys, "sample", "--engine", "onnxruntime", "--onnx", tmp_path / "unet.onnx",
+                        "--prompt", "a bag", "--num", 2, "--out", tmp_path / "s-onnx", *common)
+    assert code == 0, err
+    code, _, err = _run(capsys, "quantize", "--model", checkpoint, "--out", tmp_path / "q", *common)
+    _assert_one_line_error(code, err, "--model-config")
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (("--prompt", "a bag"), "unconditional"),
     (("--class-label", "3"), "unconditional"),

@@ -40,16 +40,25 @@ def _conditioning(args: argparse.Namespace, model, num_images: int, prompts: lis
     return model.conditioning(num_images, prompts=prompts, labels=args.class_label, guidance_scale=scale)
 
 
+def _base_model(args: argparse.Namespace, recorded: dict | None = None):
+    """--model (a single-file checkpoint with --model-config), else the base model a quantized folder or an
+    exported graph recorded, else fashion-ddpm."""
+    from tfmq.models.loading import load_model
+
+    if args.model is not None:
+        return load_model(args.model, config=args.model_config)
+    recorded = recorded or {"source": "fashion-ddpm"}
+    return load_model(recorded["source"], config=args.model_config or recorded.get("config"))
+
+
 def _load_unet(args: argparse.Namespace):
     """The model to sample from: the full-precision one, or a quantized checkpoint on its base model."""
-    from tfmq.models.loading import load_model
     from tfmq.quant.checkpoint import load_quantized, read_metadata
 
     if args.quantized is None:
-        model = load_model(args.model or "fashion-ddpm")
+        model = _base_model(args)
         return model, model.unet, model.source
-    base = args.model or read_metadata(args.quantized)["base_model"]["source"]
-    model = load_model(base)
+    model = _base_model(args, read_metadata(args.quantized)["base_model"])
     return model, load_quantized(args.quantized, model.unet), str(args.quantized)
 
 
@@ -84,7 +93,6 @@ def _load_engine(args: argparse.Namespace, config):
     """An exported graph in onnxruntime, with the model it was exported from (for its scheduler, decoder and
     conditioning); the sampler must be the one the graph's timestep table was exported for."""
     from tfmq.export import OnnxUNet
-    from tfmq.models.loading import load_model
 
     if args.onnx is None:
         raise TfmqError("--engine onnxruntime needs --onnx unet.onnx (written by `tfmq export`)")
@@ -94,7 +102,9 @@ def _load_engine(args: argparse.Namespace, config):
     exported_with = engine.info.details.get("sampler")
     if engine.info.schedule is not None and exported_with is not None and exported_with != config.to_dict():
         raise TfmqError(f"{args.onnx} serves the timesteps of sampler {exported_with}; sample with those settings")
-    model = load_model(args.model or engine.info.details.get("base_model", "fashion-ddpm"))
+    details = engine.info.details
+    model = _base_model(args, {"source": details.get("base_model", "fashion-ddpm"),
+                               "config": details.get("base_model_config")})
     return model, engine, str(args.onnx)
 
 
@@ -105,6 +115,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     config = _sampler_config(args)
     model, unet, source = _load_unet(args)
     details = {"model": source, "base_model": model.source, "sampler": config.to_dict()}
+    if "config" in model.reference:
+        details["base_model_config"] = model.reference["config"]
     if args.quantized is None:
         path = export_onnx(unet, args.out, format="fp32", opset=args.opset, details=details)
     else:
@@ -234,7 +246,6 @@ def _bits(text: str) -> int | None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    from tfmq.models.loading import load_model
     from tfmq.quant.api import quantize, relative_output_error
     from tfmq.quant.calibration import CalibrationSet, collect_calibration
     from tfmq.quant.checkpoint import save_quantized
@@ -253,7 +264,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise TfmqError(str(exc)) from exc
     sampler = _sampler_config(args)
-    model = load_model(args.model)
+    model = _base_model(args)
     started = time.perf_counter()
     prompts = _prompts(args) or model.calibration_prompts()
     conditioning = _conditioning(args, model, args.calib_samples, prompts)
@@ -267,6 +278,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
             calibration.save(args.calib_save)
     collected = time.perf_counter()
     quantized = quantize(model.unet, config, calibration, source=model.source, progress=not args.quiet)
+    quantized.tfmq_info.base_config = model.reference.get("config", "")
     calibrated = time.perf_counter()
     quantized.tfmq_info.extra["calibration"] = {
         "sampler": sampler.to_dict(), "num_samples": args.calib_samples, "interval_length": args.interval_length,
@@ -353,6 +365,13 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
                              "1 runs no unconditional branch)")
 
 
+def _add_model_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="with a single-file Stable Diffusion v1 checkpoint (.ckpt/.safetensors) as --model: "
+                             "a folder of its pipeline's diffusers configs (model_index.json, unet/, vae/, "
+                             "text_encoder/, tokenizer/, scheduler/; no weights)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line (no usage dump), still with exit code 2."""
 
@@ -367,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="sample images (PNGs, a grid, samples.json) from a model")
     sample.add_argument("--model", default=None,
-                        help="shipped model name or diffusers-layout folder (default fashion-ddpm, or the base "
-                             "model recorded in --quantized)")
+                        help="shipped model name, diffusers-layout folder or single-file checkpoint (default "
+                             "fashion-ddpm, or the base model recorded in --quantized)")
+    _add_model_config_argument(sample)
     sample.add_argument("--quantized", type=Path, default=None, help="a folder written by `tfmq quantize`")
     sample.add_argument("--num", type=_positive, default=64, help="number of images")
     sample.add_argument("--out", type=Path, required=True, help="output folder (replaced whole when done)")
@@ -385,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("quantized", type=Path, nargs="?", default=None,
                         help="a folder written by `tfmq quantize` (omit: the FP32 graph of --model)")
     export.add_argument("--model", default=None, help="base model (default: the one recorded in the folder)")
+    _add_model_config_argument(export)
     export.add_argument("--format", choices=["onnx"], default="onnx")
     export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     export.add_argument("--opset", type=int, default=21)
@@ -400,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time one UNet step: FP32 torch against fake-quant and exported "
                                 "graphs, same process, as ratios")
     bench.add_argument("--model", default=None, help="base model (default fashion-ddpm, or --quantized's)")
+    _add_model_config_argument(bench)
     bench.add_argument("--quantized", type=Path, default=None, help="also time the fake-quant model of this folder")
     bench.add_argument("--onnx", type=Path, nargs="*", default=[], help="graphs written by `tfmq export`")
     bench.add_argument("--batch", type=_positive, nargs="+", default=[1, 64])
@@ -409,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     quantize = commands.add_parser("quantize", help="quantize a model's UNet (calibrating on its own samples)")
-    quantize.add_argument("--model", default="fashion-ddpm", help="shipped model name or diffusers-layout folder")
+    quantize.add_argument("--model", default="fashion-ddpm",
+                          help="shipped model name, diffusers-layout folder, or single-file checkpoint")
+    _add_model_config_argument(quantize)
     quantize.add_argument("--method", choices=["rtn", "qdiff", "tfmq"], default="rtn")
     quantize.add_argument("--w-bits", type=_bits, default=4, help="weight bits 2..8, or none (paper: --wq)")
     quantize.add_argument("--a-bits", type=_bits, default=8,

@@ -4,7 +4,8 @@ Layouts: `DDPMPipeline` / `DDIMPipeline` (unet, scheduler), `LDMPipeline` (unet,
 `StableDiffusionPipeline` (unet, vae, text_encoder, tokenizer, scheduler), or a bare `unet/` +
 `scheduler/` folder. Each component is read from its own subfolder with `local_files_only`, so a broken
 one is named in the error and nothing is fetched from a hub; a Stable Diffusion safety checker is not
-loaded (it is no part of what is quantized).
+loaded (it is no part of what is quantized). An original single-file Stable Diffusion v1 checkpoint loads
+with a folder of its pipeline's configs (`tfmq.models.single_file`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ class DiffusionModel:
     layout: str = "DDPMPipeline"
     components: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None
+    config_folder: Path | None = None  # the configs a single-file checkpoint (`source`) was built with
+
+    @property
+    def reference(self) -> dict[str, str]:
+        """What `load_model` needs to load this model again: {"source"} and, for a single file, {"config"}."""
+        reference = {"source": self.source}
+        if self.config_folder is not None:
+            reference["config"] = str(self.config_folder.resolve())
+        return reference
 
     def calibration_prompts(self) -> list[str] | None:
         """The prompts a text-conditional model folder suggests for calibration (`calibration_prompts.txt`),
@@ -143,15 +153,19 @@ def cycled(items: list, count: int) -> list:
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A zoo name maps to the shipped folder; anything else must be an existing local folder."""
+    """A zoo name maps to the shipped folder; anything else must be an existing local folder or a
+    single-file checkpoint."""
+    from tfmq.models.single_file import SINGLE_FILE_SUFFIXES
+
     if str(name_or_path) in ZOO_MODELS:
         return ZOO_DIR / str(name_or_path)
     path = Path(name_or_path)
     if not path.exists():
         known = ", ".join(ZOO_MODELS)
-        raise TfmqError(f"model {name_or_path!s} is neither a shipped model ({known}) nor an existing folder")
-    if not path.is_dir():
-        raise TfmqError(f"model path {path} is a file; give a folder in the diffusers layout (unet/, scheduler/)")
+        raise TfmqError(f"model {name_or_path!s} is neither a shipped model ({known}) nor an existing folder or file")
+    if not path.is_dir() and path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise TfmqError(f"model path {path} is a file but not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}); "
+                        "give a folder in the diffusers layout (unet/, scheduler/) or a single-file checkpoint")
     return path
 
 
@@ -175,8 +189,8 @@ def _load_unet(unet_dir: Path) -> nn.Module:
     return unet.eval().requires_grad_(False)
 
 
-def _load_component(folder: Path, name: str, library: str, class_name: str) -> Any:
-    """Component `name` of a pipeline folder, by the library and class its model_index.json names."""
+def _component_class(folder: Path, name: str, library: str, class_name: str) -> type:
+    """The class model_index.json names for component `name`, from diffusers or transformers only."""
     import diffusers
     import transformers
 
@@ -185,8 +199,18 @@ def _load_component(folder: Path, name: str, library: str, class_name: str) -> A
     component_class = getattr(module, class_name, None) if module is not None else None
     if component_class is None:
         raise TfmqError(f"{folder}/model_index.json names {library}.{class_name} for {name}, which tfmq cannot load")
+    return component_class
+
+
+def _load_component(folder: Path, name: str, library: str, class_name: str) -> Any:
+    """Component `name` of a pipeline folder, by the library and class its model_index.json names."""
+    from diffusers import ModelMixin
+
+    component_class = _component_class(folder, name, library, class_name)
+    # without `accelerate` diffusers warns at length before loading the plain way; ask for that way
+    options = {"low_cpu_mem_usage": False} if issubclass(component_class, ModelMixin) else {}
     try:
-        component = component_class.from_pretrained(folder / name, local_files_only=True)
+        component = component_class.from_pretrained(folder / name, local_files_only=True, **options)
     except Exception as exc:  # each library raises its own errors for missing or bad files
         raise TfmqError(f"cannot load {name} from {folder / name}: {str(exc).splitlines()[0]}") from exc
     if isinstance(component, nn.Module):
@@ -194,23 +218,23 @@ def _load_component(folder: Path, name: str, library: str, class_name: str) -> A
     return component
 
 
-def load_model(name_or_path: str | Path) -> DiffusionModel:
-    """Load a pipeline folder of a supported layout (see the module docstring), or a bare UNet folder."""
-    folder = resolve_model_path(name_or_path)
-    source = str(name_or_path) if str(name_or_path) in ZOO_MODELS else str(folder.resolve())
-    layout, components = "unet", {}
-    if (folder / "model_index.json").is_file():
-        index = _read_json(folder / "model_index.json")
-        layout = index.get("_class_name", "")
-        if layout not in PIPELINE_COMPONENTS:
-            known = ", ".join(PIPELINE_COMPONENTS)
-            raise TfmqError(f"{folder} holds a {layout or 'pipeline of unknown class'}; tfmq loads {known}")
-        for name in PIPELINE_COMPONENTS[layout]:
-            entry = index.get(name)
-            if not entry or entry[0] is None:
-                raise TfmqError(f"{folder}/model_index.json has no {name}, which a {layout} needs")
-            components[name] = _load_component(folder, name, *entry)
-    unet = _load_unet(folder / "unet" if (folder / "unet").is_dir() else folder)
+def _pipeline_index(folder: Path) -> tuple[str, dict]:
+    """The pipeline class of a folder's model_index.json (a supported one) and the whole index."""
+    index = _read_json(folder / "model_index.json")
+    layout = index.get("_class_name", "")
+    if layout not in PIPELINE_COMPONENTS:
+        known = ", ".join(PIPELINE_COMPONENTS)
+        raise TfmqError(f"{folder} holds a {layout or 'pipeline of unknown class'}; tfmq loads {known}")
+    for name in PIPELINE_COMPONENTS[layout]:
+        entry = index.get(name)
+        if not entry or entry[0] is None:
+            raise TfmqError(f"{folder}/model_index.json has no {name}, which a {layout} needs")
+    return layout, index
+
+
+def _training_schedule(folder: Path, layout: str, components: dict[str, Any]) -> DDPMScheduler:
+    """The noise schedule tfmq's samplers read (betas, T, clipping), as a DDPMScheduler; a pipeline also
+    keeps its own scheduler among `components`."""
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise TfmqError(f"{folder} has no scheduler config (expected scheduler/scheduler_config.json)")
@@ -218,6 +242,50 @@ def load_model(name_or_path: str | Path) -> DiffusionModel:
     if layout in PIPELINE_COMPONENTS:
         components["scheduler"] = _load_component(folder, "scheduler", "diffusers",
                                                   scheduler_config.get("_class_name", "DDPMScheduler"))
-    # tfmq's samplers read the training noise schedule (betas, T, clipping) from a DDPMScheduler config
-    return DiffusionModel(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config), source=source,
-                          layout=layout, components=components, folder=folder)
+    return DDPMScheduler.from_config(scheduler_config)
+
+
+def load_model(name_or_path: str | Path, config: str | Path | None = None) -> DiffusionModel:
+    """Load a pipeline folder of a supported layout (see the module docstring), a bare UNet folder, or a
+    single-file Stable Diffusion v1 checkpoint with `config`, the folder of its pipeline's configs."""
+    path = resolve_model_path(name_or_path)
+    if path.is_file():
+        return _load_single_file(path, config)
+    if config is not None:
+        raise TfmqError(f"a config folder goes with a single-file checkpoint; {path} is a folder with its own configs")
+    source = str(name_or_path) if str(name_or_path) in ZOO_MODELS else str(path.resolve())
+    layout, components = "unet", {}
+    if (path / "model_index.json").is_file():
+        layout, index = _pipeline_index(path)
+        for name in PIPELINE_COMPONENTS[layout]:
+            components[name] = _load_component(path, name, *index[name])
+    unet = _load_unet(path / "unet" if (path / "unet").is_dir() else path)
+    scheduler = _training_schedule(path, layout, components)
+    return DiffusionModel(unet=unet, scheduler=scheduler, source=source, layout=layout, components=components,
+                          folder=path)
+
+
+def _load_single_file(path: Path, config: str | Path | None) -> DiffusionModel:
+    """A Stable Diffusion v1 checkpoint file: networks from its weights, everything else from `config`."""
+    from tfmq.models.single_file import SUPPORTED_LAYOUT, check_stable_diffusion_v1, load_network, read_checkpoint
+
+    if config is None:
+        raise TfmqError(
+            f"{path} is a single-file checkpoint: also give the folder of its pipeline's diffusers configs "
+            "(--model-config: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, no weights needed)")
+    folder = Path(config)
+    if not (folder / "model_index.json").is_file():
+        raise TfmqError(f"config folder {folder} has no model_index.json")
+    layout, index = _pipeline_index(folder)
+    if layout != SUPPORTED_LAYOUT:
+        raise TfmqError(f"single-file checkpoints load as a {SUPPORTED_LAYOUT}; {folder} describes a {layout}")
+    checkpoint = read_checkpoint(path)
+    check_stable_diffusion_v1(checkpoint, path)
+    networks = {name: load_network(name, _component_class(folder, name, *index[name]), folder, checkpoint, path)
+                for name in ("unet", "vae", "text_encoder")}
+    del checkpoint
+    unet = networks.pop("unet")
+    components = {**networks, "tokenizer": _load_component(folder, "tokenizer", *index["tokenizer"])}
+    scheduler = _training_schedule(folder, layout, components)
+    return DiffusionModel(unet=unet, scheduler=scheduler, source=str(path.resolve()), layout=layout,
+                          components=components, folder=folder, config_folder=folder)

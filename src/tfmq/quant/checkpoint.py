@@ -39,6 +39,7 @@ class QuantizationInfo:
     base_fingerprint: str
     base_source: str = ""
     extra: dict = field(default_factory=dict)
+    base_config: str = ""  # the config folder a single-file base checkpoint loads with
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -104,13 +105,15 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
         del state[f"{name}.weight"]
         state[f"{name}.weight{_CODES_SUFFIX}"] = pack_codes(codes, bits)
         packed_weights[name] = {"bits": bits, "shape": list(layer.weight.shape)}
+    base_model = {"source": info.base_source, "fingerprint": info.base_fingerprint, "class": type(model).__name__}
+    if info.base_config:
+        base_model["config"] = info.base_config
     with atomic_directory(path) as staging:
         save_file(state, str(staging / WEIGHTS_FILE))
         write_json(staging / METADATA_FILE, {
             "format_version": FORMAT_VERSION,
             "quant_config": info.config.to_dict(),
-            "base_model": {"source": info.base_source, "fingerprint": info.base_fingerprint,
-                           "class": type(model).__name__},
+            "base_model": base_model,
             "packed_weights": packed_weights,
             # the sampler timesteps the activation tables serve (also in the weights file, which rules)
             "timestep_schedule": None if tables is None else tables.schedule.tolist(),
@@ -191,7 +194,8 @@ def load_quantized(path: str | Path, base: nn.Module) -> nn.Module:
     if missing or unexpected:
         raise TfmqError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tfmq_info = QuantizationInfo(config, fingerprint, metadata["base_model"].get("source", ""),
-                                       {k: v for k, v in metadata.items() if k not in _STANDARD_KEYS})
+                                       {k: v for k, v in metadata.items() if k not in _STANDARD_KEYS},
+                                       metadata["base_model"].get("config", ""))
     return model.eval()
 
 

@@ -1,0 +1,142 @@
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tests.models.original_checkpoint import TEXT_ENCODER_PREFIX, UNET_PREFIX, single_file_model
+from tests.models.tiny_pipelines import write_pipeline
+
+from tfmq.errors import TfmqError
+from tfmq.models.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    folder = write_pipeline("text", tmp_path_factory.mktemp("single-file") / "tiny-sd")
+    return folder, *single_file_model(folder, folder.parent / "released")
+
+
+def _networks(model) -> dict[str, torch.nn.Module]:
+    return {"unet": model.unet, "vae": model.components["vae"], "text_encoder": model.components["text_encoder"]}
+
+
+def _assert_same_weights(loaded, expected) -> None:
+    for name, network in _networks(expected).items():
+        state, loaded_state = network.state_dict(), _networks(loaded)[name].state_dict()
+        assert loaded_state.keys() == state.keys(), name
+        assert all(torch.equal(loaded_state[key], state[key]) for key in state), name
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_single_file_loads_every_network_weight_from_the_file(tiny_sd, tmp_path, monkeypatch, suffix):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, _, _ = tiny_sd
+    path, configs = single_file_model(folder, tmp_path, suffix)
+    assert not list(configs.rglob("*.safetensors"))  # the weights can only come from the file
+    model = load_model(path, config=configs)
+    _assert_same_weights(model, load_model(folder))
+    assert model.layout == "StableDiffusionPipeline" and model.conditioning_kind == "text"
+    assert type(model.components["scheduler"]).__name__ == "PNDMScheduler"
+    assert model.reference == {"source": str(path.resolve()), "config": str(configs.resolve())}
+    assert load_model(folder).reference == {"source": str(folder.resolve())}
+
+
+def test_shipped_text_model_round_trips_through_a_single_file(tmp_path):
+    from tfmq.models.loading import ZOO_DIR
+
+    path, configs = single_file_model(ZOO_DIR / "fashion-cond", tmp_path)
+    model, shipped = load_model(path, config=configs), load_model("fashion-cond")
+    _assert_same_weights(model, shipped)
+    assert model.calibration_prompts() == shipped.calibration_prompts()  # read from the config folder
+    with torch.no_grad():
+        prompts = model.encode_prompts(["a photo of a sneaker"])
+        assert torch.equal(prompts, shipped.encode_prompts(["a photo of a sneaker"]))
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+        # bit-identical weights; the kernels may still round differently by where the tensors sit in memory
+        torch.testing.assert_close(model.unet(x, t, encoder_hidden_states=prompts).sample,
+                                   shipped.unet(x, t, encoder_hidden_states=prompts).sample, rtol=0, atol=1e-5)
+
+
+CALLED = []
+
+
+def _record_call() -> None:
+    CALLED.append(True)
+
+
+class _Payload:
+    """Pickles as a call of `_record_call`: what a malicious .ckpt does with any function."""
+
+    def __reduce__(self):
+        return _record_call, ()
+
+
+def test_ckpt_with_python_objects_is_refused_without_running_them(tiny_sd, tmp_path):
+    _, path, configs = tiny_sd
+    state = load_file(str(path))
+    torch.save({"state_dict": state, "callbacks": _Payload()}, tmp_path / "model.ckpt")
+    with pytest.raises(TfmqError, match=r"needs the Python object .*_record_call.*weights_only=True"):
+        load_model(tmp_path / "model.ckpt", config=configs)
+    assert not CALLED
+    pickle.loads(pickle.dumps(_Payload()))  # the payload does run when unpickled without the guard
+    assert CALLED
+
+
+def test_missing_weight_is_an_error_not_a_random_initialisation(tiny_sd, tmp_path):
+    _, path, configs = tiny_sd
+    state = load_file(str(path))
+    removed = next(key for key in state if key.startswith(UNET_PREFIX + "output_blocks."))
+    del state[removed]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(TfmqError, match=r"unet config .* 1 weights missing"):
+        load_model(tmp_path / "model.safetensors", config=configs)
+
+
+def test_file_of_another_model_size_is_an_error(tiny_sd, tmp_path):
+    _, path, configs = tiny_sd
+    state = load_file(str(path))
+    key = TEXT_ENCODER_PREFIX + "text_model.embeddings.token_embedding.weight"
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(TfmqError, match="1 of another shape"):
+        load_model(tmp_path / "model.safetensors", config=configs)
+
+
+@pytest.mark.parametrize("extra_key, fragment", [
+    ("cond_stage_model.model.transformer.resblocks.0.ln_1.weight", "Stable Diffusion 2"),
+    (None, "no CLIP text encoder weights"),
+])
+def test_files_that_are_not_stable_diffusion_v1_are_refused(tiny_sd, tmp_path, extra_key, fragment):
+    _, path, configs = tiny_sd
+    state = load_file(str(path))
+    if extra_key is None:
+        state = {key: value for key, value in state.items() if not key.startswith(TEXT_ENCODER_PREFIX)}
+    else:
+        state[extra_key] = torch.ones(1)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(TfmqError, match=fragment):
+        load_model(tmp_path / "model.safetensors", config=configs)
+
+
+def test_single_file_needs_a_stable_diffusion_config_folder(tiny_sd, tmp_path):
+    folder, path, _ = tiny_sd
+    with pytest.raises(TfmqError, match="--model-config"):
+        load_model(path)
+    with pytest.raises(TfmqError, match="has no model_index.json"):
+        load_model(path, config=tmp_path)
+    with pytest.raises(TfmqError, match="load as a StableDiffusionPipeline; .* DDPMPipeline"):
+        load_model(path, config=write_pipeline("pixel", tmp_path / "ddpm"))
+    with pytest.raises(TfmqError, match="goes with a single-file checkpoint"):
+        load_model(folder, config=folder)
+
+
+def test_unreadable_files_are_errors(tiny_sd, tmp_path):
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(TfmqError, match="not a checkpoint"):
+        load_model(tmp_path / "notes.txt")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(TfmqError, match="cannot read .* as a checkpoint"):
+        load_model(tmp_path / "broken.safetensors", config=tiny_sd[2])
+    (tmp_path / "broken.ckpt").write_bytes(b"\x00" * 16)
+    with pytest.raises(TfmqError, match="cannot read .* as a checkpoint"):
+        load_model(tmp_path / "broken.ckpt", config=tiny_sd[2])
