@@ -149,9 +149,17 @@ def test_tampered_quantized_checkpoint(capsys, tmp_path, tiny_model_folder):
 
 def test_quantize_with_block_reconstruction(capsys, tmp_path, tiny_model_folder):
     code, out, _ = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--method", "qdiff", "--preset", "fast")
-    assert code == 0 and "qdiff" in out and "fast" in out
+    assert code == 0 and "qdiff" in out and "fast" in out and "--preset balanced" in out
     metadata = json.loads((tmp_path / "q" / "quantization.json").read_text())
     assert metadata["quant_config"]["recon_preset"] == "fast" and metadata["reconstruction"]
+
+
+def test_every_preset_is_a_choice_of_quantize():
+    from tfmq.cli import build_parser
+    from tfmq.quant.config import RECON_PRESETS
+
+    for preset in RECON_PRESETS:
+        assert build_parser().parse_args(["quantize", "--preset", preset, "--out", "q"]).preset == preset
 
 
 def test_quantize_with_tfmq_cache_then_sample(capsys, tmp_path, tiny_model_folder):

@@ -75,3 +75,10 @@ def test_tfmq_switches_round_trip_and_belong_to_tfmq_only() -> None:
         with pytest.raises(ValueError, match=f"tiar=False, temporal_cache=True only apply to method 'tfmq', not '{method}'"):
             QuantConfig(method=method, tiar=False, temporal_cache=True)
         assert QuantConfig(method=method, fsc_scope="temporal").fsc_scope == "temporal"  # FSC is for every method
+
+
+def test_presets_give_their_lengths_and_fields_override_them() -> None:
+    lengths = {name: QuantConfig(recon_preset=name).reconstruction.weight_iters for name in ("fast", "balanced", "paper")}
+    assert lengths == {"fast": 200, "balanced": 2_000, "paper": 20_000}
+    balanced = QuantConfig(recon_preset="balanced", recon_weight_iters=7).reconstruction
+    assert balanced.weight_iters == 7 and balanced.weight_lr == 1e-2 and balanced.act_iters == 50
