@@ -140,3 +140,15 @@ def test_unreadable_files_are_errors(tiny_sd, tmp_path):
     (tmp_path / "broken.ckpt").write_bytes(b"\x00" * 16)
     with pytest.raises(TfmqError, match="cannot read .* as a checkpoint"):
         load_model(tmp_path / "broken.ckpt", config=tiny_sd[2])
+
+
+def test_half_precision_file_loads_into_float32_networks(tiny_sd, tmp_path):
+    """Most released .safetensors hold fp16 weights; tfmq calibrates in float32."""
+    folder, path, configs = tiny_sd
+    half = {key: value.half() for key, value in load_file(str(path)).items()}
+    save_file(half, str(tmp_path / "model.safetensors"))
+    model = load_model(tmp_path / "model.safetensors", config=configs)
+    expected = load_model(folder).unet.state_dict()
+    loaded = model.unet.state_dict()
+    assert all(tensor.dtype == torch.float32 for tensor in loaded.values())
+    assert all(torch.equal(loaded[key], expected[key].half().float()) for key in expected)
