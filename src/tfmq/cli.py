@@ -301,7 +301,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     }]))
     print(f"quantized model -> {out}")
     if config.method != "rtn" and config.recon_preset == "fast":
-        print("(--preset fast: --preset balanced reconstructs 10x longer, about 5x the time, and came 3-13 dB "
+        print("(--preset fast: --preset balanced reconstructs 10x longer, for 3-5x the time, and came 3-13 dB "
               "closer to full precision on the shipped models; see the README)")
 
 
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="activation bits 4..16, or none (paper: --aq; --use_aq off = none)")
     quantize.add_argument("--preset", choices=["fast", "balanced", "paper"], default="fast",
                           help="reconstruction length (qdiff, tfmq): 'fast' (200 rounding steps a block) suits a "
-                               "CPU (minutes); 'balanced' (2k) is closer to FP for ~5x the time; 'paper' is the "
+                               "CPU (minutes); 'balanced' (2k) is closer to FP for 3-5x the time; 'paper' is the "
                                "authors' 20k (hours on a CPU)")
     quantize.add_argument("--fsc-scope", choices=["auto", "none", "temporal", "all"], default="auto",
                           help="per-timestep activation ranges (FSC): for the temporal features, for every "

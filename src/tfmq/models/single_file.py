@@ -31,10 +31,6 @@ CLIP_KEY = "cond_stage_model.transformer."
 OPEN_CLIP_KEY = "cond_stage_model.model."  # Stable Diffusion 2: not read
 
 
-def is_single_file(path: Path) -> bool:
-    return path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES
-
-
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The flat state dict of a single-file checkpoint (unwrapping the `state_dict` entry of a training
     checkpoint), loaded onto the CPU without unpickling anything but tensors."""
@@ -94,9 +90,11 @@ def load_network(name: str, network_class: type, config_folder: Path, checkpoint
                  path: Path) -> nn.Module:
     """Component `name` built from its config in `config_folder`, every weight taken from `checkpoint`."""
     try:
-        network = network_class.from_config(network_class.load_config(config_folder / name)) \
-            if hasattr(network_class, "load_config") else \
-            network_class(network_class.config_class.from_pretrained(config_folder / name, local_files_only=True))
+        if hasattr(network_class, "load_config"):  # a diffusers model
+            network = network_class.from_config(network_class.load_config(config_folder / name))
+        else:  # a transformers model
+            network = network_class(network_class.config_class.from_pretrained(config_folder / name,
+                                                                               local_files_only=True))
     except Exception as exc:  # diffusers and transformers raise their own errors for missing or bad configs
         raise TfmqError(f"cannot build {name} from {config_folder / name}: {str(exc).splitlines()[0]}") from exc
     state = converted_state(name, network, checkpoint)

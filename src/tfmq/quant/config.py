@@ -40,7 +40,7 @@ class ReconstructionSettings:
 # sizes keep 4e-5: Adam moves every step by about lr whatever its size, and 50 steps of 4e-4 already
 # wreck a softmax step of 1/255 (measured on the tiny text UNet: its error doubled). "balanced": fast's
 # settings with ten times its rounding steps, the length at which the shipped models' W4A8 images came
-# 3-9 dB closer to FP than with "fast" (README, "Reconstruction length"), for about 5x the time.
+# 3-13 dB closer to FP than with "fast" (README, "Reconstruction length"), for 3-5x the time.
 RECON_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"weight_iters": 20_000, "act_iters": 5_000, "batch_size": 32, "weight_lr": 1e-3, "act_lr": 4e-5},
     "balanced": {"weight_iters": 2_000, "act_iters": 50, "batch_size": 32, "weight_lr": 1e-2, "act_lr": 4e-5},
@@ -98,9 +98,9 @@ class QuantConfig:
     name of one of its parents, matches is left in full precision. The default keeps the first and
     last layer, as the Q-Diffusion and TFMQ-DM papers do.
 
-    Reconstruction (qdiff, tfmq): `recon_preset` ("paper", "balanced" or "fast", see RECON_PRESETS) gives iteration
-    counts, batch size and learning rates; each `recon_*` field that is not None overrides its preset
-    value. `reconstruction` holds the resolved values.
+    Reconstruction (qdiff, tfmq): `recon_preset` ("paper", "balanced" or "fast", see RECON_PRESETS) gives
+    iteration counts, batch size and learning rates; each `recon_*` field that is not None overrides its
+    preset value. `reconstruction` holds the resolved values.
 
     Finite-set calibration (FSC, `timestep_table`) gives the activation quantizers in `fsc_scope` one
     range per sampling timestep. Each step's range is initialised (by `act_init`) on its first
