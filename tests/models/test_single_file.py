@@ -1,9 +1,10 @@
+import json
 import pickle
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tests.models.original_checkpoint import TEXT_ENCODER_PREFIX, UNET_PREFIX, single_file_model
+from tests.models.original_checkpoint import TEXT_ENCODER_PREFIX, UNET_PREFIX, config_folder, single_file_model
 from tests.models.tiny_pipelines import write_pipeline
 
 from tfmq.errors import TfmqError
@@ -128,6 +129,12 @@ def test_single_file_needs_a_stable_diffusion_config_folder(tiny_sd, tmp_path):
         load_model(path, config=write_pipeline("pixel", tmp_path / "ddpm"))
     with pytest.raises(TfmqError, match="goes with a single-file checkpoint"):
         load_model(folder, config=folder)
+    configs = config_folder(folder, tmp_path / "no-unet")
+    index = json.loads((configs / "model_index.json").read_text())
+    del index["unet"]
+    (configs / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(TfmqError, match="model_index.json has no unet"):
+        load_model(path, config=configs)
 
 
 def test_unreadable_files_are_errors(tiny_sd, tmp_path):

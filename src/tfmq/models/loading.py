@@ -279,6 +279,8 @@ def _load_single_file(path: Path, config: str | Path | None) -> DiffusionModel:
     layout, index = _pipeline_index(folder)
     if layout != SUPPORTED_LAYOUT:
         raise TfmqError(f"single-file checkpoints load as a {SUPPORTED_LAYOUT}; {folder} describes a {layout}")
+    if not index.get("unet") or index["unet"][0] is None:
+        raise TfmqError(f"{folder}/model_index.json has no unet, which a {layout} needs")
     checkpoint = read_checkpoint(path)
     check_stable_diffusion_v1(checkpoint, path)
     networks = {name: load_network(name, _component_class(folder, name, *index[name]), folder, checkpoint, path)
