@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -49,3 +50,69 @@ def test_missing_or_empty_folder_is_an_error(tmp_path):
         load_image_folder(tmp_path / "none")
     with pytest.raises(TfmqError, match="no images"):
         load_image_folder(tmp_path)
+
+
+def _png_claiming(path, width: int, height: int) -> None:
+    """A valid 1x1 PNG whose header (IHDR, with a correct CRC) claims `width` x `height` pixels."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    chunk = data.find(b"IHDR")
+    data[chunk + 4:chunk + 12] = struct.pack(">II", width, height)
+    data[chunk + 17:chunk + 21] = struct.pack(">I", zlib.crc32(bytes(data[chunk:chunk + 17])))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("size", [20000, 5000])
+def test_an_image_claiming_huge_size_is_refused_before_decoding(tmp_path, size):
+    save_image_folder(_images(2), tmp_path / "out", {})
+    _png_claiming(tmp_path / "out" / "bomb.png", size, size)
+    with pytest.raises(TfmqError, match="bomb.png claims more pixels than tfmq decodes") as raised:
+        load_image_folder(tmp_path / "out")
+    assert "\n" not in str(raised.value)
+
+
+def test_a_fifo_named_like_an_image_is_skipped_without_opening_it(tmp_path):
+    import os
+    import signal
+
+    save_image_folder(_images(2), tmp_path / "out", {})
+    os.mkfifo(tmp_path / "out" / "x.png")
+
+    def hung(*_):
+        raise AssertionError("load_image_folder blocked on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        names, _ = load_image_folder(tmp_path / "out")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert names == ["000000.png", "000001.png"]
+
+
+def test_color_images_are_refused_and_gray_rgb_is_read_as_gray(tmp_path):
+    from PIL import Image
+
+    gray = torch.randint(0, 256, (4, 4), dtype=torch.uint8).numpy()
+    Image.fromarray(gray).convert("RGB").save(tmp_path / "a.png")
+    names, images = load_image_folder(tmp_path)
+    assert names == ["a.png"] and torch.equal(images[0, 0], torch.from_numpy(gray).float().div(127.5).sub(1.0))
+    colored = Image.fromarray(gray).convert("RGB")
+    colored.putpixel((1, 2), (255, 0, 0))
+    colored.save(tmp_path / "b.png")
+    with pytest.raises(TfmqError, match="b.png is a color image"):
+        load_image_folder(tmp_path)
+
+
+def test_an_empty_current_folder_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TfmqError, match=re.escape(f"no images in {tmp_path.resolve()}") + "$"):
+        load_image_folder(".")

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from tfmq.errors import TfmqError
 
 REFERENCE_NAME = "fashion-mnist-test"
-IGNORED_IN_IMAGE_FOLDERS = ("metrics.json",)
+METRICS_FILE = "metrics.json"
+IGNORED_IN_IMAGE_FOLDERS = (METRICS_FILE,)
+# The kinds of tfmq.images and tfmq.quant.checkpoint, named here so the CLI checks --out before importing torch.
+IMAGES_KIND = "images"
+CHECKPOINT_KIND = "quantized-model"
+TRAINED_MODEL_KIND = "trained-model"
 
 
 def _positive(text: str) -> int:
@@ -20,6 +27,61 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _finite_non_negative(text: str) -> float:
+    """A float that is finite and >= 0 (argparse's float takes 'nan' and 'inf')."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _finite_positive(text: str) -> float:
+    value = _finite_non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _input_paths(args: argparse.Namespace) -> list[Path]:
+    """Every existing path the command reads (the model, its configs, a checkpoint, images...): an output may
+    never overlap one of them, whatever --overwrite says."""
+    from tfmq import __file__ as package_file
+
+    paths = []
+    for name in ("model", "model_config", "quantized", "onnx", "prompts", "calib_load", "images", "baseline",
+                 "autoencoder", "data_dir", "reference"):
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is None:
+                continue
+            zoo = Path(package_file).parent / "zoo" / str(value)
+            for path in (Path(value), zoo):
+                if os.path.lexists(path):
+                    paths.append(path)
+    return paths
+
+
+def _output_folder(args: argparse.Namespace, path: Path, kind: str) -> Path:
+    from tfmq.files import check_output_folder
+
+    return check_output_folder(path, kind, overwrite=args.overwrite, protected=_input_paths(args))
+
+
+def _output_file(args: argparse.Namespace, path: Path | None, owned) -> Path | None:
+    from tfmq.files import check_output_file
+
+    if path is None:
+        return None
+    return check_output_file(path, owned, overwrite=args.overwrite, protected=_input_paths(args))
 
 
 def _sampler_config(args: argparse.Namespace):
@@ -31,13 +93,17 @@ def _sampler_config(args: argparse.Namespace):
 DEFAULT_GUIDANCE_SCALE = 3.0  # for conditional models when --guidance-scale is not given
 
 
+def _guidance_scale(args: argparse.Namespace, model) -> float:
+    if args.guidance_scale is not None:
+        return args.guidance_scale
+    return DEFAULT_GUIDANCE_SCALE if model.conditioning_kind is not None else 1.0
+
+
 def _conditioning(args: argparse.Namespace, model, num_images: int, prompts: list[str] | None):
     """The per-image conditions of a conditional model from `prompts`, --class-label and --guidance-scale
     (None for an unconditional model)."""
-    scale = args.guidance_scale
-    if scale is None:
-        scale = DEFAULT_GUIDANCE_SCALE if model.conditioning_kind is not None else 1.0
-    return model.conditioning(num_images, prompts=prompts, labels=args.class_label, guidance_scale=scale)
+    return model.conditioning(num_images, prompts=prompts, labels=args.class_label,
+                              guidance_scale=_guidance_scale(args, model))
 
 
 def _base_model(args: argparse.Namespace, recorded: dict | None = None):
@@ -65,13 +131,15 @@ def _load_unet(args: argparse.Namespace):
 def _cmd_sample(args: argparse.Namespace) -> None:
     from tfmq.images import save_image_folder
     from tfmq.models.loading import cycled
-    from tfmq.sampling import sample
+    from tfmq.sampling import check_sample, sample
 
+    _output_folder(args, args.out, IMAGES_KIND)
     config = _sampler_config(args)
     if args.engine == "onnxruntime":
         model, unet, source = _load_engine(args, config)
     else:
         model, unet, source = _load_unet(args)
+    check_sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size)  # before encoding prompts
     prompts = _prompts(args)
     conditioning = _conditioning(args, model, args.num, prompts)
     started = time.perf_counter()
@@ -85,7 +153,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             metadata["class_labels"] = conditioning.per_image["class_labels"].tolist()
         else:
             metadata["prompts"] = cycled(prompts, args.num)
-    out = save_image_folder(images, args.out, metadata)
+    out = save_image_folder(images, args.out, metadata, overwrite=args.overwrite, protected=_input_paths(args))
     print(f"{len(images)} images in {seconds:.1f} s -> {out} (grid: {out / 'grid.png'})")
 
 
@@ -109,16 +177,17 @@ def _load_engine(args: argparse.Namespace, config):
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from tfmq.export import export_onnx, trajectory_inputs
+    from tfmq.export import export_onnx, owned_graph, trajectory_inputs
     from tfmq.sampling import distinct_timesteps, sampling_timesteps
 
+    _output_file(args, args.out, owned_graph)
     config = _sampler_config(args)
     model, unet, source = _load_unet(args)
     details = {"model": source, "base_model": model.source, "sampler": config.to_dict()}
     if "config" in model.reference:
         details["base_model_config"] = model.reference["config"]
     if args.quantized is None:
-        path = export_onnx(unet, args.out, format="fp32", opset=args.opset, details=details)
+        path = export_onnx(unet, args.out, format="fp32", opset=args.opset, details=details, overwrite=args.overwrite)
     else:
         calibration = None if args.exact_convs else trajectory_inputs(
             unet, model.scheduler, config, num_images=args.calibration_images,
@@ -126,7 +195,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
                                        _prompts(args) or model.calibration_prompts()))
         path = export_onnx(unet, args.out, schedule=distinct_timesteps(sampling_timesteps(model.scheduler, config)),
                            calibration=calibration, opset=args.opset, integer_convs=not args.exact_convs,
-                           requantize_weights=args.requantize_weights, details=details)
+                           requantize_weights=args.requantize_weights, details=details,
+                           overwrite=args.overwrite)
     print(f"{path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
@@ -135,9 +205,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
     from tfmq.export import OnnxUNet
     from tfmq.export.timing import time_steps
-    from tfmq.files import write_json
+    from tfmq.files import owned_json, stamped, write_json
     from tfmq.report import format_table
 
+    _output_file(args, args.json, owned_json)
     model, quantized, _ = _load_unet(args)
     engines: dict = {"torch fp32": model.unet}
     files = {}
@@ -168,8 +239,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     for name, size in files.items():
         print(f"{name}: {size / 1e6:.2f} MB ({fp32_bytes / size:.1f}x smaller than the fp32 UNet weights)")
     if args.json is not None:
-        write_json(args.json, {"timestep": timestep, "threads": torch.get_num_threads(), "rows": rows,
-                               "file_bytes": files, "fp32_weight_bytes": fp32_bytes})
+        write_json(args.json, stamped({"timestep": timestep, "threads": torch.get_num_threads(), "rows": rows,
+                                       "file_bytes": files, "fp32_weight_bytes": fp32_bytes}))
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -207,11 +278,12 @@ def _seed_of(folder: Path) -> int | None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from tfmq.files import add_to_output_folder, owned_json, stamped, write_json
     from tfmq.images import load_image_folder
     from tfmq.metrics import QualityMetrics, load_reference_statistics
-    from tfmq.files import write_json
     from tfmq.report import format_table
 
+    out = _output_file(args, args.json or Path(args.images) / METRICS_FILE, owned_json)
     names, images = load_image_folder(args.images, skip=IGNORED_IN_IMAGE_FOLDERS)
     baseline = None
     if args.baseline is not None:
@@ -234,8 +306,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     requested = _requested_classes(Path(args.images), len(images))
     if requested is not None:
         result["class_accuracy"] = metrics.class_accuracy(images, requested)
-    out = args.json or Path(args.images) / "metrics.json"
-    write_json(out, result)
+    write_json(out, stamped(result))
+    if out.absolute().parent == Path(args.images).absolute():
+        add_to_output_folder(Path(args.images), out.name)
     print(format_table([{k: v for k, v in result.items() if k not in ("images", "baseline")}]))
     print(f"written to {out}")
 
@@ -246,15 +319,19 @@ def _bits(text: str) -> int | None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
+    from tfmq.files import owned_safetensors
     from tfmq.quant.api import quantize, relative_output_error
     from tfmq.quant.calibration import CalibrationSet, collect_calibration
     from tfmq.quant.checkpoint import save_quantized
     from tfmq.quant.config import QuantConfig
+    from tfmq.quant.wrap import layers_to_quantize
     from tfmq.report import format_table
+    from tfmq.sampling import sampling_timesteps
 
     fsc_scope = args.fsc_scope if args.fsc_scope != "auto" else ("temporal" if args.method == "tfmq" else "none")
-    tfmq_options = {} if args.method != "tfmq" else {
-        "tiar": not args.no_tiar, "temporal_cache": args.temporal_cache, "temporal_selection": args.temporal_selection}
+    # passed whatever the method, so that a flag of another method is an error, not silently ignored
+    tfmq_options = {"tiar": not args.no_tiar, "temporal_cache": args.temporal_cache,
+                    "temporal_selection": args.temporal_selection}
     try:
         config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
                              weight_init=args.weight_init, act_init=args.act_init, keep_fp=tuple(args.keep_fp),
@@ -263,30 +340,40 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
                              fsc_scope=fsc_scope if args.a_bits is not None else "none", **tfmq_options)
     except ValueError as exc:
         raise TfmqError(str(exc)) from exc
+    _output_folder(args, args.out, CHECKPOINT_KIND)
+    _output_file(args, args.calib_save, owned_safetensors)
     sampler = _sampler_config(args)
     model = _base_model(args)
+    # what would fail after the calibration work fails now: the step count, a keep_fp that keeps everything
+    sampling_timesteps(model.scheduler, sampler)
+    try:
+        layers_to_quantize(model.unet, config)
+    except ValueError as exc:
+        raise TfmqError(str(exc)) from exc
     started = time.perf_counter()
     prompts = _prompts(args) or model.calibration_prompts()
-    conditioning = _conditioning(args, model, args.calib_samples, prompts)
     if args.calib_load is not None:
         calibration = CalibrationSet.load(args.calib_load)
+        calibration.check_made_for(model.unet, sampler, _guidance_scale(args, model))
     else:
         calibration = collect_calibration(model.unet, model.scheduler, args.calib_samples, sampler,
                                           args.interval_length, args.seed, args.batch_size, not args.quiet,
-                                          conditioning)
+                                          _conditioning(args, model, args.calib_samples, prompts))
         if args.calib_save is not None:
             calibration.save(args.calib_save)
     collected = time.perf_counter()
     quantized = quantize(model.unet, config, calibration, source=model.source, progress=not args.quiet)
     quantized.tfmq_info.base_config = model.reference.get("config", "")
     calibrated = time.perf_counter()
+    provenance = calibration.provenance
     quantized.tfmq_info.extra["calibration"] = {
-        "sampler": sampler.to_dict(), "num_samples": args.calib_samples, "interval_length": args.interval_length,
-        "guidance_scale": None if conditioning is None else conditioning.guidance_scale,
-        "seed": args.seed, "collect_seconds": round(collected - started, 2),
-        "quantize_seconds": round(calibrated - collected, 2),
+        "sampler": provenance.sampler.to_dict(), "num_samples": provenance.num_trajectories,
+        "interval_length": calibration.interval_length,
+        "guidance_scale": provenance.guidance_scale if model.conditioning_kind is not None else None,
+        "seed": provenance.seed, "loaded_from": None if args.calib_load is None else str(args.calib_load),
+        "collect_seconds": round(collected - started, 2), "quantize_seconds": round(calibrated - collected, 2),
     }
-    out = save_quantized(quantized, args.out)
+    out = save_quantized(quantized, args.out, overwrite=args.overwrite)
     held_out = collect_calibration(model.unet, model.scheduler, 8, sampler, 10, args.seed + 1, progress=False,
                                    conditioning=_conditioning(args, model, 8, prompts))
     error = relative_output_error(quantized, model.unet, held_out)
@@ -306,11 +393,12 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from tfmq.demo import COMPARISON_FILE, REPORT_FILE, DemoSettings, run_demo
+    from tfmq.demo import COMPARISON_FILE, DEMO_KIND, REPORT_FILE, DemoSettings, run_demo
     from tfmq.report import format_table
 
+    _output_folder(args, args.out, DEMO_KIND)
     settings = DemoSettings(num_images=args.num, steps=args.steps, seed=args.seed)
-    summary = run_demo(args.out, settings, progress=not args.quiet)
+    summary = run_demo(args.out, settings, progress=not args.quiet, overwrite=args.overwrite)
     print(format_table(summary["rows"], ["model", "fid", "sfid", "is", "fid_to_fp", "psnr_to_fp", "ssim_to_fp"]))
     print(f"weights {summary['fp32_unet_mb']:.2f} MB fp32 -> {summary['quantized_file_mb']:.2f} MB; "
           f"quantization {summary['quantize_s']:.0f} s; total {summary['total_s']:.0f} s")
@@ -319,9 +407,11 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _cmd_reference_stats(args: argparse.Namespace) -> None:
     from tfmq.data import load_fashion_mnist
+    from tfmq.files import owned_safetensors
     from tfmq.metrics import QualityMetrics, save_reference_statistics
     from tfmq.models.architectures import FASHION_RESOLUTION
 
+    _output_file(args, args.out, owned_safetensors)
     images, _ = load_fashion_mnist("test", FASHION_RESOLUTION, args.data_dir)
     save_reference_statistics(QualityMetrics().reference_statistics(images), args.out)
     print(f"reference statistics of {len(images)} test images -> {args.out}")
@@ -330,10 +420,12 @@ def _cmd_reference_stats(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from tfmq.models import latent_training, training
 
+    _output_folder(args, args.out, TRAINED_MODEL_KIND)
     common = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr, "seed": args.seed,
-              "data_dir": args.data_dir}
+              "data_dir": args.data_dir, "overwrite": args.overwrite}
     if args.what == "classifier":
-        record = training.train_classifier(args.out, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir)
+        record = training.train_classifier(args.out, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir,
+                                           overwrite=args.overwrite)
         print(f"test accuracy {record['test_accuracy']:.4f}, {record['wall_seconds']} s -> {args.out}")
         return
     if args.what == "ddpm":
@@ -352,20 +444,26 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=["ddim", "ddpm", "plms", "dpm-solver"], default="ddim",
                         help="plms: Stable Diffusion's sampler in the paper; dpm-solver: DPM-Solver++ 2nd order")
     parser.add_argument("--steps", type=_positive, default=100, help="sampling steps (paper: --timesteps)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--eta", type=_finite_non_negative, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--skip-type", choices=["quad", "uniform"], default="quad", help="DDIM timestep spacing")
-    parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded by (seed, i)")
+    parser.add_argument("--seed", type=_non_negative, default=0, help="image i starts from noise seeded by (seed, i)")
     parser.add_argument("--batch-size", type=_positive, default=64)
     parser.add_argument("--prompt", action="append", default=None,
                         help="text-conditional models: a prompt (repeat for several; images cycle through them)")
     parser.add_argument("--prompts", type=Path, default=None,
                         help="prompts file: one a line, or an MS-COCO captions_*.json (paper: 128 COCO captions)")
     parser.add_argument("--num-prompts", type=_positive, default=128, help="prompts taken from --prompts")
-    parser.add_argument("--class-label", type=int, action="append", default=None,
+    parser.add_argument("--class-label", type=_non_negative, action="append", default=None,
                         help="class-conditional models: a label (repeat for several; default: all in turn)")
-    parser.add_argument("--guidance-scale", type=float, default=None,
+    parser.add_argument("--guidance-scale", type=_finite_non_negative, default=None,
                         help=f"classifier-free guidance (default {DEFAULT_GUIDANCE_SCALE} for conditional models; "
                              "1 runs no unconditional branch)")
+
+
+def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output path that tfmq did not write (never the current folder, the root, "
+                             "the home folder or one of the inputs); without it, only tfmq's own outputs are replaced")
 
 
 def _add_model_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -373,6 +471,10 @@ def _add_model_config_argument(parser: argparse.ArgumentParser) -> None:
                         help="with a single-file Stable Diffusion v1 checkpoint (.ckpt/.safetensors) as --model: "
                              "a folder of its pipeline's diffusers configs (model_index.json, unet/, vae/, "
                              "text_encoder/, tokenizer/, scheduler/; no weights)")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -394,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_config_argument(sample)
     sample.add_argument("--quantized", type=Path, default=None, help="a folder written by `tfmq quantize`")
     sample.add_argument("--num", type=_positive, default=64, help="number of images")
-    sample.add_argument("--out", type=Path, required=True, help="output folder (replaced whole when done)")
+    sample.add_argument("--out", type=Path, required=True, help="output folder (written whole when done)")
+    _add_overwrite_argument(sample)
     sample.add_argument("--quiet", action="store_true", help="no progress bars")
     sample.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
                         help="onnxruntime: run the graph of `tfmq export` (--onnx) on integer kernels")
@@ -411,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_config_argument(export)
     export.add_argument("--format", choices=["onnx"], default="onnx")
     export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    _add_overwrite_argument(export)
     export.add_argument("--opset", type=int, default=21)
     export.add_argument("--exact-convs", action="store_true",
                         help="convs in float on dequantized operands: exact, not faster")
@@ -431,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive, default=10, help="calls per engine per round (3 rounds)")
     bench.add_argument("--threads", type=_positive, default=None, help="onnxruntime threads (default: torch's)")
     bench.add_argument("--json", type=Path, default=None, help="also write the table here")
+    _add_overwrite_argument(bench)
     bench.set_defaults(func=_cmd_bench)
 
     quantize = commands.add_parser("quantize", help="quantize a model's UNet (calibrating on its own samples)")
@@ -453,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="tfmq (journal): cache the quantized temporal features of every scheduled timestep")
     quantize.add_argument("--temporal-selection", action="store_true",
                           help="tfmq (journal): per block, keep the TIB path or the cache, whichever errs less")
-    quantize.add_argument("--memory-budget-mb", type=float, default=2048.0,
+    quantize.add_argument("--memory-budget-mb", type=_finite_non_negative, default=2048.0,
                           help="reconstruction caches beyond this go to disk")
     quantize.add_argument("--weight-init", choices=["mse", "minmax"], default="mse")
     quantize.add_argument("--act-init", choices=["mse", "minmax"], default="mse")
@@ -468,16 +573,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="save the calibration set (paper: --cali_save_path)")
     quantize.add_argument("--calib-load", type=Path, default=None,
                           help="reuse a saved calibration set (paper: --cali_data_path)")
-    quantize.add_argument("--out", type=Path, required=True, help="output folder (replaced whole when done)")
+    quantize.add_argument("--out", type=Path, required=True, help="output folder (written whole when done)")
+    _add_overwrite_argument(quantize)
     quantize.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_sampler_arguments(quantize)
     quantize.set_defaults(func=_cmd_quantize)
 
     demo = commands.add_parser("demo", help="quantize the shipped model with TFMQ W4A8 and compare it with FP")
-    demo.add_argument("--out", type=Path, default=Path("tfmq-demo"), help="output folder")
+    demo.add_argument("--out", type=Path, default=Path("tfmq-demo"), help="output folder (written whole when done)")
+    _add_overwrite_argument(demo)
     demo.add_argument("--num", type=_positive, default=256, help="images per model (same seeds)")
     demo.add_argument("--steps", type=_positive, default=100)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_non_negative, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
@@ -487,10 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reference", default=REFERENCE_NAME,
                           help=f"'{REFERENCE_NAME}' (shipped statistics), a statistics file, or 'none'")
     evaluate.add_argument("--json", type=Path, default=None, help="where to write the metrics (IMAGES/metrics.json)")
+    _add_overwrite_argument(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 
     reference = commands.add_parser("reference-stats", help="recompute the shipped test-set statistics for FID")
     reference.add_argument("--out", type=Path, required=True)
+    _add_overwrite_argument(reference)
     reference.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST idx folder")
     reference.set_defaults(func=_cmd_reference_stats)
 
@@ -499,19 +608,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("what", choices=["ddpm", "autoencoder", "ldm", "cond", "classifier"])
     train.add_argument("--autoencoder", type=Path, default=None, help="ldm/cond: the trained autoencoder folder")
     train.add_argument("--out", type=Path, required=True)
+    _add_overwrite_argument(train)
     train.add_argument("--work-dir", type=Path, default=Path("runs/train"), help="resume checkpoint and loss log")
     train.add_argument("--steps", type=_positive, default=20_000)
     train.add_argument("--epochs", type=_positive, default=15)
     train.add_argument("--batch-size", type=_positive, default=64)
-    train.add_argument("--lr", type=float, default=5e-4)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lr", type=_finite_positive, default=5e-4)
+    train.add_argument("--seed", type=_non_negative, default=0)
     train.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST idx folder")
     train.set_defaults(func=_cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a bad argument (exit 2, already reported in one line) or --help (exit 0)
+        return exc.code if isinstance(exc.code, int) else 2
+    # A one-line error stays one line: the libraries' warnings and log lines are not the user's business.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched; never even try
+    warnings.simplefilter("ignore")
     if getattr(args, "engine", "torch") == "onnxruntime" or args.command == "bench":
         # torch's OpenMP threads spin-wait and steal onnxruntime's cores (measured 49 vs 50-97 ms a step);
         # must be set before torch starts its thread pool (the CLI imports torch lazily)
@@ -519,7 +637,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except TfmqError as exc:
-        print(f"tfmq: error: {exc}", file=sys.stderr)
+        print(f"tfmq: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine said no: a full disk, a vanished folder, a permission
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"tfmq: error: {exc.strerror or _one_line(str(exc))}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tfmq: interrupted", file=sys.stderr)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from tfmq.files import write_json, write_text_atomic
+from tfmq.files import atomic_directory, write_json, write_text_atomic
 from tfmq.images import make_grid, save_image_folder
 from tfmq.metrics import QualityMetrics, load_reference_statistics
 from tfmq.models.loading import load_model
@@ -43,9 +43,18 @@ def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 12) -> Imag
     return canvas
 
 
-def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress: bool = True) -> dict:
-    """Run the demo into `out`; returns the metrics rows (also written as report.json and report.md)."""
-    out = Path(out)
+DEMO_KIND = "demo"
+
+
+def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress: bool = True, *,
+             overwrite: bool = False) -> dict:
+    """Run the demo into the folder `out`, written whole at the end (an earlier demo folder is replaced, anything
+    else only with `overwrite`); returns the metrics rows (also written as report.json and report.md)."""
+    with atomic_directory(out, kind=DEMO_KIND, overwrite=overwrite) as staging:
+        return _run_demo(staging, settings, progress)
+
+
+def _run_demo(out: Path, settings: DemoSettings, progress: bool) -> dict:
     started = time.perf_counter()
     model = load_model(settings.model)
     sampler = SamplerConfig(steps=settings.steps, skip_type="quad")

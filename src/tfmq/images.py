@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,9 @@ from tfmq.files import atomic_directory
 
 METADATA_FILE = "samples.json"
 GRID_FILE = "grid.png"
+# Far above any sample tfmq writes, far below the sizes a decompression bomb's header claims.
+MAX_IMAGE_PIXELS = 4096 * 4096
+_GRAY_BANDS = ("1", "L", "I", "F")  # PIL modes whose first band is a gray level (L, LA, I;16, ...)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -48,12 +53,17 @@ def make_grid(images: torch.Tensor, columns: int | None = None, scale: int = 4, 
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
 
 
-def save_image_folder(images: torch.Tensor, out_dir: str | Path, metadata: dict, grid_images: int = 64) -> Path:
+IMAGES_KIND = "images"
+
+
+def save_image_folder(images: torch.Tensor, out_dir: str | Path, metadata: dict, grid_images: int = 64, *,
+                      overwrite: bool = False, protected: Iterable[str | Path] = ()) -> Path:
     """Write one PNG per image, a grid and samples.json into a temporary folder, then move it into place.
 
-    A crash leaves no half-written folder that looks complete; an existing folder is replaced whole.
+    A crash leaves no half-written folder that looks complete; an existing image folder tfmq wrote is
+    replaced whole, anything else only with `overwrite` (see `tfmq.files`).
     """
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, kind=IMAGES_KIND, overwrite=overwrite, protected=protected) as staging:
         for index, image in enumerate(to_uint8(images)):
             _pil(image).save(staging / f"{index:06d}.png")
         make_grid(images[:grid_images]).save(staging / GRID_FILE)
@@ -61,20 +71,41 @@ def save_image_folder(images: torch.Tensor, out_dir: str | Path, metadata: dict,
     return Path(out_dir)
 
 
+def _read_gray(path: Path) -> np.ndarray:
+    """One image file as uint8 (H, W, 1). The size its header claims is checked before a pixel is decoded,
+    and a color image is refused rather than averaged into a gray one the metrics would score."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise TfmqError(f"{path} claims more pixels than tfmq decodes: {image.width}x{image.height}, "
+                                    f"over {MAX_IMAGE_PIXELS}")
+                if image.getbands()[0] in _GRAY_BANDS:
+                    return np.asarray(image.convert("L"))[..., None]
+                rgb = np.asarray(image.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TfmqError(f"{path} claims more pixels than tfmq decodes: {exc}") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise TfmqError(f"{path} is not an image file") from exc
+    if (rgb != rgb[..., :1]).any():
+        raise TfmqError(f"{path} is a color image; tfmq reads gray images (equal R, G and B) only")
+    return rgb[..., :1]
+
+
 def load_image_folder(folder: str | Path, skip: tuple[str, ...] = ()) -> tuple[list[str], torch.Tensor]:
-    """All images of a folder (sorted by name; the grid, metadata and `skip` names left out) as [-1, 1] gray."""
-    folder = Path(folder)
+    """All images of a folder (sorted by name; the grid, metadata and `skip` names left out) as [-1, 1] gray.
+
+    Only regular files are opened: a FIFO or a device under an image's name would block or never end.
+    """
+    folder = Path(folder).resolve()
     if not folder.is_dir():
         raise TfmqError(f"image folder {folder} does not exist")
     names, arrays = [], []
     for path in sorted(folder.iterdir()):
-        if path.name in (GRID_FILE, METADATA_FILE, *skip) or path.name.startswith(".") or path.is_dir():
+        if path.name in (GRID_FILE, METADATA_FILE, *skip) or path.name.startswith(".") or not path.is_file():
             continue
-        try:
-            with Image.open(path) as image:
-                arrays.append(np.asarray(image.convert("L"))[..., None])
-        except (UnidentifiedImageError, OSError) as exc:
-            raise TfmqError(f"{path} is not an image file") from exc
+        arrays.append(_read_gray(path))
         names.append(path.name)
     if not arrays:
         raise TfmqError(f"no images in {folder}")

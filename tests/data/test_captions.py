@@ -36,3 +36,21 @@ def test_empty_or_missing_files_are_errors(tmp_path):
         read_prompts(tmp_path / "empty.txt")
     with pytest.raises(TfmqError, match="cannot read prompts"):
         read_prompts(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ({"annotations": [{"caption": "a bag"}, {"caption": None}]}, "caption of annotation 1 is null, not a string"),
+    ({"annotations": [{"caption": ["a", "b"]}]}, r'caption of annotation 0 is \["a", "b"\], not a string'),
+    ({"annotations": [{"caption": "a"}, {"caption": "b"}, {"caption": 5}]}, "caption of annotation 2 is 5, not a"),
+    ({"annotations": [{"caption": "a"}, "a coat"]}, "annotation 1 has no caption"),
+    ({"annotations": [{"id": 3}]}, "annotation 0 has no caption"),
+    ([{"caption": "a bag"}], "its top level is a list, not an object"),
+    ({"annotations": {"caption": "a bag"}}, "annotations is a dict, not a list"),
+    ({"annotations": "a bag"}, "annotations is a str, not a list"),
+])
+def test_malformed_coco_entries_are_refused_with_their_index(tmp_path, content, fragment):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(TfmqError, match=fragment) as raised:
+        read_prompts(path)
+    assert "\n" not in str(raised.value)

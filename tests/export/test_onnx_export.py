@@ -1,6 +1,8 @@
 import collections
+import copy
 import dataclasses
 import statistics
+from collections.abc import Iterator
 
 import onnx
 import onnxruntime
@@ -15,36 +17,55 @@ from tfmq.export.runtime import widen_uint4_weights
 from tfmq.sampling import Conditioning, sample
 
 
-# Relative L2 error of one UNet call against the fake-quant torch model. Exact graphs (convs in float on
-# dequantized operands) differ by float summation order only: most calls agree to float precision, but now
-# and then a value lies so close to a rounding boundary that the other order moves it one code, and that
-# call differs by up to a few per cent on these tiny random UNets - hence the median over the calls.
-# Integer graphs add an 8-bit grid on every conv output, which QLinearConv needs: a few per cent here
-# (random weights, outliers everywhere); on the trained fashion-ddpm see benchmarks/results/integer_inference.md.
+# Relative L2 error against the fake-quant torch model. Exact graphs (convs in float on dequantized operands)
+# differ by float summation order only, and the order depends on the CPU's kernels. Where a value lies so
+# close to a rounding boundary that the order decides its code, that sample differs by a flip: up to a few
+# per cent on these tiny random UNets, as the fake-quant model in float32 and in float64 differ from each
+# other there. So on most samples an exact graph agrees to float precision with one of the two, and on every
+# sample it lies within a flip of one of them. Integer graphs add an 8-bit grid on every conv output, which
+# QLinearConv needs: a few per cent a call here (random weights, outliers everywhere); on the trained
+# fashion-ddpm see benchmarks/results/integer_inference.md.
 EXACT_TOLERANCE = 1e-5
 INTEGER_TOLERANCE = 0.1
+FLIP_TOLERANCE = INTEGER_TOLERANCE
 
 
-def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((output - reference).norm() / reference.norm())
+def relative_errors(output: torch.Tensor, reference: torch.Tensor) -> list[float]:
+    """Per sample of a batch."""
+    return ((output - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)).tolist()
 
 
-def engine_vs_fake_quant(engine: OnnxUNet, model, schedule: list[int], tokens: int | None = None) -> list[float]:
-    """Relative errors of one call per scheduled timestep (text UNets: `tokens` conditioning tokens)."""
-    errors = []
+def engine_calls(engine: OnnxUNet, model, schedule: list[int],
+                 tokens: int | None) -> Iterator[tuple[dict, torch.Tensor]]:
+    """The inputs and the engine's output of one call per scheduled timestep (text UNets: `tokens` tokens)."""
     for index, timestep in enumerate(schedule):
         inputs = {**unet_inputs(model, 3, index), "timestep": torch.full((3,), timestep)}
         if tokens is not None:
             inputs["encoder_hidden_states"] = torch.randn(3, tokens, model.config.cross_attention_dim,
                                                           generator=torch.Generator().manual_seed(index))
-        with torch.no_grad():
-            reference = model(**inputs).sample
-        errors.append(relative_error(engine(**inputs).sample, reference))
+        yield inputs, engine(**inputs).sample
+
+
+@torch.no_grad()
+def engine_vs_fake_quant(engine: OnnxUNet, model, schedule: list[int], tokens: int | None = None) -> list[float]:
+    """Relative errors of one call per scheduled timestep."""
+    errors = []
+    for inputs, output in engine_calls(engine, model, schedule, tokens):
+        reference = model(**inputs).sample
+        errors.append(float((output - reference).norm() / reference.norm()))
     return errors
 
 
-def assert_exact(errors: list[float]) -> None:
-    assert statistics.median(errors) < EXACT_TOLERANCE and max(errors) < INTEGER_TOLERANCE, errors
+@torch.no_grad()
+def assert_exact(engine: OnnxUNet, model, schedule: list[int], tokens: int | None = None) -> None:
+    double = copy.deepcopy(model).double()
+    errors = []
+    for inputs, output in engine_calls(engine, model, schedule, tokens):
+        in_double = {key: value.double() if value.is_floating_point() else value for key, value in inputs.items()}
+        errors += map(min, relative_errors(output, model(**inputs).sample),
+                      relative_errors(output.double(), double(**in_double).sample))
+    agreeing = sum(error < EXACT_TOLERANCE for error in errors)
+    assert agreeing > len(errors) / 2 and max(errors) < FLIP_TOLERANCE, errors
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +95,7 @@ def test_pixel_unet_graphs_match_the_fake_quant_model(pixel_graphs, pixel_w4a8, 
     exact = OnnxUNet(pixel_graphs["exact"], threads=1)
     integer = OnnxUNet(pixel_graphs["integer"], threads=1)
     assert exact.info.schedule == schedule  # the model's FSC schedule
-    assert_exact(engine_vs_fake_quant(exact, pixel_w4a8, schedule))
+    assert_exact(exact, pixel_w4a8, schedule)
     assert max(engine_vs_fake_quant(integer, pixel_w4a8, schedule)) < INTEGER_TOLERANCE
 
 
@@ -104,7 +125,7 @@ def test_text_unet_graph_takes_the_conditioning_as_input(text_w8a8, scheduler, s
     assert max(engine_vs_fake_quant(engine, text_w8a8, schedule, tokens=5)) < INTEGER_TOLERANCE
     exact = OnnxUNet(export_onnx(text_w8a8, tmp_path / "exact.onnx", schedule=schedule, integer_convs=False),
                      threads=1)
-    assert_exact(engine_vs_fake_quant(exact, text_w8a8, schedule, tokens=5))
+    assert_exact(exact, text_w8a8, schedule, tokens=5)
     # The sampler passes the conditioning through to the engine as to the torch model.
     images = sample(exact, scheduler, 2, config=SAMPLER, progress=False, conditioning=text)
     reference = sample(text_w8a8, scheduler, 2, config=SAMPLER, progress=False, conditioning=text)
@@ -128,7 +149,7 @@ def test_fp32_graph_matches_torch_at_any_timestep(make_unet, tmp_path):
     with torch.no_grad():
         reference = unet(**inputs).sample
     assert engine.info.schedule is None
-    assert relative_error(engine(**inputs).sample, reference) < EXACT_TOLERANCE  # no rounding: no flips
+    assert max(relative_errors(engine(**inputs).sample, reference)) < EXACT_TOLERANCE  # no rounding: no flips
 
 
 def test_export_refuses_what_it_cannot_serve(pixel_w4a8, schedule, tmp_path):

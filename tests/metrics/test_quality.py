@@ -2,10 +2,14 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from tfmq.data import load_fashion_mnist
-from tfmq.metrics import QualityMetrics, load_reference_statistics, paired_similarity
-from tfmq.metrics.quality import PSNR_CAP_DB, png_like
+from tfmq.errors import TfmqError
+from tfmq.files import owned_safetensors
+from tfmq.metrics import QualityMetrics, load_reference_statistics, paired_similarity, save_reference_statistics
+from tfmq.metrics.quality import PSNR_CAP_DB, ReferenceStatistics, png_like
+from tfmq.models.architectures import FASHION_RESOLUTION
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +68,39 @@ def test_class_accuracy_counts_the_classifier_agreeing_with_the_request(fashion_
     right = metrics.class_accuracy(images, labels)
     wrong = metrics.class_accuracy(images, (labels + 1) % 10)
     assert right > 0.85 and wrong < 0.1
+
+
+@pytest.mark.parametrize("shape, fragment", [
+    ((4, 1, 64, 64), "images are 64x64, but the reference statistics were made from 16x16 images"),
+    ((4, 1, 2, 2), "images are 2x2, but the reference statistics were made from 16x16 images"),
+    ((4, 3, 16, 16), r"images of shape \(3, 16, 16\): the metrics read gray images"),
+])
+def test_images_the_reference_was_not_made_for_are_refused(metrics, shape, fragment):
+    images = torch.zeros(shape)
+    with pytest.raises(TfmqError, match=fragment):
+        metrics.against_reference(images, load_reference_statistics())
+    if shape[1] != 1:
+        with pytest.raises(TfmqError, match=fragment):
+            metrics.between(images, images)
+
+
+def test_the_reference_records_its_resolution_and_must_match_the_network(metrics, tmp_path):
+    shipped = load_reference_statistics()
+    assert shipped.resolution == FASHION_RESOLUTION == metrics.resolution
+    save_reference_statistics(ReferenceStatistics(shipped.tensors, 32), tmp_path / "stats.safetensors")
+    assert owned_safetensors(tmp_path / "stats.safetensors")
+    other = load_reference_statistics(tmp_path / "stats.safetensors")
+    assert other.resolution == 32
+    assert torch.equal(other.tensors["fid.features_sum"], shipped.tensors["fid.features_sum"])
+    with pytest.raises(TfmqError, match="images are 32x32, but the metrics network reads 16x16 images"):
+        metrics.against_reference(torch.zeros(4, 1, 32, 32), other)
+
+
+def test_reference_files_without_a_resolution_or_a_statistic_are_refused(tmp_path):
+    tensors = load_reference_statistics().tensors
+    save_file(tensors, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(TfmqError, match="record no image resolution"):
+        load_reference_statistics(tmp_path / "bare.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"resolution": "16"})
+    with pytest.raises(TfmqError, match="lack fid.features_sum"):
+        load_reference_statistics(tmp_path / "other.safetensors")

@@ -1,8 +1,11 @@
 import json
+import os
+import sys
 
 import pytest
 import torch
 from tests.conftest import tiny_unet
+from tests.models.tiny_pipelines import write_pipeline
 
 from tfmq.errors import TfmqError
 from tfmq.models.loading import ZOO_DIR, load_model
@@ -77,3 +80,107 @@ def test_shipped_text_model_loads_with_encoder_tokenizer_and_calibration_prompts
     assert states.shape == (3, 16, 64) and torch.equal(states[0], states[2])
     assert not torch.equal(states[0], conditioning.unconditional["encoder_hidden_states"][0])
     assert (ZOO_DIR / "fashion-cond" / "MODEL_CARD.md").is_file()
+
+
+@pytest.mark.parametrize("relative", ["unet/config.json", "model_index.json", "scheduler/scheduler_config.json"])
+@pytest.mark.parametrize("content, fragment", [
+    (b"\xff\xfe{\x00}", "cannot read .*codec can't decode"), (b'["a", "list"]', "is not a JSON object but a list"),
+    (b'{"_class_name": ["module", "Custom"]}', r'names its class \["module", "Custom"\], not a class name')])
+def test_config_files_that_are_not_json_objects_are_errors(tiny_model_folder, relative, content, fragment):
+    (tiny_model_folder / relative).write_bytes(content)
+    with pytest.raises(TfmqError, match=fragment) as raised:
+        load_model(tiny_model_folder)
+    assert "\n" not in str(raised.value)
+
+
+def _custom_code_folder(tmp_path, class_name: str):
+    """A tiny Stable Diffusion folder whose text encoder config asks for code shipped in the folder."""
+    folder = write_pipeline("text", tmp_path / "custom")
+    marker = tmp_path / "custom-code-ran"
+    for module in ("modeling_custom", "configuration_custom"):
+        (folder / "text_encoder" / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_type"] = "custom"  # unknown to transformers: only the folder's code could build it
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig", "AutoModel": "modeling_custom.CustomModel"}
+    config_path.write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", class_name]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder, marker
+
+
+@pytest.mark.parametrize("class_name, fragment", [
+    ("AutoModel", "names transformers.AutoModel for text_encoder, which tfmq cannot load"),
+    ("CLIPTextModel", r"config.json asks for custom code \(auto_map\); tfmq never runs code from a model folder")])
+def test_a_folder_asking_for_custom_code_is_refused_without_prompting(tmp_path, monkeypatch, class_name, fragment):
+    folder, marker = _custom_code_folder(tmp_path, class_name)
+    closed = open(os.devnull)
+    closed.close()
+    monkeypatch.setattr(sys, "stdin", closed)
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "y")
+    with pytest.raises(TfmqError, match=fragment):
+        load_model(folder)
+    assert prompts == [] and not marker.exists()
+
+
+def test_transformers_components_are_loaded_with_trust_remote_code_false(tmp_path, monkeypatch):
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    seen = []
+    for base in (PreTrainedModel, PreTrainedTokenizerBase):
+        def recording(cls, *args, original=base.from_pretrained.__func__, **kwargs):
+            seen.append((cls.__name__, kwargs.get("trust_remote_code", "not passed")))
+            return original(cls, *args, **kwargs)
+
+        monkeypatch.setattr(base, "from_pretrained", classmethod(recording))
+    load_model(write_pipeline("text", tmp_path / "sd"))
+    assert sorted(seen) == [("CLIPTextModel", False), ("TokenizersBackend", False)]
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ("a string", r'gives vqvae as "a string", not \["library", "ClassName"\]'),
+    (["diffusers", "AutoencoderKL", "extra"], "gives vqvae as"),
+    (["diffusers", "DDPMPipeline"], "names diffusers.DDPMPipeline for vqvae, which tfmq cannot load"),
+    (["diffusers", "AutoModel"], "names diffusers.AutoModel for vqvae, which tfmq cannot load")])
+def test_malformed_or_code_running_index_entries_are_errors(tmp_path, entry, fragment):
+    folder = write_pipeline("latent", tmp_path / "ldm")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["vqvae"] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(TfmqError, match=fragment):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("bare, fragment", [(False, "cannot load scheduler from .*scheduler: linspace"),
+                                            (True, "cannot build the noise schedule of .*scheduler_config.json")])
+def test_a_scheduler_config_diffusers_cannot_build_is_an_error(tiny_model_folder, bare, fragment):
+    if bare:  # a unet/ + scheduler/ folder: no pipeline loads the scheduler first
+        (tiny_model_folder / "model_index.json").unlink()
+    path = tiny_model_folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config["num_train_timesteps"] = "many"
+    path.write_text(json.dumps(config))
+    with pytest.raises(TfmqError, match=fragment):
+        load_model(tiny_model_folder)
+
+
+def test_shipped_models_load_and_sample_without_opening_a_network_connection(monkeypatch):
+    import socket
+
+    from tfmq.models.loading import ZOO_MODELS, load_model
+    from tfmq.sampling import SamplerConfig, sample
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"tfmq tried to open a network connection: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in ZOO_MODELS:
+        model = load_model(name)
+        conditioning = model.conditioning(1, prompts=model.calibration_prompts()[:1]) \
+            if model.conditioning_kind == "text" else None
+        images = sample(model.unet, model.scheduler, 1, config=SamplerConfig(steps=2), progress=False,
+                        conditioning=conditioning, decoder=model.decoder)
+        assert images.shape[0] == 1

@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 
 import pytest
@@ -159,3 +160,59 @@ def test_half_precision_file_loads_into_float32_networks(tiny_sd, tmp_path):
     loaded = model.unet.state_dict()
     assert all(tensor.dtype == torch.float32 for tensor in loaded.values())
     assert all(torch.equal(loaded[key], expected[key].half().float()) for key in expected)
+
+
+class _SystemCall:
+    """Pickles as os.system(...): the payload of a malicious .ckpt."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_ckpt_calling_os_system_is_refused_naming_the_call(tiny_sd, tmp_path, writer):
+    _, path, configs = tiny_sd
+    marker, ckpt = tmp_path / "ran", tmp_path / "model.ckpt"
+    payload = {"state_dict": load_file(str(path)), "callbacks": _SystemCall(marker)}
+    if writer == "torch.save":
+        torch.save(payload, ckpt)
+    else:
+        with open(ckpt, "wb") as handle:
+            pickle.dump(payload, handle)
+    fragment = (rf"needs the Python objects? .*{os.system.__module__}\.system.* to unpickle; "
+                r"tfmq unpickles .ckpt files with torch.load\(weights_only=True\) only")
+    with pytest.raises(TfmqError, match=fragment) as raised:
+        load_model(ckpt, config=configs)
+    assert "\n" not in str(raised.value) and not marker.exists()
+
+
+def test_plain_pickle_of_python_data_is_no_checkpoint(tiny_sd, tmp_path):
+    with open(tmp_path / "model.ckpt", "wb") as handle:
+        pickle.dump({"weights": [1.0, 2.0]}, handle)
+    with pytest.raises(TfmqError, match="it is no torch or safetensors file"):
+        load_model(tmp_path / "model.ckpt", config=tiny_sd[2])
+
+
+def test_config_folder_configs_are_read_without_custom_code(tiny_sd, tmp_path, monkeypatch):
+    from transformers import PretrainedConfig
+
+    folder, path, _ = tiny_sd
+    seen = []
+
+    def recording(cls, *args, original=PretrainedConfig.from_pretrained.__func__, **kwargs):
+        seen.append(kwargs.get("trust_remote_code", "not passed"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PretrainedConfig, "from_pretrained", classmethod(recording))
+    configs = config_folder(folder, tmp_path / "configs")
+    load_model(path, config=configs)
+    assert seen and set(seen) == {False}
+    config_path = configs / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(TfmqError, match=r"text_encoder/config.json asks for custom code \(auto_map\)"):
+        load_model(path, config=configs)

@@ -1,10 +1,18 @@
+import json
+import os
+from dataclasses import replace
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tests.quant.tiny_unets import pixel_unet
 
 from tfmq.errors import TfmqError
+from tfmq.files import owned_safetensors
 from tfmq.models.architectures import fashion_ddpm_scheduler
-from tfmq.quant.calibration import CalibrationSet, collect_calibration
+from tfmq.quant.calibration import CalibrationProvenance, CalibrationSet, collect_calibration
+from tfmq.quant.checkpoint import model_fingerprint
 from tfmq.sampling import SamplerConfig, sampling_timesteps
 
 SCHEDULER = fashion_ddpm_scheduler()
@@ -65,3 +73,63 @@ def test_timestep_groups_call_one_timestep_at_a_time_and_cover_every_sample():
     assert len(groups) == 10
     assert all(len(group["timestep"].unique()) == 1 and len(group["sample"]) == 3 for group in groups)
     assert sorted(int(group["timestep"][0]) for group in groups) == sorted(calibration.schedule.tolist())
+
+
+def test_a_collected_set_records_what_it_was_made_from():
+    unet = pixel_unet()
+    calibration = collect_calibration(unet, SCHEDULER, 3, SAMPLER, interval_length=5, seed=4, progress=False)
+    assert calibration.provenance == CalibrationProvenance(model_fingerprint(unet), SAMPLER, 3, 4, 1.0)
+    calibration.check_made_for(pixel_unet(), SamplerConfig(steps=10), 1.0)
+
+
+def test_provenance_survives_save_and_load_and_is_checked(tmp_path):
+    _collect().save(tmp_path / "calib.safetensors")
+    loaded = CalibrationSet.load(tmp_path / "calib.safetensors")
+    assert loaded.provenance == _collect().provenance
+    loaded.check_made_for(pixel_unet(), SAMPLER)
+    with pytest.raises(TfmqError, match=r"recorded with ddim 10 steps \(eta 0.0, quad skip\), not ddim 4 steps"):
+        loaded.check_made_for(pixel_unet(), SamplerConfig(steps=4))
+    with pytest.raises(TfmqError, match=r"recorded with ddim 10 steps .*, not plms 10 steps$"):
+        loaded.check_made_for(pixel_unet(), SamplerConfig(name="plms", steps=10))
+    with pytest.raises(TfmqError, match=r"recorded with guidance scale 1, not 3"):
+        loaded.check_made_for(pixel_unet(), SAMPLER, 3.0)
+    with pytest.raises(TfmqError, match=r"recorded with another model \(fingerprint [0-9a-f]{12}, not [0-9a-f]{12}\)"):
+        loaded.check_made_for(pixel_unet(seed=1), SAMPLER)
+
+
+def test_sets_without_provenance_or_with_a_wrong_digest_are_refused(tmp_path):
+    calibration = _collect()
+    replace(calibration, provenance=None).save(tmp_path / "old.safetensors")
+    with pytest.raises(TfmqError, match="records no model, sampler or guidance"):
+        CalibrationSet.load(tmp_path / "old.safetensors").check_made_for(pixel_unet(), SAMPLER)
+    calibration.save(tmp_path / "calib.safetensors")
+    tensors = load_file(str(tmp_path / "calib.safetensors"))
+    with safe_open(str(tmp_path / "calib.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    changed = {**tensors, "samples": tensors["samples"] + 1}
+    save_file(changed, str(tmp_path / "changed.safetensors"), metadata=metadata)
+    relabelled = json.loads(metadata["provenance"])
+    relabelled["sampler"]["steps"] = 4
+    save_file(tensors, str(tmp_path / "relabelled.safetensors"),
+              metadata={**metadata, "provenance": json.dumps(relabelled)})
+    save_file(tensors, str(tmp_path / "undigested.safetensors"),
+              metadata={key: value for key, value in metadata.items() if key != "digest"})
+    for name in ("changed", "relabelled", "undigested"):
+        with pytest.raises(TfmqError, match="fails its digest check"):
+            CalibrationSet.load(tmp_path / f"{name}.safetensors")
+
+
+def test_save_creates_its_folder_and_writes_atomically(tmp_path):
+    path = tmp_path / "new" / "folder" / "calib.safetensors"
+    _collect().save(path)
+    assert owned_safetensors(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [entry.name for entry in path.parent.iterdir()] == ["calib.safetensors"]  # no temporary left
+
+
+@pytest.mark.parametrize("seed, fragment", [(-1, "seed must be >= 0"), (0.5, "seed must be an integer")])
+def test_bad_calibration_seeds_are_errors(seed, fragment):
+    with pytest.raises(TfmqError, match=fragment):
+        collect_calibration(pixel_unet(), SCHEDULER, 2, SAMPLER, seed=seed, progress=False)

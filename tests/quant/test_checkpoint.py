@@ -1,7 +1,11 @@
+import hashlib
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tests.quant.tiny_unets import pixel_unet, unet_inputs
 
 from tfmq.errors import TfmqError
@@ -9,8 +13,11 @@ from tfmq.models.architectures import fashion_ddpm_scheduler, fashion_ddpm_unet
 from tfmq.quant.api import quantize
 from tfmq.quant.calibration import collect_calibration
 from tfmq.quant.checkpoint import (
+    METADATA_DIGEST_KEY,
+    METADATA_FILE,
     WEIGHTS_FILE,
     load_quantized,
+    metadata_digest,
     model_fingerprint,
     pack_codes,
     save_quantized,
@@ -38,10 +45,19 @@ def test_code_too_large_for_its_bits_is_refused():
 
 
 @pytest.fixture(scope="module")
-def rtn_model():
+def calibration():
+    return collect_calibration(pixel_unet(), fashion_ddpm_scheduler(), 4, SamplerConfig(steps=6), 3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def rtn_model(calibration):
     base = pixel_unet()
-    calibration = collect_calibration(base, fashion_ddpm_scheduler(), 4, SamplerConfig(steps=6), 3, progress=False)
     return base, quantize(base, QuantConfig(method="rtn", w_bits=4, a_bits=8), calibration, progress=False)
+
+
+@pytest.fixture(scope="module")
+def rtn_w8(calibration):
+    return quantize(pixel_unet(), QuantConfig(method="rtn", w_bits=8, a_bits=8), calibration, progress=False)
 
 
 def test_save_then_load_gives_bit_identical_outputs(tmp_path, rtn_model):
@@ -109,3 +125,159 @@ def test_packed_w4_file_is_over_6x_smaller_than_the_fp32_unet(tmp_path):
     metadata = json.loads((tmp_path / "q" / "quantization.json").read_text())
     assert ratio > 6.0, ratio
     assert all(entry["bits"] == 4 for entry in metadata["packed_weights"].values())
+
+
+# Editing a checkpoint's metadata. Unsigned: as a user with a text editor does. Re-signed: as a writer that
+# signs what it writes would (the weights file's digest of the metadata and the metadata's checksum of the
+# weights follow the edit), which leaves the checks of the content itself to refuse it.
+
+def rewrite_metadata(folder: Path, edit: Callable[[dict], None], *, resign: bool = False) -> None:
+    metadata_file = folder / METADATA_FILE
+    metadata = json.loads(metadata_file.read_text())
+    edit(metadata)
+    if resign:
+        weights = folder / WEIGHTS_FILE
+        save_file(load_file(str(weights)), str(weights), metadata={METADATA_DIGEST_KEY: metadata_digest(metadata)})
+        metadata["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        metadata["weights_bytes"] = weights.stat().st_size
+    metadata_file.write_text(json.dumps(metadata))
+
+
+def parent_of(metadata: dict, key_path: str) -> tuple[dict, str]:
+    """The object holding a dotted path's last key (e.g. "quant_config.w_bits"), and that key."""
+    *parents, last = key_path.split(".")
+    for key in parents:
+        metadata = metadata[key]
+    return metadata, last
+
+
+def assign(key_path: str, value: object) -> Callable[[dict], None]:
+    def edit(metadata: dict) -> None:
+        parent, key = parent_of(metadata, key_path)
+        parent[key] = value
+    return edit
+
+
+def delete(key_path: str) -> Callable[[dict], None]:
+    def edit(metadata: dict) -> None:
+        parent, key = parent_of(metadata, key_path)
+        del parent[key]
+    return edit
+
+
+def claim_bits(bits: int) -> Callable[[dict], None]:
+    """The config and every packed weight say `bits`: a consistent lie."""
+    def edit(metadata: dict) -> None:
+        metadata["quant_config"]["w_bits"] = bits
+        for packed in metadata["packed_weights"].values():
+            packed["bits"] = bits
+    return edit
+
+
+def first_packed(change: Callable[[dict], None]) -> Callable[[dict], None]:
+    """An edit of the first packed weight's entry."""
+    return lambda metadata: change(next(iter(metadata["packed_weights"].values())))
+
+
+def rename_first_packed(name: str) -> Callable[[dict], None]:
+    def edit(metadata: dict) -> None:
+        packed = metadata["packed_weights"]
+        packed[name] = packed.pop(next(iter(packed)))
+    return edit
+
+
+def assert_refused(folder: Path, fragment: str) -> None:
+    with pytest.raises(TfmqError) as caught:
+        load_quantized(folder, pixel_unet())
+    message = str(caught.value)
+    assert fragment in message and "\n" not in message, message
+
+
+def test_a_resigned_but_unchanged_checkpoint_loads_bit_identically(tmp_path, rtn_model):
+    base, model = rtn_model
+    path = save_quantized(model, tmp_path / "q")
+    rewrite_metadata(path, lambda metadata: None, resign=True)
+    inputs = unet_inputs(base, 3, seed=5)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).sample, load_quantized(path, pixel_unet())(**inputs).sample)
+
+
+MODIFIED = "was modified after saving"
+
+
+@pytest.mark.parametrize("checkpoint, edit, resign, fragment", [
+    # W4 read as W8: one config value, which every packed entry contradicts
+    pytest.param("w4", assign("quant_config.w_bits", 8), False, "has 4 bits, quant_config.w_bits says 8",
+                 id="w_bits-8"),
+    pytest.param("w4", assign("quant_config.w_bits", 8), True, "has 4 bits, quant_config.w_bits says 8",
+                 id="w_bits-8-resigned"),
+    # W8 claiming W4 everywhere: consistent, but not what was saved, nor what the codes' bytes hold
+    pytest.param("w8", claim_bits(4), False, MODIFIED, id="w8-claims-w4"),
+    pytest.param("w8", claim_bits(4), True, "4-bit codes of shape", id="w8-claims-w4-resigned"),
+    pytest.param("w4", first_packed(assign("bits", 3)), False, "has 3 bits, quant_config.w_bits says 4",
+                 id="bits-3"),
+    pytest.param("w4", claim_bits(2), False, MODIFIED, id="w_bits-2"),
+    pytest.param("w4", claim_bits(2), True, "2-bit codes of shape", id="w_bits-2-resigned"),
+    # a value every check but the digest accepts
+    pytest.param("w4", assign("quant_config.a_bits", 6), False, MODIFIED, id="a_bits-6"),
+])
+def test_edited_bit_widths_are_refused(tmp_path, rtn_model, rtn_w8, checkpoint, edit, resign, fragment):
+    path = save_quantized(rtn_model[1] if checkpoint == "w4" else rtn_w8, tmp_path / "q")
+    rewrite_metadata(path, edit, resign=resign)
+    assert_refused(path, fragment)
+
+
+@pytest.mark.parametrize("edit, resign, fragment", [
+    pytest.param(delete("packed_weights"), False, "packed_weights missing", id="no-packed_weights"),
+    pytest.param(assign("base_model", "fashion-ddpm"), False, "base_model must be an object",
+                 id="base_model-string"),
+    pytest.param(delete("base_model.fingerprint"), False, "base_model.fingerprint must be a string",
+                 id="no-fingerprint"),
+    pytest.param(assign("quant_config", [4, 8]), False, "quant_config must be an object", id="quant_config-list"),
+    pytest.param(assign("quant_config.w_bits", "4"), False, "w_bits must be an int", id="w_bits-string"),
+    pytest.param(assign("quant_config.keep_fp", 5), False, "quant_config:", id="keep_fp-int"),
+    pytest.param(first_packed(assign("bits", True)), False, "bits must be an int in 2..8", id="bits-bool"),
+    pytest.param(first_packed(assign("shape", "big")), False, "shape must be a list of positive ints",
+                 id="shape-string"),
+    pytest.param(first_packed(delete("shape")), False, "must be an object of bits and shape",
+                 id="entry-without-shape"),
+    pytest.param(assign("packed_weights", []), False, "packed_weights must be an object", id="packed_weights-list"),
+    pytest.param(assign("timestep_schedule", "all"), False, "timestep_schedule must be a list of ints or null",
+                 id="schedule-string"),
+    pytest.param(assign("weights_bytes", "12"), False, "weights_bytes must be an int", id="weights_bytes-string"),
+    pytest.param(assign("format_version", "2"), False, "format_version must be an int", id="format_version-string"),
+    # well-formed, re-signed, and still not this model's
+    pytest.param(rename_first_packed("../../etc/passwd"), True, "'../../etc/passwd' is not a quantized layer",
+                 id="path-as-name"),
+    pytest.param(rename_first_packed("down_blocks.7.resnets.0.conv1"), True, "is not a quantized layer",
+                 id="unknown-module"),
+    pytest.param(rename_first_packed("conv_in"), True, "is not a quantized layer", id="kept-layer"),
+    pytest.param(lambda metadata: metadata["packed_weights"].popitem(), True,
+                 "no packed weight for the quantized layer", id="layer-unpacked"),
+    pytest.param(first_packed(assign("shape", [10**9, 10**9])), True,
+                 "has shape [1000000000, 1000000000], the base model's", id="huge-shape"),
+    pytest.param(assign("quant_config.keep_fp", ["*"]), True, "outside keep_fp", id="keep_fp-everything"),
+])
+def test_malformed_metadata_is_a_one_line_error(tmp_path, rtn_w8, edit, resign, fragment):
+    path = save_quantized(rtn_w8, tmp_path / "q")
+    rewrite_metadata(path, edit, resign=resign)
+    assert_refused(path, fragment)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    pytest.param(b"[1, 2]", "holds a JSON list, not an object", id="list"),
+    pytest.param(b'{"format_version": 2, "base_model": "\xff"}', "not valid UTF-8", id="latin-1"),
+    pytest.param(b"[" * 100_000, "corrupt", id="nested-too-deep"),
+])
+def test_metadata_that_is_no_json_object_is_a_one_line_error(tmp_path, rtn_model, content, fragment):
+    path = save_quantized(rtn_model[1], tmp_path / "q")
+    (path / METADATA_FILE).write_bytes(content)
+    assert_refused(path, fragment)
+
+
+@pytest.mark.parametrize("version, fragment", [(1, "quantize the model again"), (3, "upgrade tfmq")])
+def test_other_format_versions_are_refused_by_name(tmp_path, rtn_model, version, fragment):
+    path = save_quantized(rtn_model[1], tmp_path / "q")
+    rewrite_metadata(path, assign("format_version", version), resign=True)
+    assert_refused(path, f"format version {version}")
+    assert_refused(path, fragment)

@@ -6,12 +6,12 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 
-def pixel_unet(seed: int = 0, channels: int = 3) -> UNet2DModel:
+def pixel_unet(seed: int = 0, channels: int = 3, size: int = 8) -> UNet2DModel:
     """Unconditional 8x8 UNet (RGB by default), self-attention in the lower block: a few thousand
     parameters, milliseconds per call."""
     torch.manual_seed(seed)
     return UNet2DModel(
-        sample_size=8, in_channels=channels, out_channels=channels, layers_per_block=1, block_out_channels=(8, 16),
+        sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1, block_out_channels=(8, 16),
         norm_num_groups=4, attention_head_dim=8,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     ).eval()

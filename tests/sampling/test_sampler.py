@@ -6,7 +6,7 @@ from tests.quant.tiny_unets import text_unet
 
 from tfmq.errors import TfmqError
 from tfmq.models.architectures import fashion_ddpm_scheduler
-from tfmq.sampling import Conditioning, SamplerConfig, distinct_timesteps, sample, sampling_timesteps
+from tfmq.sampling import Conditioning, SamplerConfig, check_sample, distinct_timesteps, sample, sampling_timesteps
 from tfmq.sampling.noise import draw, image_generators
 
 SCHEDULER = fashion_ddpm_scheduler()
@@ -119,3 +119,86 @@ def test_decoder_turns_latents_into_images():
                      conditioning=_text_conditioning(1.0), decoder=lambda latents: latents[:, :1] * 100)
     assert decoded.shape == (3, 1, 8, 8)
     assert decoded.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: SamplerConfig(eta=float("nan")), "eta must be a finite number"),
+    (lambda: SamplerConfig(eta=float("inf")), "eta must be a finite number"),
+    (lambda: SamplerConfig(eta=-0.5), "eta must be >= 0"),
+    (lambda: SamplerConfig(steps=2.5), "steps must be an integer"),
+    (lambda: Conditioning({}, None, float("nan")), "guidance scale must be a finite number"),
+    (lambda: Conditioning({}, None, float("-inf")), "guidance scale must be a finite number"),
+])
+def test_non_finite_or_non_integer_settings_are_errors(make, fragment):
+    with pytest.raises(TfmqError, match=fragment):
+        make()
+
+
+@pytest.mark.parametrize("seed, fragment", [(-1, "seed must be >= 0, got -1"), (1.5, "seed must be an integer"),
+                                            ("3", "seed must be an integer"), (True, "seed must be an integer")])
+def test_negative_or_non_integer_seeds_are_errors(seed, fragment):
+    with pytest.raises(TfmqError, match=fragment):
+        sample(tiny_unet(), SCHEDULER, 1, seed=seed, config=SamplerConfig(steps=2), progress=False)
+
+
+def _counting_unet():
+    unet, calls = tiny_unet(), []
+    unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return unet, calls
+
+
+@pytest.mark.parametrize("name, steps, fragment", [
+    ("plms", 5000, "steps must be between 1 and 1000"), ("ddpm", 10000, "steps must be between 1 and 1000"),
+    ("dpm-solver", 1001, "steps must be between 1 and 1000"), ("ddim", 1001, "steps must be between 1 and 1000"),
+    ("dpm-solver", 1000, "visits only 999 distinct timesteps"),
+])
+def test_step_counts_the_scheduler_cannot_serve_are_refused_before_any_unet_call(name, steps, fragment):
+    config = SamplerConfig(name=name, steps=steps, skip_type="uniform")
+    with pytest.raises(TfmqError, match=fragment):
+        sampling_timesteps(SCHEDULER, config)
+    unet, calls = _counting_unet()
+    with pytest.raises(TfmqError, match=fragment):
+        sample(unet, SCHEDULER, 1, config=config, progress=False)
+    assert calls == []
+
+
+def test_a_steps_offset_beyond_the_last_timestep_is_refused():
+    shifted = DDIMScheduler.from_config(SCHEDULER.config, steps_offset=1)
+    with pytest.raises(TfmqError, match="visits timestep 1000, outside this model's 0..999"):
+        sampling_timesteps(shifted, SamplerConfig(name="ddpm", steps=1000))
+    assert len(sampling_timesteps(shifted, SamplerConfig(name="ddpm", steps=999))) == 999
+
+
+def test_a_result_larger_than_memory_is_refused_before_any_unet_call(tmp_path, monkeypatch):
+    unet, calls = _counting_unet()
+    with pytest.raises(TfmqError, match=r"10000000000 images of 1x8x8 need 2.56 TB of memory, but only .* available"):
+        sample(unet, SCHEDULER, 10_000_000_000, config=SamplerConfig(steps=2), progress=False)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:       1 kB\n")
+    monkeypatch.setattr("tfmq.sampling.sampler.MEMINFO", meminfo)
+    with pytest.raises(TfmqError, match=r"8 images of 1x8x8 need 2.05 kB of memory, but only 1.02 kB"):
+        sample(unet, SCHEDULER, 8, config=SamplerConfig(steps=2), progress=False)
+    assert calls == []
+    meminfo.write_text("MemAvailable:       1000 kB\n")
+    assert sample(unet, SCHEDULER, 4, config=SamplerConfig(steps=2), progress=False).shape == (4, 1, 8, 8)
+
+
+def test_a_decoder_larger_than_the_latents_is_checked_against_memory(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:       2 kB\n")  # 8x8 latents fit, 64x64 images do not
+    monkeypatch.setattr("tfmq.sampling.sampler.MEMINFO", meminfo)
+    with pytest.raises(TfmqError, match="4 images of 1x64x64 need"):
+        sample(tiny_unet(), SCHEDULER, 4, config=SamplerConfig(steps=2), progress=False, batch_size=2,
+               decoder=lambda latents: latents.repeat_interleave(8, -1).repeat_interleave(8, -2))
+
+
+def test_check_sample_makes_the_checks_of_sample_without_sampling():
+    unet, calls = _counting_unet()
+    with pytest.raises(TfmqError, match="need 2.56 TB of memory"):
+        check_sample(unet, SCHEDULER, 10_000_000_000, config=SamplerConfig(steps=2))
+    with pytest.raises(TfmqError, match="steps must be between 1 and 1000"):
+        check_sample(unet, SCHEDULER, 1, config=SamplerConfig(name="plms", steps=5000))
+    with pytest.raises(TfmqError, match="seed must be >= 0"):
+        check_sample(unet, SCHEDULER, 1, seed=-3)
+    check_sample(unet, SCHEDULER, 4, config=SamplerConfig(name="dpm-solver", steps=20))
+    assert calls == []

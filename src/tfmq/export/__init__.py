@@ -7,9 +7,9 @@
 """
 
 from tfmq.export.conv_outputs import trajectory_inputs
-from tfmq.export.metadata import GraphInfo
-from tfmq.export.onnx_export import DEFAULT_OPSET, FORMATS, SUPPORTED_OPSETS, export_onnx
+from tfmq.export.metadata import FORMATS, GraphInfo, owned_graph
+from tfmq.export.onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS, export_onnx
 from tfmq.export.runtime import OnnxUNet
 
-__all__ = ["DEFAULT_OPSET", "FORMATS", "SUPPORTED_OPSETS", "GraphInfo", "OnnxUNet", "export_onnx",
+__all__ = ["DEFAULT_OPSET", "FORMATS", "SUPPORTED_OPSETS", "GraphInfo", "OnnxUNet", "export_onnx", "owned_graph",
            "trajectory_inputs"]

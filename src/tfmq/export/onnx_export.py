@@ -6,7 +6,6 @@ the TIB is a table over the schedule, so the graph serves exactly the timesteps 
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,12 +21,21 @@ from tfmq.errors import TfmqError
 from tfmq.export.conv_outputs import UNetInputs, conv_output_grids, integer_conv_names
 from tfmq.export.dependencies import require
 from tfmq.export.graph import StepGraph, TimestepGraph, integer_twin
-from tfmq.export.metadata import ENCODER_HIDDEN_STATES, OUTPUT, SAMPLE, GraphInfo
+from tfmq.export.metadata import (
+    DIGEST_KEY,
+    ENCODER_HIDDEN_STATES,
+    FORMATS,
+    OUTPUT,
+    SAMPLE,
+    GraphInfo,
+    graph_digest,
+    owned_graph,
+)
 from tfmq.export.qdq import KERNEL_BITS
+from tfmq.files import check_output_file, write_bytes_atomic
 from tfmq.quant.layers import QuantLayer
 from tfmq.quant.timestep_table import timestep_tables
 
-FORMATS = ("int8", "fp32")
 SUPPORTED_OPSETS = range(17, 22)
 DEFAULT_OPSET = 21
 # torch's TorchScript exporter writes at most opset 20 (custom QDQ symbolics need it); onnx's version
@@ -51,8 +59,10 @@ def export_onnx(
     integer_convs: bool = True,
     requantize_weights: bool = False,
     details: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `unet` to `path` as ONNX, to run with `OnnxUNet`.
+    """Write `unet` to `path` as ONNX, to run with `OnnxUNet`; an existing file is replaced only if tfmq
+    exported it (or with `overwrite`).
 
     format "int8": a model from `tfmq.quantize`/`load_quantized` as a QDQ graph that onnxruntime runs on
     integer kernels. It serves the timesteps of `schedule` (the sampler's distinct timesteps; default and
@@ -60,11 +70,13 @@ def export_onnx(
     `trajectory_inputs(...)`) ranges the 8-bit conv outputs that integer convolution needs;
     `integer_convs=False` keeps convs in float on dequantized operands instead (exact, not faster).
     Weights are exact: symmetric int8 up to 7 bits, uint8 with zero points at 8 bits (slower kernels);
-    `requantize_weights=True` rounds 8-bit weights onto symmetric int8 instead (fast, approximate).
+    `requantize_weights=True` rounds 8-bit weights onto symmetric int8 instead (approximate; fast where the
+    CPU's u8s8 kernels do not saturate, elsewhere `OnnxUNet` runs them exactly on u8u8 kernels).
     format "fp32": a full-precision UNet as it is, any timestep.
     `details` (JSON values) is stored in the graph's metadata, e.g. the sampler it was exported for.
     """
     onnx = require("onnx")
+    check_output_file(path, owned_graph, overwrite=overwrite)
     if format not in FORMATS:
         raise TfmqError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     if opset not in SUPPORTED_OPSETS:
@@ -93,7 +105,8 @@ def export_onnx(
     _compact_value_names(model)
     for key, value in info.to_props().items():
         model.metadata_props.add(key=key, value=value)
-    return _save_atomic(model, Path(path), onnx)
+    model.metadata_props.add(key=DIGEST_KEY, value=graph_digest(model))  # last: nothing changes the graph after
+    return write_bytes_atomic(path, lambda temporary: onnx.save(model, str(temporary)))
 
 
 def _checked_schedule(unet: nn.Module, schedule: Sequence[int] | torch.Tensor | None, quantized: bool) -> torch.Tensor:
@@ -227,14 +240,3 @@ def _compact_value_names(model: Any) -> None:
             node.input[index] = short.get(name, name)
 
 
-def _save_atomic(model: Any, path: Path, onnx) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        onnx.save(model, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,12 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from tfmq.errors import TfmqError
 from tfmq.export.dependencies import require
-from tfmq.export.metadata import ENCODER_HIDDEN_STATES, SAMPLE, STEP, GraphInfo
+from tfmq.export.metadata import ENCODER_HIDDEN_STATES, SAMPLE, STEP, GraphInfo, check_digest
+from tfmq.export.qdq import INT8_MAX
+
+# The largest int8 weight code whose products with uint8 activations never leave int16 in pairs:
+# 255 * (64 + 64) < 2^15 (onnxruntime's reduce_range bound).
+U8S8_SAFE_MAX = 64
 
 
 class OnnxUNet:
@@ -23,7 +30,9 @@ class OnnxUNet:
     An integer graph serves the timesteps of its schedule only (`info.schedule`), one timestep per batch.
     4-bit stored weights are widened to int8 in memory at load: onnxruntime fuses int8 QDQ into integer
     kernels, 4-bit not (measured: it dequantizes them to float on every call); `widen_4bit=False` runs
-    the graph as stored, for comparison. `threads` defaults to torch's
+    the graph as stored, for comparison. On a CPU whose u8s8 kernels saturate (`u8s8_saturates`), int8
+    weights beyond +-64 are moved to uint8 with a zero point (exact, the slower u8u8 kernels): their
+    integer sums would otherwise be clipped. `threads` defaults to torch's
     intra-op thread count; `profile` makes onnxruntime record per-op times (see `end_profiling`).
     """
 
@@ -38,11 +47,14 @@ class OnnxUNet:
             model = onnx.load(str(path))
         except Exception as exc:  # protobuf raises DecodeError, onnx its own errors
             raise TfmqError(f"cannot read {path} as ONNX: {str(exc).splitlines()[0]}") from exc
+        check_digest(model, str(path))
         self.info = GraphInfo.from_props({prop.key: prop.value for prop in model.metadata_props}, str(path))
         self.config = FrozenDict(self.info.unet_config)
         self.path = path
         if widen_4bit:
             widen_uint4_weights(model, onnx)
+        if u8s8_saturates():
+            widen_saturating_int8_weights(model, onnx)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -102,20 +114,74 @@ class OnnxUNet:
 def widen_uint4_weights(model: Any, onnx) -> int:
     """Turn uint4 weight codes q and zero points z back into symmetric int8 codes q - z, in place (exact):
     the graph then fuses into integer kernels. Returns how many weights were widened."""
-    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     widened = 0
-    for node in model.graph.node:
-        codes = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if codes is None or codes.data_type != onnx.TensorProto.UINT4:
-            continue
-        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1)
-        unsigned = onnx.numpy_helper.to_array(codes).astype(np.int16)
-        zero_point = onnx.numpy_helper.to_array(initializers[node.input[2]]).astype(np.int16)
-        shape = [1] * unsigned.ndim
+    for node, codes, zero_point, axis in _dequantized_weights(model, onnx.TensorProto.UINT4, onnx):
+        shape = [1] * codes.ndim
         shape[axis] = -1
-        codes.CopyFrom(onnx.numpy_helper.from_array((unsigned - zero_point.reshape(shape)).astype(np.int8), codes.name))
-        zeros = onnx.numpy_helper.from_array(np.zeros(len(zero_point), np.int8), f"{codes.name}.zero_point_int8")
-        model.graph.initializer.append(zeros)
-        node.input[2] = zeros.name
+        _replace_weight(model, node, (codes - zero_point.reshape(shape)).astype(np.int8),
+                        np.zeros(len(zero_point), np.int8), onnx)
         widened += 1
     return widened
+
+
+def widen_saturating_int8_weights(model: Any, onnx) -> int:
+    """Move int8 weights with a code beyond +-U8S8_SAFE_MAX to uint8 codes and zero points, both shifted by 128,
+    in place (exact): onnxruntime then runs them on its u8u8 kernels, which sum in int32. Returns how many."""
+    widened = 0
+    for node, codes, zero_point, _ in _dequantized_weights(model, onnx.TensorProto.INT8, onnx):
+        if int(np.abs(codes).max(initial=0)) > U8S8_SAFE_MAX:
+            _replace_weight(model, node, (codes + 128).astype(np.uint8), (zero_point + 128).astype(np.uint8), onnx)
+            widened += 1
+    return widened
+
+
+def _dequantized_weights(model: Any, data_type: int, onnx) -> Iterator[tuple[Any, np.ndarray, np.ndarray, int]]:
+    """(DequantizeLinear node, its codes, its zero point, as int16, and its axis) for every weight initializer
+    of `data_type` that a DequantizeLinear reads."""
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+
+    def initializer(name: str) -> Any:
+        # The exporter shares equal constants: a zero point may be an Identity of another weight's.
+        while name not in initializers and producers[name].op_type == "Identity":
+            name = producers[name].input[0]
+        return initializers[name]
+
+    for node in list(model.graph.node):
+        codes = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if codes is None or codes.data_type != data_type or len(node.input) < 3:
+            continue
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1)
+        yield (node, onnx.numpy_helper.to_array(codes).astype(np.int16),
+               onnx.numpy_helper.to_array(initializer(node.input[2])).astype(np.int16), axis)
+
+
+def _replace_weight(model: Any, node: Any, codes: np.ndarray, zero_point: np.ndarray, onnx) -> None:
+    """New codes in place of `node`'s, and a fresh zero point (the exporter may share one between weights)."""
+    codes_name = node.input[0]
+    tensor = next(tensor for tensor in model.graph.initializer if tensor.name == codes_name)
+    tensor.CopyFrom(onnx.numpy_helper.from_array(codes, codes_name))
+    fresh = onnx.numpy_helper.from_array(zero_point, f"{codes_name}.zero_point_{zero_point.dtype}")
+    model.graph.initializer.append(fresh)
+    node.input[2] = fresh.name
+
+
+@functools.cache
+def u8s8_saturates() -> bool:
+    """Whether onnxruntime's u8s8 integer kernels on this CPU clip their sums: on x86 without VNNI (AVX2,
+    AVX-512 without VNNI) they add each pair of uint8 x int8 products in int16 with saturation (VPMADDUBSW),
+    so 255 * 127 + 255 * 127 comes out as 32767. Measured once per process on a one-op graph."""
+    onnx = require("onnx")
+    ort = require("onnxruntime")
+    helper = onnx.helper
+    weights = onnx.numpy_helper.from_array(np.full((2, 1), INT8_MAX, np.int8), "weights")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["activations", "weights"], ["sums"])], "u8s8_probe",
+        [helper.make_tensor_value_info("activations", onnx.TensorProto.UINT8, [1, 2])],
+        [helper.make_tensor_value_info("sums", onnx.TensorProto.INT32, [1, 1])], [weights])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                   .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sums = session.run(None, {"activations": np.full((1, 2), 255, np.uint8)})[0]
+    return int(sums[0, 0]) != 2 * 255 * INT8_MAX

@@ -8,15 +8,18 @@ Never compare these values with papers' Inception-based figures: only with each 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
 from tfmq.errors import TfmqError
+from tfmq.files import WRITTEN_BY
 from tfmq.images import from_uint8, to_uint8
 from tfmq.metrics.feature_network import Embedding, load_classifier
 from tfmq.models.architectures import FASHION_RESOLUTION
@@ -26,6 +29,17 @@ PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; the mean needs a fin
 SSIM_KERNEL = 7  # the usual 11-pixel window leaves only 6x6 valid pixels of a 16x16 image
 _CHUNK = 500
 _FID_STATES = ("features_sum", "features_cov_sum", "features_num_samples")
+_STATISTICS = tuple(f"{name}.{state}" for name in ("fid", "sfid") for state in _FID_STATES)
+_NETWORK_INPUT = "the metrics network reads"
+
+
+@dataclass(frozen=True)
+class ReferenceStatistics:
+    """The real-image sums of FID and sFID, with the resolution of the images they were made from: images of
+    another size would still get a score (the network resizes its input), only a meaningless one."""
+
+    tensors: dict[str, torch.Tensor]
+    resolution: int
 
 
 def _frechet(embedding: Embedding) -> FrechetInceptionDistance:
@@ -50,26 +64,40 @@ class QualityMetrics:
         self.pooled = Embedding(classifier, "pooled")
         self.spatial = Embedding(classifier, "spatial")
         self.logits = Embedding(classifier, "logits")
+        self.resolution = classifier.resolution
 
-    def reference_statistics(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def check_images(self, images: torch.Tensor, reference: ReferenceStatistics | None = None) -> None:
+        """Refuse images the scores would mean nothing for: not gray, or (against `reference`) of another size
+        than the reference images and the network's input."""
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise TfmqError(f"images of shape {tuple(images.shape[1:])}: the metrics read gray images (1, H, W)")
+        if reference is not None:
+            _check_size(images, reference.resolution, "the reference statistics were made from")
+            _check_size(images, self.resolution, _NETWORK_INPUT)
+
+    def reference_statistics(self, images: torch.Tensor) -> ReferenceStatistics:
         """The real-image sums of FID and sFID for `images` (e.g. the test set), ready to save."""
+        self.check_images(images)
+        _check_size(images, self.resolution, _NETWORK_INPUT)
         statistics = {}
         for name, embedding in (("fid", self.pooled), ("sfid", self.spatial)):
             metric = _frechet(embedding)
             _update(metric, png_like(images), real=True)
             for state in _FID_STATES:
                 statistics[f"{name}.{state}"] = getattr(metric, f"real_{state}").clone()
-        return statistics
+        return ReferenceStatistics(statistics, self.resolution)
 
-    def _against_statistics(self, embedding: Embedding, name: str, statistics: dict, images: torch.Tensor) -> float:
+    def _against_statistics(self, embedding: Embedding, name: str, statistics: ReferenceStatistics,
+                            images: torch.Tensor) -> float:
         metric = _frechet(embedding)
         for state in _FID_STATES:
-            setattr(metric, f"real_{state}", statistics[f"{name}.{state}"].clone())
+            setattr(metric, f"real_{state}", statistics.tensors[f"{name}.{state}"].clone())
         _update(metric, images, real=False)
         return float(metric.compute())
 
-    def against_reference(self, images: torch.Tensor, statistics: dict[str, torch.Tensor]) -> dict[str, float]:
+    def against_reference(self, images: torch.Tensor, statistics: ReferenceStatistics) -> dict[str, float]:
         """FID, sFID and IS of generated images against the reference statistics."""
+        self.check_images(images, statistics)
         _need_two(images)
         with warnings.catch_warnings():  # it warns that it keeps all features: a few MB for our 10 logits
             warnings.simplefilter("ignore", UserWarning)
@@ -92,6 +120,7 @@ class QualityMetrics:
         of CLIP score (does a conditional model still draw what the prompt or label names?)."""
         if len(images) != len(labels):
             raise TfmqError(f"{len(images)} images but {len(labels)} requested classes")
+        self.check_images(images)
         predicted = torch.cat([self.logits(chunk).argmax(1) for chunk in images.split(_CHUNK)])
         return float((predicted == labels.to(predicted.device)).float().mean())
 
@@ -99,6 +128,7 @@ class QualityMetrics:
         """FID between two sets, and per-image PSNR/SSIM of images paired by index (same seeds)."""
         if images.shape != baseline.shape:
             raise TfmqError(f"paired sets differ in shape: {tuple(images.shape)} vs {tuple(baseline.shape)}")
+        self.check_images(images)
         _need_two(images)
         metric = _frechet(self.pooled)
         _update(metric, baseline, real=True)
@@ -121,12 +151,28 @@ def _need_two(images: torch.Tensor) -> None:
         raise TfmqError(f"FID needs at least 2 images, got {len(images)}")
 
 
-def save_reference_statistics(statistics: dict[str, torch.Tensor], path: str | Path = REFERENCE_FILE) -> None:
-    save_file({k: v.contiguous() for k, v in statistics.items()}, str(path), metadata={"resolution": str(FASHION_RESOLUTION)})
+def _check_size(images: torch.Tensor, resolution: int, what: str) -> None:
+    height, width = images.shape[-2:]
+    if (height, width) != (resolution, resolution):
+        raise TfmqError(f"images are {height}x{width}, but {what} {resolution}x{resolution} images")
 
 
-def load_reference_statistics(path: str | Path = REFERENCE_FILE) -> dict[str, torch.Tensor]:
+def save_reference_statistics(statistics: ReferenceStatistics, path: str | Path = REFERENCE_FILE) -> None:
+    tensors = {key: value.contiguous() for key, value in statistics.tensors.items()}
+    save_file(tensors, str(path), metadata={"resolution": str(statistics.resolution), "written_by": WRITTEN_BY})
+
+
+def load_reference_statistics(path: str | Path = REFERENCE_FILE) -> ReferenceStatistics:
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
     except Exception as exc:  # safetensors raises its own error type for corrupt files
         raise TfmqError(f"cannot read reference statistics {path}: {str(exc).splitlines()[0]}") from exc
+    missing = [key for key in _STATISTICS if key not in tensors]
+    if missing:
+        raise TfmqError(f"reference statistics {path} lack {', '.join(missing)}: not written by tfmq reference-stats")
+    resolution = metadata.get("resolution", "")
+    if not resolution.isdigit() or int(resolution) == 0:
+        raise TfmqError(f"reference statistics {path} record no image resolution (metadata 'resolution')")
+    return ReferenceStatistics(tensors, int(resolution))

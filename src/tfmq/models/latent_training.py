@@ -28,6 +28,7 @@ from tfmq.models.training import (
     flipped_batch,
     noised,
     run_training,
+    trained_model_folder,
     write_training_record,
 )
 
@@ -39,7 +40,7 @@ UNCONDITIONAL_PROBABILITY = 0.1  # prompts dropped to "" in training: what class
 
 def train_autoencoder(
     out_dir: str | Path, work_dir: str | Path, steps: int = 3_000, batch_size: int = 64,
-    learning_rate: float = 1e-3, seed: int = 0, data_dir: str | Path | None = None,
+    learning_rate: float = 1e-3, seed: int = 0, data_dir: str | Path | None = None, overwrite: bool = False,
 ) -> Path:
     """Train the 16x16x1 -> 8x8x4 KL autoencoder (reconstruction MSE + KL_WEIGHT x KL) into `out_dir`."""
     torch.manual_seed(seed)
@@ -56,8 +57,9 @@ def train_autoencoder(
         return F.mse_loss(reconstruction, clean) + KL_WEIGHT * posterior.kl().mean()
 
     def export(emas: dict[str, nn.Module], step: int, seconds: float) -> None:
-        emas["autoencoder"].save_pretrained(out_dir)
-        write_training_record(out_dir, run, step, seconds, batch_size=batch_size, seed=seed, kl_weight=KL_WEIGHT)
+        with trained_model_folder(out_dir, overwrite) as staging:
+            emas["autoencoder"].save_pretrained(staging)
+            write_training_record(staging, run, step, seconds, batch_size=batch_size, seed=seed, kl_weight=KL_WEIGHT)
 
     run_training(run, {"autoencoder": autoencoder}, step_loss, export)
     return out_dir
@@ -83,7 +85,7 @@ def _encoded_training_set(
 def train_latent_diffusion(
     out_dir: str | Path, work_dir: str | Path, autoencoder_dir: str | Path, *, conditional: bool,
     steps: int = 6_000, batch_size: int = 64, learning_rate: float = 5e-4, seed: int = 0,
-    data_dir: str | Path | None = None,
+    data_dir: str | Path | None = None, overwrite: bool = False,
 ) -> Path:
     """Train `fashion-ldm` (unconditional, an LDMPipeline folder) or `fashion-cond` (prompted, with its text
     encoder trained alongside; a StableDiffusionPipeline folder) on the autoencoder's latents.
@@ -128,12 +130,13 @@ def train_latent_diffusion(
                 feature_extractor=None, requires_safety_checker=False)
         else:
             pipeline = LDMPipeline(vqvae=autoencoder, unet=emas["unet"], scheduler=DDIMScheduler.from_config(sampler_config))
-        pipeline.save_pretrained(out_dir)
-        if conditional:
-            (out_dir / CALIBRATION_PROMPTS_FILE).write_text("\n".join(calibration_prompts()) + "\n")
-        write_training_record(out_dir, run, step, seconds, batch_size=batch_size, seed=seed,
-                               scaling_factor=scaling_factor, autoencoder=str(autoencoder_dir),
-                               unconditional_probability=UNCONDITIONAL_PROBABILITY if conditional else None)
+        with trained_model_folder(out_dir, overwrite) as staging:
+            pipeline.save_pretrained(staging)
+            if conditional:
+                (staging / CALIBRATION_PROMPTS_FILE).write_text("\n".join(calibration_prompts()) + "\n")
+            write_training_record(staging, run, step, seconds, batch_size=batch_size, seed=seed,
+                                  scaling_factor=scaling_factor, autoencoder=str(autoencoder_dir),
+                                  unconditional_probability=UNCONDITIONAL_PROBABILITY if conditional else None)
 
     run_training(run, modules, step_loss, export)
     return out_dir

@@ -6,6 +6,10 @@ Layouts: `DDPMPipeline` / `DDIMPipeline` (unet, scheduler), `LDMPipeline` (unet,
 one is named in the error and nothing is fetched from a hub; a Stable Diffusion safety checker is not
 loaded (it is no part of what is quantized). An original single-file Stable Diffusion v1 checkpoint loads
 with a folder of its pipeline's configs (`tfmq.models.single_file`).
+
+No code from a folder ever runs: components must be concrete diffusers or transformers classes (no Auto
+class, no pipeline), a config asking for custom code (`auto_map`) is refused, and transformers is told
+`trust_remote_code=False`, so it never prompts "[y/N]" either.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 ZOO_MODELS = ("fashion-ddpm", "fashion-ldm", "fashion-cond")
 CALIBRATION_PROMPTS_FILE = "calibration_prompts.txt"
 UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+# The files of a component folder that can ask for custom code (`auto_map`).
+CONFIG_FILES = ("config.json", "tokenizer_config.json", "scheduler_config.json")
 # The components each supported pipeline needs besides its unet and scheduler.
 PIPELINE_COMPONENTS = {
     "DDPMPipeline": (),
@@ -170,16 +176,29 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 
 def _read_json(path: Path) -> dict:
+    """A config file as a JSON object, refused when it asks for custom code."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TfmqError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise TfmqError(f"{path} is not a JSON object but a {type(config).__name__}")
+    if "auto_map" in config:
+        raise TfmqError(f"{path} asks for custom code (auto_map); tfmq never runs code from a model folder")
+    return config
+
+
+def _class_name(config: dict, path: Path, default: str) -> str:
+    name = config.get("_class_name", default)
+    if not isinstance(name, str):
+        raise TfmqError(f"{path} names its class {json.dumps(name)}, not a class name of diffusers")
+    return name
 
 
 def _load_unet(unet_dir: Path) -> nn.Module:
     if not (unet_dir / "config.json").is_file():
         raise TfmqError(f"{unet_dir.parent} has no UNet config (expected unet/config.json)")
-    class_name = _read_json(unet_dir / "config.json").get("_class_name", "UNet2DModel")
+    class_name = _class_name(_read_json(unet_dir / "config.json"), unet_dir / "config.json", "UNet2DModel")
     if class_name not in UNET_CLASSES:
         raise TfmqError(f"{unet_dir} holds a {class_name}, not a UNet2DModel or UNet2DConditionModel")
     try:
@@ -190,25 +209,38 @@ def _load_unet(unet_dir: Path) -> nn.Module:
 
 
 def _component_class(folder: Path, name: str, library: str, class_name: str) -> type:
-    """The class model_index.json names for component `name`, from diffusers or transformers only."""
+    """The class model_index.json names for component `name`: a concrete diffusers model or scheduler, or a
+    transformers model or tokenizer. Auto classes and pipelines are refused, for they can run code."""
     import diffusers
     import transformers
+    from diffusers import ModelMixin, SchedulerMixin
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     transformers.utils.logging.disable_progress_bar()  # one bar per weights file is noise on stderr
-    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    allowed = {"diffusers": (diffusers, (ModelMixin, SchedulerMixin)),
+               "transformers": (transformers, (PreTrainedModel, PreTrainedTokenizerBase))}
+    module, bases = allowed.get(library, (None, ()))
     component_class = getattr(module, class_name, None) if module is not None else None
-    if component_class is None:
+    if not (isinstance(component_class, type) and issubclass(component_class, bases)):
         raise TfmqError(f"{folder}/model_index.json names {library}.{class_name} for {name}, which tfmq cannot load")
+    for config_file in CONFIG_FILES:
+        if (folder / name / config_file).is_file():
+            _read_json(folder / name / config_file)  # refuses a config that asks for custom code
     return component_class
 
 
 def _load_component(folder: Path, name: str, library: str, class_name: str) -> Any:
     """Component `name` of a pipeline folder, by the library and class its model_index.json names."""
-    from diffusers import ModelMixin
+    from diffusers import ModelMixin, SchedulerMixin
 
     component_class = _component_class(folder, name, library, class_name)
-    # without `accelerate` diffusers warns at length before loading the plain way; ask for that way
-    options = {"low_cpu_mem_usage": False} if issubclass(component_class, ModelMixin) else {}
+    if issubclass(component_class, ModelMixin):
+        # without `accelerate` diffusers warns at length before loading the plain way; ask for that way
+        options = {"low_cpu_mem_usage": False}
+    elif issubclass(component_class, SchedulerMixin):
+        options = {}  # diffusers has no trust_remote_code here: its concrete classes run no folder code
+    else:
+        options = {"trust_remote_code": False}
     try:
         component = component_class.from_pretrained(folder / name, local_files_only=True, **options)
     except Exception as exc:  # each library raises its own errors for missing or bad files
@@ -221,15 +253,23 @@ def _load_component(folder: Path, name: str, library: str, class_name: str) -> A
 def _pipeline_index(folder: Path) -> tuple[str, dict]:
     """The pipeline class of a folder's model_index.json (a supported one) and the whole index."""
     index = _read_json(folder / "model_index.json")
-    layout = index.get("_class_name", "")
+    layout = _class_name(index, folder / "model_index.json", "")
     if layout not in PIPELINE_COMPONENTS:
         known = ", ".join(PIPELINE_COMPONENTS)
         raise TfmqError(f"{folder} holds a {layout or 'pipeline of unknown class'}; tfmq loads {known}")
     for name in PIPELINE_COMPONENTS[layout]:
-        entry = index.get(name)
-        if not entry or entry[0] is None:
-            raise TfmqError(f"{folder}/model_index.json has no {name}, which a {layout} needs")
+        _check_entry(folder, index, name, layout)
     return layout, index
+
+
+def _check_entry(folder: Path, index: dict, name: str, layout: str) -> None:
+    """Refuse a model_index.json entry for `name` that is missing or not a ["library", "ClassName"] pair."""
+    entry = index.get(name)
+    if not entry or (isinstance(entry, list) and entry[0] is None):
+        raise TfmqError(f"{folder}/model_index.json has no {name}, which a {layout} needs")
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)):
+        raise TfmqError(f"{folder}/model_index.json gives {name} as {json.dumps(entry)[:60]}, "
+                        'not ["library", "ClassName"]')
 
 
 def _training_schedule(folder: Path, layout: str, components: dict[str, Any]) -> DDPMScheduler:
@@ -241,8 +281,11 @@ def _training_schedule(folder: Path, layout: str, components: dict[str, Any]) ->
     scheduler_config = _read_json(scheduler_file)
     if layout in PIPELINE_COMPONENTS:
         components["scheduler"] = _load_component(folder, "scheduler", "diffusers",
-                                                  scheduler_config.get("_class_name", "DDPMScheduler"))
-    return DDPMScheduler.from_config(scheduler_config)
+                                                  _class_name(scheduler_config, scheduler_file, "DDPMScheduler"))
+    try:
+        return DDPMScheduler.from_config(scheduler_config)
+    except Exception as exc:  # diffusers checks nothing first: bad values fail deep inside torch
+        raise TfmqError(f"cannot build the noise schedule of {scheduler_file}: {str(exc).splitlines()[0]}") from exc
 
 
 def load_model(name_or_path: str | Path, config: str | Path | None = None) -> DiffusionModel:
@@ -279,8 +322,7 @@ def _load_single_file(path: Path, config: str | Path | None) -> DiffusionModel:
     layout, index = _pipeline_index(folder)
     if layout != SUPPORTED_LAYOUT:
         raise TfmqError(f"single-file checkpoints load as a {SUPPORTED_LAYOUT}; {folder} describes a {layout}")
-    if not index.get("unet") or index["unet"][0] is None:
-        raise TfmqError(f"{folder}/model_index.json has no unet, which a {layout} needs")
+    _check_entry(folder, index, "unet", layout)
     checkpoint = read_checkpoint(path)
     check_stable_diffusion_v1(checkpoint, path)
     networks = {name: load_network(name, _component_class(folder, name, *index[name]), folder, checkpoint, path)

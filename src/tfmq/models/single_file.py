@@ -8,15 +8,24 @@ loaded strictly: diffusers' own loader keeps a network's random initialisation f
 (without `accelerate`), and a partly random model must fail loudly here instead.
 
 A `.ckpt` is a pickle: it is read with `torch.load(weights_only=True)` only, so a file that needs any other
-Python object to unpickle is refused, never executed.
+Python object to unpickle is refused, never executed; the refusal names that object, from torch's message
+or, for a pickle torch cannot parse at all (`pickle.dump`'s protocol 4 and 5), from the pickle's opcodes,
+read without running any of them.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 import re
+import warnings
 import zipfile
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -29,6 +38,61 @@ UNET_KEY = "model.diffusion_model."
 AUTOENCODER_KEY = "first_stage_model."
 CLIP_KEY = "cond_stage_model.transformer."
 OPEN_CLIP_KEY = "cond_stage_model.model."  # Stable Diffusion 2: not read
+# torch names the global it refused as "Unsupported global: GLOBAL m.f ..." or "unsupported GLOBAL m.f whose
+# module m is blocked" (os.system, builtins.eval, ...).
+_REFUSED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)")
+_STRING_OPCODES = ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
+                   "SHORT_BINSTRING")
+_GET_OPCODES = ("GET", "BINGET", "LONG_BINGET")
+_PUT_OPCODES = ("PUT", "BINPUT", "LONG_BINPUT")
+
+
+def _globals_in(stream: BinaryIO) -> Iterator[str]:
+    """The `module.name` of each global a pickle stream imports, from its opcodes alone: a protocol 4+
+    STACK_GLOBAL takes the two strings pushed (or fetched from the memo) just before it."""
+    strings: deque[str | None] = deque(maxlen=2)
+    memo: dict[int, str | None] = {}
+    top: str | None = None  # the last value pushed, when it is a string
+    for opcode, argument, _ in pickletools.genops(stream):
+        name = opcode.name
+        if name == "GLOBAL":
+            yield argument.replace(" ", ".")
+        elif name == "STACK_GLOBAL" and len(strings) == 2 and None not in strings:
+            yield ".".join(strings)
+        if name == "MEMOIZE" or name in _PUT_OPCODES:
+            memo[len(memo) if name == "MEMOIZE" else argument] = top
+            continue
+        top = memo.get(argument) if name in _GET_OPCODES else argument if name in _STRING_OPCODES else None
+        if name in _GET_OPCODES or name in _STRING_OPCODES:
+            strings.append(top)
+
+
+@contextmanager
+def _pickle_stream(path: Path) -> Iterator[BinaryIO]:
+    """A checkpoint's pickle: the file itself, or the data.pkl inside torch.save's zip format."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as stream:
+            yield stream
+        return
+    with zipfile.ZipFile(path) as archive:
+        member = next((name for name in archive.namelist() if name.endswith("data.pkl")), None)
+        with archive.open(member) if member is not None else io.BytesIO() as stream:
+            yield stream
+
+
+def _needed_globals(path: Path, error: pickle.UnpicklingError) -> list[str]:
+    """The Python objects a pickled checkpoint imports that torch's weights-only unpickler refused."""
+    refused = _REFUSED_GLOBAL.search(str(error))
+    if refused is not None:
+        return [refused.group(1)]
+    found: list[str] = []
+    try:
+        with _pickle_stream(path) as stream:
+            for name in _globals_in(stream):
+                found.append(name)
+    except Exception:  # a broken stream: the globals read up to the break are still what it needs
+        pass
+    return list(dict.fromkeys(found))
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -40,15 +104,18 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
             checkpoint = load_file(str(path))
         else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            with warnings.catch_warnings():  # torch warns before it fails on pickle.dump's newer protocols
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        needed = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if needed is None:
+        needed = _needed_globals(path, exc)
+        if not needed:
             raise TfmqError(f"cannot read {path} as a checkpoint: it is no torch or safetensors file") from exc
+        names = ", ".join(needed[:8]) + (", ..." if len(needed) > 8 else "")
         raise TfmqError(
-            f"{path} needs the Python object {needed.group(1)} to unpickle; tfmq unpickles .ckpt files with "
-            "torch.load(weights_only=True) only, which runs no code. Use the model's .safetensors release, or "
-            "re-save its state dict from a session you trust") from exc
+            f"{path} needs the Python object{'s' if len(needed) > 1 else ''} {names} to unpickle; tfmq unpickles "
+            ".ckpt files with torch.load(weights_only=True) only, which runs no code. Use the model's "
+            ".safetensors release, or re-save its state dict from a session you trust") from exc
     except Exception as exc:  # safetensors and torch raise their own errors for truncated or foreign files
         raise TfmqError(f"cannot read {path} as a checkpoint: {str(exc).splitlines()[0]}") from exc
     while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
@@ -93,8 +160,8 @@ def load_network(name: str, network_class: type, config_folder: Path, checkpoint
         if hasattr(network_class, "load_config"):  # a diffusers model
             network = network_class.from_config(network_class.load_config(config_folder / name))
         else:  # a transformers model
-            network = network_class(network_class.config_class.from_pretrained(config_folder / name,
-                                                                               local_files_only=True))
+            network = network_class(network_class.config_class.from_pretrained(
+                config_folder / name, local_files_only=True, trust_remote_code=False))
     except Exception as exc:  # diffusers and transformers raise their own errors for missing or bad configs
         raise TfmqError(f"cannot build {name} from {config_folder / name}: {str(exc).splitlines()[0]}") from exc
     state = converted_state(name, network, checkpoint)

@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tfmq.data.fashion_mnist import load_fashion_mnist
+from tfmq.files import atomic_directory
 from tfmq.models.architectures import (
     FASHION_RESOLUTION,
     FashionClassifier,
@@ -116,6 +118,15 @@ def run_training(
             export(emas, done, time.perf_counter() - began)
 
 
+TRAINED_MODEL_KIND = "trained-model"
+
+
+def trained_model_folder(out_dir: str | Path, overwrite: bool = False) -> AbstractContextManager[Path]:
+    """Where an export of a training run is staged: each export replaces the previous one whole (see
+    `tfmq.files`); the first replaces another folder only with `overwrite`."""
+    return atomic_directory(out_dir, kind=TRAINED_MODEL_KIND, overwrite=overwrite)
+
+
 def write_training_record(out_dir: Path, run: TrainingRun, step: int, seconds: float, **settings: Any) -> None:
     (out_dir / "training.json").write_text(json.dumps({
         "steps": step, "learning_rate": run.learning_rate, "ema_decay": run.ema_decay, **settings,
@@ -152,6 +163,7 @@ def train_ddpm(
     seed: int = 0,
     resolution: int = FASHION_RESOLUTION,
     data_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train `fashion-ddpm` and write its EMA weights as a diffusers DDPMPipeline folder at `out_dir`.
 
@@ -172,8 +184,10 @@ def train_ddpm(
         return F.mse_loss(model(noisy, timesteps).sample, noise)
 
     def export(emas: dict[str, nn.Module], step: int, seconds: float) -> None:
-        DDPMPipeline(unet=emas["unet"], scheduler=scheduler).save_pretrained(out_dir)
-        write_training_record(out_dir, run, step, seconds, batch_size=batch_size, seed=seed, resolution=resolution)
+        with trained_model_folder(out_dir, overwrite) as staging:
+            DDPMPipeline(unet=emas["unet"], scheduler=scheduler).save_pretrained(staging)
+            write_training_record(staging, run, step, seconds, batch_size=batch_size, seed=seed,
+                                  resolution=resolution)
 
     run_training(run, {"unet": model}, step_loss, export)
     return out_dir
@@ -187,12 +201,11 @@ def train_classifier(
     seed: int = 0,
     resolution: int = FASHION_RESOLUTION,
     data_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train the metrics feature network; returns (and writes) its test accuracy and wall time."""
     torch.manual_seed(seed)
     began = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_fashion_mnist("train", resolution, data_dir)
     test_images, test_labels = load_fashion_mnist("test", resolution, data_dir)
     model = FashionClassifier(resolution)
@@ -218,12 +231,13 @@ def train_classifier(
     with torch.no_grad():
         predictions = torch.cat([model(chunk).argmax(1) for chunk in test_images.split(1000)])
     accuracy = (predictions == test_labels).float().mean().item()
-    save_file(model.state_dict(), str(out_dir / "model.safetensors"))
     record = {
         "architecture": "FashionClassifier", "resolution": resolution, "num_classes": 10,
         "test_accuracy": round(accuracy, 4), "epochs": epochs, "batch_size": batch_size,
         "learning_rate": learning_rate, "seed": seed, "wall_seconds": round(time.perf_counter() - began, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    (out_dir / "config.json").write_text(json.dumps(record, indent=2))
+    with trained_model_folder(out_dir, overwrite) as staging:
+        save_file(model.state_dict(), str(staging / "model.safetensors"))
+        (staging / "config.json").write_text(json.dumps(record, indent=2))
     return record

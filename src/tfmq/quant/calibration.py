@@ -4,12 +4,18 @@ Every sampling step of N seeded trajectories is recorded as (x_t, t, step index)
 uses every step; weight reconstruction thins them to every `interval_length`-th step, as in the paper's
 scripts. The paper's scripts draw fresh trajectories per step; here the N trajectories are shared by all
 steps, which gives each step the same marginal distribution for a hundredth of the UNet calls.
+
+A set is calibration data only for the model, sampler and guidance it was recorded with: it carries its
+provenance (`CalibrationProvenance`), saved with a digest of its tensors, and a loaded set is checked against
+the run it is used in (`CalibrationSet.check_made_for`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,10 +23,32 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 
 from tfmq.errors import TfmqError
+from tfmq.files import WRITTEN_BY, write_bytes_atomic
 from tfmq.sampling import Conditioning, SamplerConfig, distinct_timesteps, sample, sampling_timesteps
+from tfmq.sampling.validation import check_count
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # calibration seeds never coincide with evaluation seeds 0, 1, 2, ...
 CONDITION_PREFIX = "condition."  # conditions' keys in a saved set
+DIGESTED_METADATA = ("interval_length", "provenance")  # the metadata a saved set's digest covers
+
+
+@dataclass(frozen=True)
+class CalibrationProvenance:
+    """What a calibration set was recorded from: the base model (`model_fingerprint`), the sampler, the
+    number of trajectories, the seed and the guidance scale (1.0 without guidance)."""
+
+    model_fingerprint: str
+    sampler: SamplerConfig
+    num_trajectories: int
+    seed: int
+    guidance_scale: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sampler": self.sampler.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CalibrationProvenance:
+        return cls(**{**data, "sampler": SamplerConfig(**data["sampler"])})
 
 
 @dataclass
@@ -37,11 +65,13 @@ class CalibrationSet:
     schedule: torch.Tensor      # the distinct timesteps the sampler visits, in order
     interval_length: int = 1
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+    provenance: CalibrationProvenance | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _subset(self, keep: torch.Tensor) -> CalibrationSet:
+        # no provenance: a subset is no longer the set that was recorded
         return CalibrationSet(self.samples[keep], self.timesteps[keep], self.step_indices[keep], self.schedule,
                               self.interval_length, {key: value[keep] for key, value in self.conditions.items()})
 
@@ -74,27 +104,69 @@ class CalibrationSet:
         """The whole set as UNet keyword inputs, `batch_size` samples at a time, in order."""
         return [self.inputs(chunk) for chunk in torch.arange(len(self)).split(batch_size)]
 
+    def check_made_for(self, unet: torch.nn.Module, sampler: SamplerConfig, guidance_scale: float = 1.0) -> None:
+        """Refuse a set recorded for another model, sampler or guidance scale: its x_t are not the inputs this
+        UNet sees at these timesteps, so it would calibrate the quantizers for the wrong activations."""
+        from tfmq.quant.checkpoint import model_fingerprint  # checkpoint imports modules that import this one
+
+        recorded = self.provenance
+        if recorded is None:
+            raise TfmqError("the calibration set records no model, sampler or guidance (made by an older tfmq): "
+                            "collect it again")
+        if recorded.sampler.describe() != sampler.describe():
+            raise TfmqError(f"calibration set was recorded with {recorded.sampler.describe()}, "
+                            f"not {sampler.describe()}")
+        if recorded.guidance_scale != guidance_scale:
+            raise TfmqError(f"calibration set was recorded with guidance scale {recorded.guidance_scale:g}, "
+                            f"not {guidance_scale:g}")
+        fingerprint = model_fingerprint(unet)
+        if recorded.model_fingerprint != fingerprint:
+            raise TfmqError(f"calibration set was recorded with another model (fingerprint "
+                            f"{recorded.model_fingerprint[:12]}, not {fingerprint[:12]})")
+
     def save(self, path: str | Path) -> None:
+        """Write the set atomically (its folder made if missing), with its provenance and their digest."""
         tensors = {"samples": self.samples, "timesteps": self.timesteps, "step_indices": self.step_indices,
                    "schedule": self.schedule,
                    **{CONDITION_PREFIX + key: value for key, value in self.conditions.items()}}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-                  metadata={"interval_length": str(self.interval_length)})
+        tensors = {key: value.contiguous() for key, value in tensors.items()}
+        metadata = {"interval_length": str(self.interval_length)}
+        if self.provenance is not None:
+            metadata["provenance"] = json.dumps(self.provenance.to_dict(), sort_keys=True)
+        metadata.update(digest=_digest(tensors, metadata), written_by=WRITTEN_BY)
+
+        write_bytes_atomic(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationSet:
+        """A saved set; one whose tensors or provenance changed since tfmq wrote it is refused."""
         from safetensors import safe_open
 
         try:
             tensors = load_file(str(path))
             with safe_open(str(path), "pt") as handle:
-                interval = int((handle.metadata() or {}).get("interval_length", 1))
+                metadata = handle.metadata() or {}
             conditions = {key[len(CONDITION_PREFIX):]: value for key, value in tensors.items()
                           if key.startswith(CONDITION_PREFIX)}
-            return cls(tensors["samples"], tensors["timesteps"], tensors["step_indices"], tensors["schedule"],
-                       interval, conditions)
+            recorded = metadata.get("provenance")
+            calibration = cls(tensors["samples"], tensors["timesteps"], tensors["step_indices"], tensors["schedule"],
+                              int(metadata.get("interval_length", 1)), conditions,
+                              None if recorded is None else CalibrationProvenance.from_dict(json.loads(recorded)))
         except Exception as exc:  # missing keys, corrupt or foreign files
             raise TfmqError(f"cannot read calibration data {path}: {str(exc).splitlines()[0]}") from exc
+        digest = metadata.get("digest")
+        if (digest is None and recorded is not None) or (digest is not None and digest != _digest(tensors, metadata)):
+            raise TfmqError(f"calibration data {path} fails its digest check: it was changed after tfmq wrote it")
+        return calibration
+
+
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, bytes) and of the metadata that says what they are."""
+    digest = hashlib.sha256(json.dumps({key: metadata.get(key) for key in DIGESTED_METADATA}).encode())
+    for name, tensor in sorted(tensors.items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def collect_calibration(
@@ -104,8 +176,11 @@ def collect_calibration(
 ) -> CalibrationSet:
     """Run the full-precision sampler from `num_samples` seeds (with `conditioning`, one condition per
     trajectory) and keep the UNet input of every step, both branches when guided."""
-    if interval_length <= 0:
-        raise TfmqError(f"interval_length must be positive, got {interval_length}")
+    from tfmq.quant.checkpoint import model_fingerprint  # checkpoint imports modules that import this one
+
+    check_count("number of calibration samples", num_samples)
+    check_count("interval_length", interval_length)
+    check_count("seed", seed, minimum=0)
     records: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
     schedule = torch.as_tensor(distinct_timesteps(sampling_timesteps(scheduler, config)))
     position = {int(t): index for index, t in enumerate(schedule.tolist())}
@@ -119,5 +194,7 @@ def collect_calibration(
     step_indices = torch.cat([torch.full((len(x),), index) for index, x, _ in records])
     order = torch.argsort(step_indices, stable=True)  # grouped by step, trajectories in seed order
     conditions = {key: torch.cat([kwargs[key] for _, _, kwargs in records])[order] for key in records[0][2]}
+    provenance = CalibrationProvenance(model_fingerprint(unet), config, num_samples, seed,
+                                       1.0 if conditioning is None else conditioning.guidance_scale)
     return CalibrationSet(samples[order], schedule[step_indices][order], step_indices[order], schedule,
-                          interval_length, conditions)
+                          interval_length, conditions, provenance)

@@ -2,33 +2,45 @@
 
 A checkpoint is a folder with `quantized.safetensors` (packed weight codes, scales, zero points, the
 remaining full-precision tensors, per-timestep tables) and `quantization.json` (format version, the
-QuantConfig, the base model's identity and fingerprint, the safetensors file's SHA-256). It is written to a
-staging folder and moved into place, and loading checks both hashes before it touches the model.
+QuantConfig, the base model's identity and fingerprint, the packed layers, the safetensors file's SHA-256).
+Each file vouches for the other: the JSON holds the weights file's SHA-256, the weights file's header holds
+the SHA-256 of the JSON's canonical form (all but the weights checksum), so an edit to either is refused.
+It is written to a staging folder and moved into place. Loading checks the JSON's structure, both digests
+and the base model's fingerprint before it builds anything, then that every packed weight is a layer of
+the base model with its shape, the config's bit width and the bytes those need.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tfmq.errors import TfmqError
 from tfmq.files import atomic_directory, write_json
-from tfmq.quant.config import QuantConfig
+from tfmq.quant.config import WEIGHT_BITS, QuantConfig
 from tfmq.quant.methods.tfmq import restore_temporal_cache
 from tfmq.quant.timestep_table import SCHEDULE_KEY, attach_timestep_tables, timestep_tables
 from tfmq.quant.wrap import quant_layers, quantize_model
 
-FORMAT_VERSION = 1
+# 2: the weights file's header carries the digest of the metadata (format 1 had none).
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "quantized.safetensors"
 METADATA_FILE = "quantization.json"
+METADATA_DIGEST_KEY = "tfmq.metadata_sha256"
 _CODES_SUFFIX = ".codes"
+# The metadata's checksum of the weights file: outside the metadata digest, which the weights file holds.
+_WEIGHTS_CHECKSUM_KEYS = ("weights_sha256", "weights_bytes")
+_STANDARD_KEYS = ("format_version", "quant_config", "base_model", "packed_weights", "timestep_schedule",
+                  *_WEIGHTS_CHECKSUM_KEYS)
 
 
 @dataclass
@@ -84,8 +96,18 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_quantized(model: nn.Module, path: str | Path) -> Path:
-    """Write `model` (a result of `tfmq.quantize`) to the folder `path`, replacing it whole."""
+def metadata_digest(metadata: dict) -> str:
+    """SHA-256 of the metadata's canonical JSON, its weights checksum left out: what the weights file vouches for."""
+    bound = {key: value for key, value in metadata.items() if key not in _WEIGHTS_CHECKSUM_KEYS}
+    return hashlib.sha256(json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+CHECKPOINT_KIND = "quantized-model"
+
+
+def save_quantized(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model` (a result of `tfmq.quantize`) to the folder `path`, replacing an earlier checkpoint whole
+    (anything else there only with `overwrite`, see `tfmq.files`)."""
     info: QuantizationInfo | None = getattr(model, "tfmq_info", None)
     if info is None:
         raise TfmqError("this model was not quantized by tfmq.quantize: nothing to save")
@@ -108,96 +130,216 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     base_model = {"source": info.base_source, "fingerprint": info.base_fingerprint, "class": type(model).__name__}
     if info.base_config:
         base_model["config"] = info.base_config
-    with atomic_directory(path) as staging:
-        save_file(state, str(staging / WEIGHTS_FILE))
-        write_json(staging / METADATA_FILE, {
-            "format_version": FORMAT_VERSION,
-            "quant_config": info.config.to_dict(),
-            "base_model": base_model,
-            "packed_weights": packed_weights,
-            # the sampler timesteps the activation tables serve (also in the weights file, which rules)
-            "timestep_schedule": None if tables is None else tables.schedule.tolist(),
-            "weights_sha256": _file_sha256(staging / WEIGHTS_FILE),
-            "weights_bytes": (staging / WEIGHTS_FILE).stat().st_size,
-            **info.extra,
-        })
+    metadata = {
+        **info.extra,
+        "format_version": FORMAT_VERSION,
+        "quant_config": info.config.to_dict(),
+        "base_model": base_model,
+        "packed_weights": packed_weights,
+        # the sampler timesteps the activation tables serve (also in the weights file, which rules)
+        "timestep_schedule": None if tables is None else tables.schedule.tolist(),
+    }
+    # Digested as JSON gives it back (tuples as lists, ...), which is what loading digests.
+    metadata = json.loads(json.dumps(metadata))
+    with atomic_directory(path, kind=CHECKPOINT_KIND, overwrite=overwrite) as staging:
+        weights_file = staging / WEIGHTS_FILE
+        save_file(state, str(weights_file), metadata={METADATA_DIGEST_KEY: metadata_digest(metadata)})
+        write_json(staging / METADATA_FILE, {**metadata, "weights_sha256": _file_sha256(weights_file),
+                                             "weights_bytes": weights_file.stat().st_size})
     return Path(path)
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The checkpoint's JSON, after checking that it exists, parses and has this format version."""
-    metadata_file = Path(path) / METADATA_FILE
+    """The checkpoint's metadata, once it is well formed, of this format, and exactly what was saved with these
+    weights (both digests): the CLI loads the base model it names, so nothing in it is trusted before."""
+    folder = Path(path)
+    metadata_file = folder / METADATA_FILE
     if not metadata_file.is_file():
         raise TfmqError(f"{path} is not a tfmq quantized checkpoint (no {METADATA_FILE})")
+    metadata = _parsed_metadata(metadata_file)
+    weights_file = folder / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise TfmqError(f"{path} has no {WEIGHTS_FILE}")
+    if (weights_file.stat().st_size != metadata["weights_bytes"]
+            or _file_sha256(weights_file) != metadata["weights_sha256"]):
+        raise TfmqError(f"{weights_file} was modified or truncated after saving (checksum mismatch)")
     try:
-        metadata = json.loads(metadata_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise TfmqError(f"{metadata_file} is corrupt: {exc}") from exc
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise TfmqError(f"{metadata_file} has format version {metadata.get('format_version')}, "
-                        f"this tfmq reads {FORMAT_VERSION}")
+        with safe_open(str(weights_file), framework="pt") as weights:
+            header = weights.metadata() or {}
+    except SafetensorError as exc:
+        raise TfmqError(f"{weights_file} is not a safetensors file: {str(exc).splitlines()[0]}") from exc
+    if header.get(METADATA_DIGEST_KEY) != metadata_digest(metadata):
+        raise TfmqError(f"{metadata_file} was modified after saving (it no longer matches the digest in "
+                        f"{WEIGHTS_FILE}); restore it or quantize again")
     return metadata
 
 
 def load_quantized(path: str | Path, base: nn.Module) -> nn.Module:
     """Rebuild the quantized model on `base` (its full-precision model), with bit-identical outputs.
 
-    Refuses a checkpoint made from another base model (fingerprint), or whose weights file was changed
-    or cut short after saving (SHA-256).
+    Refuses a checkpoint made from another base model (fingerprint), one whose weights or metadata were
+    changed or cut short after saving (digests), and one whose packed weights do not fit `base`.
     """
     path = Path(path)
     metadata = read_metadata(path)
-    weights_file = path / WEIGHTS_FILE
-    if not weights_file.is_file():
-        raise TfmqError(f"{path} has no {WEIGHTS_FILE}")
-    if _file_sha256(weights_file) != metadata.get("weights_sha256"):
-        raise TfmqError(f"{weights_file} was modified or truncated after saving (checksum mismatch)")
     fingerprint = model_fingerprint(base)
     expected = metadata["base_model"]["fingerprint"]
     if fingerprint != expected:
         raise TfmqError(f"{path} was quantized from another base model "
-                        f"({metadata['base_model'].get('source') or 'unknown'}, fingerprint {expected[:12]}..., "
+                        f"({metadata['base_model']['source'] or 'unknown'}, fingerprint {expected[:12]}..., "
                         f"given {fingerprint[:12]}...)")
+    config = QuantConfig.from_dict(metadata["quant_config"])
     try:
-        config = QuantConfig.from_dict(metadata["quant_config"])
-        state = load_file(str(weights_file))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise TfmqError(f"{path} is corrupt: {exc}") from exc
-    model = quantize_model(base, config, init_weight_ranges=False)
+        model = quantize_model(base, config, init_weight_ranges=False)
+    except ValueError as exc:
+        raise TfmqError(f"{path} does not match the model: {exc}") from exc
+    state = load_file(str(path / WEIGHTS_FILE))
     if config.fsc_scope != "none" or config.temporal_cache:
         # The modules the state fills are rebuilt as quantize built them: FSC tables, then feature caches.
         schedule = state.get(SCHEDULE_KEY)
-        if schedule is None or schedule.tolist() != metadata.get("timestep_schedule"):
+        if schedule is None or schedule.tolist() != metadata["timestep_schedule"]:
             needs = f"fsc_scope={config.fsc_scope!r}" if config.fsc_scope != "none" else "temporal_cache=True"
             raise TfmqError(f"{path} is corrupt: {needs} needs the timestep schedule, "
                             f"and {SCHEDULE_KEY} is missing or disagrees with {METADATA_FILE}")
-        cached_blocks = metadata.get("temporal_cache", {}).get("cached_blocks")
-        if config.temporal_cache and (not isinstance(cached_blocks, list)
-                                      or not all(isinstance(block, str) for block in cached_blocks)):
-            raise TfmqError(f"{path} is corrupt: temporal_cache=True needs the list temporal_cache.cached_blocks "
-                            f"in {METADATA_FILE}")
         try:
             if config.fsc_scope != "none":
                 attach_timestep_tables(model, schedule, config.fsc_scope)
             if config.temporal_cache:
-                restore_temporal_cache(model, schedule, cached_blocks, config.a_bits)
+                restore_temporal_cache(model, schedule, metadata["temporal_cache"]["cached_blocks"], config.a_bits)
         except ValueError as exc:
             raise TfmqError(f"{path} does not match the model: {exc}") from exc
-    for name, packed in metadata["packed_weights"].items():
-        codes_key = f"{name}.weight{_CODES_SUFFIX}"
-        shape = packed["shape"]
-        codes = unpack_codes(state.pop(codes_key), packed["bits"], int(np.prod(shape))).reshape(shape)
-        scale = state[f"{name}.weight_quantizer.scale"].view(-1, *([1] * (len(shape) - 1)))
-        zero_point = state[f"{name}.weight_quantizer.zero_point"].view_as(scale)
-        state[f"{name}.weight"] = (codes.float() - zero_point) * scale
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    packed_weights = metadata["packed_weights"]
+    _check_packed_layers(packed_weights, model, config, path)  # with the caches in place of their layers
+    for name, packed in packed_weights.items():
+        state[f"{name}.weight"] = _unpacked_weight(state, name, packed["bits"], packed["shape"], path)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape than the model's
+        raise TfmqError(f"{path} does not match the model: {str(exc).splitlines()[-1].strip()}") from exc
     if missing or unexpected:
         raise TfmqError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tfmq_info = QuantizationInfo(config, fingerprint, metadata["base_model"].get("source", ""),
+    model.tfmq_info = QuantizationInfo(config, fingerprint, metadata["base_model"]["source"],
                                        {k: v for k, v in metadata.items() if k not in _STANDARD_KEYS},
                                        metadata["base_model"].get("config", ""))
     return model.eval()
 
 
-_STANDARD_KEYS = ("format_version", "quant_config", "base_model", "packed_weights", "timestep_schedule",
-                  "weights_sha256", "weights_bytes")
+def _parsed_metadata(metadata_file: Path) -> dict:
+    """The JSON of `metadata_file`, refused in one line unless it is this format's, with every standard key of
+    the right type."""
+    try:
+        metadata = json.loads(metadata_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TfmqError(f"{metadata_file} is corrupt: not valid UTF-8 (byte {exc.start})") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise TfmqError(f"{metadata_file} is corrupt: {str(exc) or 'nested too deep'}") from exc
+    if not isinstance(metadata, dict):
+        raise TfmqError(f"{metadata_file} is corrupt: it holds a JSON {type(metadata).__name__}, not an object")
+    version = metadata.get("format_version")
+    if not _is_int(version):
+        raise TfmqError(f"{metadata_file} is corrupt: format_version must be an int, got {_shown(version)}")
+    if version < FORMAT_VERSION:
+        raise TfmqError(f"{metadata_file} has format version {version}, whose metadata carries no checksum; "
+                        f"this tfmq reads version {FORMAT_VERSION}: quantize the model again")
+    if version > FORMAT_VERSION:
+        raise TfmqError(f"{metadata_file} has format version {version}, this tfmq reads {FORMAT_VERSION}: "
+                        "upgrade tfmq")
+    try:
+        _check_structure(metadata)
+    except ValueError as exc:
+        raise TfmqError(f"{metadata_file} is corrupt: {exc}") from exc
+    return metadata
+
+
+def _check_structure(metadata: dict) -> None:
+    """Raise ValueError naming the first key of a wrong type or value."""
+    missing = [key for key in _STANDARD_KEYS if key not in metadata]
+    _expect(not missing, f"{', '.join(missing)} missing")
+    _expect(isinstance(metadata["quant_config"], dict), "quant_config must be an object")
+    try:
+        config = QuantConfig.from_dict(metadata["quant_config"])
+    except (ValueError, TypeError) as exc:  # TypeError: a value of a type the checks cannot even inspect
+        raise ValueError(f"quant_config: {exc}") from exc
+    base = metadata["base_model"]
+    _expect(isinstance(base, dict), f"base_model must be an object, got {_shown(base)}")
+    for key in ("source", "fingerprint", "class"):
+        _expect(isinstance(base.get(key), str), f"base_model.{key} must be a string, got {_shown(base.get(key))}")
+    _expect(isinstance(base.get("config", ""), str),
+            f"base_model.config must be a string, got {_shown(base.get('config'))}")
+    _expect(isinstance(metadata["weights_sha256"], str), "weights_sha256 must be a string")
+    _expect(_is_int(metadata["weights_bytes"]), "weights_bytes must be an int")
+    schedule = metadata["timestep_schedule"]
+    _expect(schedule is None or (isinstance(schedule, list) and all(map(_is_int, schedule))),
+            f"timestep_schedule must be a list of ints or null, got {_shown(schedule)}")
+    packed_weights = metadata["packed_weights"]
+    _expect(isinstance(packed_weights, dict), f"packed_weights must be an object, got {_shown(packed_weights)}")
+    for name, packed in packed_weights.items():
+        entry = f"packed_weights[{_shown(name)}]"
+        _expect(isinstance(packed, dict) and set(packed) == {"bits", "shape"},
+                f"{entry} must be an object of bits and shape, got {_shown(packed)}")
+        bits, shape = packed["bits"], packed["shape"]
+        _expect(_is_int(bits) and bits in WEIGHT_BITS,
+                f"{entry}.bits must be an int in {WEIGHT_BITS.start}..{WEIGHT_BITS.stop - 1}, got {_shown(bits)}")
+        _expect(bits == config.w_bits, f"{entry} has {bits} bits, quant_config.w_bits says {config.w_bits}")
+        _expect(isinstance(shape, list) and len(shape) > 0 and all(_is_int(size) and size > 0 for size in shape),
+                f"{entry}.shape must be a list of positive ints, got {_shown(shape)}")
+    if config.fsc_scope != "none" or config.temporal_cache:
+        _expect(schedule is not None, "timestep_schedule is null, but the quant_config's per-timestep tables need it")
+    if config.temporal_cache:
+        cache = metadata.get("temporal_cache")
+        cached_blocks = cache.get("cached_blocks") if isinstance(cache, dict) else None
+        _expect(isinstance(cached_blocks, list) and all(isinstance(block, str) for block in cached_blocks),
+                "temporal_cache=True needs the list temporal_cache.cached_blocks")
+
+
+def _check_packed_layers(packed_weights: dict, model: nn.Module, config: QuantConfig, path: Path) -> None:
+    """Every packed weight is a quantized layer of `model` with its weight's shape, and every quantized layer's
+    weight is packed (none at all when the config keeps weights in full precision)."""
+    layers = {} if config.w_bits is None else dict(quant_layers(model))
+    unknown = sorted(set(packed_weights) - set(layers))
+    if unknown:
+        raise TfmqError(f"{path} is corrupt: packed weight {_shown(unknown[0])} is not a quantized layer of "
+                        f"{type(model).__name__}")
+    unpacked = sorted(set(layers) - set(packed_weights))
+    if unpacked:
+        raise TfmqError(f"{path} is corrupt: no packed weight for the quantized layer {unpacked[0]}")
+    for name, packed in packed_weights.items():
+        shape = list(layers[name].weight.shape)
+        if packed["shape"] != shape:
+            raise TfmqError(f"{path} is corrupt: packed weight {name} has shape {_shown(packed['shape'])}, the "
+                            f"base model's layer {shape}")
+
+
+def _unpacked_weight(state: dict[str, torch.Tensor], name: str, bits: int, shape: list[int],
+                     path: Path) -> torch.Tensor:
+    """The fake-quant weight of layer `name` from its packed codes, scale and zero point (popping the codes)."""
+    codes_key = f"{name}.weight{_CODES_SUFFIX}"
+    packed = state.pop(codes_key, None)
+    count = math.prod(shape)
+    needed = -(-count * bits // 8)
+    if packed is None or packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != needed:
+        found = "nothing" if packed is None else f"{packed.numel()} {packed.dtype} values"
+        raise TfmqError(f"{path} is corrupt: {codes_key} holds {found}, {bits}-bit codes of shape {shape} take "
+                        f"{needed} bytes")
+    scale = state.get(f"{name}.weight_quantizer.scale")
+    zero_point = state.get(f"{name}.weight_quantizer.zero_point")
+    if scale is None or zero_point is None or scale.numel() != shape[0] or zero_point.numel() != shape[0]:
+        raise TfmqError(f"{path} is corrupt: {name} needs a weight scale and zero point per output channel")
+    codes = unpack_codes(packed, bits, count).reshape(shape)
+    channel_shape = (-1, *([1] * (len(shape) - 1)))
+    return (codes.float() - zero_point.view(channel_shape)) * scale.view(channel_shape)
+
+
+def _expect(condition: bool, problem: str) -> None:
+    if not condition:
+        raise ValueError(problem)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> str:
+    """A value as a message shows it: its repr, cut to one short line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -47,18 +47,7 @@ def quantize_model(
     # Everything that can be refused is checked before the example forward and the weight ranges.
     attentions = _attentions_to_quantize(quantized, config) if config.quantize_attention else []
 
-    candidates = [
-        (name, module) for name, module in quantized.named_modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear))
-    ]
-    if not candidates:
-        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
-    targets = [(name, module) for name, module in candidates if not _kept_in_full_precision(name, config.keep_fp)]
-    if not targets:
-        raise ValueError(
-            f"{type(model).__name__} has no Conv2d or Linear layer to quantize outside keep_fp={config.keep_fp}"
-        )
-
+    targets = layers_to_quantize(quantized, config)
     splits = find_shortcut_splits(quantized, example_inputs) if config.split_shortcut else {}
     for name, module in targets:
         twin_class = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
@@ -78,6 +67,20 @@ def quantize_model(
         processor = QuantAttnProcessor(config.a_bits, config.attention_probs_bits, config.act_init)
         attention.set_processor(processor.to(attention.to_q.weight.device))
     return quantized
+
+
+def layers_to_quantize(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs `quantize_model` turns into quantized twins; an error if there are none, which a
+    caller can learn before any calibration work."""
+    candidates = [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
+    targets = [(name, module) for name, module in candidates if not _kept_in_full_precision(name, config.keep_fp)]
+    if not targets:
+        raise ValueError(
+            f"{type(model).__name__} has no Conv2d or Linear layer to quantize outside keep_fp={config.keep_fp}"
+        )
+    return targets
 
 
 def _kept_in_full_precision(name: str, patterns: tuple[str, ...]) -> bool:

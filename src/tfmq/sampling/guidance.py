@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from tfmq.errors import TfmqError
+from tfmq.sampling.validation import check_number
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,7 @@ class Conditioning:
     guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.guidance_scale < 0:
-            raise TfmqError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        check_number("guidance scale", self.guidance_scale, minimum=0)
         if self.guided and self.unconditional is None:
             raise TfmqError(f"guidance scale {self.guidance_scale} needs an unconditional branch, which this "
                             "model has not")

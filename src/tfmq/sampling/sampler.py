@@ -4,8 +4,11 @@ call signature, with conditioning, classifier-free guidance and a latent decoder
 from __future__ import annotations
 
 import copy
+import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +19,7 @@ from tfmq.errors import TfmqError
 from tfmq.sampling.guidance import Conditioning
 from tfmq.sampling.noise import draw, image_generators
 from tfmq.sampling.schedule import SKIP_TYPES, timestep_schedule
+from tfmq.sampling.validation import check_count, check_number
 
 SAMPLERS = ("ddim", "ddpm", "plms", "dpm-solver")
 # Called before every UNet evaluation with (step index, timestep, UNet sample input, UNet keyword inputs);
@@ -23,6 +27,7 @@ SAMPLERS = ("ddim", "ddpm", "plms", "dpm-solver")
 StepObserver = Callable[[int, int, torch.Tensor, dict[str, torch.Tensor]], None]
 # Turns the sampler's final x_0 into images in [-1, 1]: a latent model's decoder.
 Decoder = Callable[[torch.Tensor], torch.Tensor]
+MEMINFO = Path("/proc/meminfo")
 
 
 @dataclass(frozen=True)
@@ -39,19 +44,31 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
             raise TfmqError(f"unknown sampler {self.name!r}; use one of {', '.join(SAMPLERS)}")
-        if self.steps <= 0:
-            raise TfmqError(f"steps must be positive, got {self.steps}")
-        if self.eta < 0:
-            raise TfmqError(f"eta must be >= 0, got {self.eta}")
+        check_count("steps", self.steps)
+        check_number("eta", self.eta, minimum=0)
         if self.skip_type not in SKIP_TYPES:
             raise TfmqError(f"unknown skip type {self.skip_type!r}; use one of {', '.join(SKIP_TYPES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """What decides the trajectories, in words: eta and skip type only for DDIM, the others ignore them."""
+        if self.name == "ddim":
+            return f"ddim {self.steps} steps (eta {self.eta!r}, {self.skip_type} skip)"
+        return f"{self.name} {self.steps} steps"
+
 
 def _diffusers_sampler(scheduler: DDPMScheduler, config: SamplerConfig):
-    """A fresh diffusers scheduler for DDPM, PLMS or DPM-Solver, set to `config.steps` (they keep state)."""
+    """A fresh diffusers scheduler for DDPM, PLMS or DPM-Solver, set to `config.steps` (they keep state).
+
+    Refused before diffusers sees it: a step count beyond the training timesteps (DDPM raises, PLMS quietly
+    visits t = 0 over and over), and one whose schedule repeats or leaves the training timesteps.
+    """
+    total = scheduler.config.num_train_timesteps
+    if not 1 <= config.steps <= total:
+        raise TfmqError(f"steps must be between 1 and {total} (the model's training timesteps) for "
+                        f"{config.name}, got {config.steps}")
     if config.name == "ddpm":
         sampler = copy.deepcopy(scheduler)
     elif config.name == "plms":
@@ -60,12 +77,22 @@ def _diffusers_sampler(scheduler: DDPMScheduler, config: SamplerConfig):
         sampler = DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++",
                                                           solver_order=2)
     sampler.set_timesteps(config.steps)
+    visited = _visited(sampler)
+    outside = visited[(visited < 0) | (visited >= total)]
+    if len(outside):
+        raise TfmqError(f"{config.describe()} visits timestep {int(outside[0])}, outside this model's 0..{total - 1} "
+                        "(its scheduler's steps_offset); use fewer steps")
+    distinct = len(distinct_timesteps(visited))
+    if distinct != config.steps:
+        raise TfmqError(f"{config.describe()} visits only {distinct} distinct timesteps on this model's "
+                        f"{total}; use fewer steps")
     return sampler
 
 
 def sampling_timesteps(scheduler: DDPMScheduler, config: SamplerConfig) -> np.ndarray:
     """The timesteps the sampler calls the UNet at, in order (PLMS calls one of them twice): calibration and
-    per-timestep tables use exactly these."""
+    per-timestep tables use exactly these. A TfmqError if `scheduler` cannot serve `config`: call it to check
+    a sampler before any model work."""
     if config.name == "ddim":
         return timestep_schedule(scheduler.config.num_train_timesteps, config.steps, config.skip_type)
     return _visited(_diffusers_sampler(scheduler, config))
@@ -108,10 +135,8 @@ def sample_batch(
     observer: StepObserver | None = None, conditioning: Conditioning | None = None, decoder: Decoder | None = None,
 ) -> torch.Tensor:
     """Sample images `indices` of `seed` (with `conditioning` of these images); returns images in [-1, 1]."""
-    unet_config = unet.config
-    shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
     generators = image_generators(seed, indices)
-    x = draw(generators, shape)
+    x = draw(generators, _sample_shape(unet))
     conditioning = conditioning or Conditioning({})
     stepper = None if config.name == "ddim" else _diffusers_sampler(scheduler, config)
     timesteps = sampling_timesteps(scheduler, config) if stepper is None else _visited(stepper)
@@ -132,21 +157,78 @@ def sample_batch(
     return x.clamp(-1.0, 1.0)
 
 
+def _sample_shape(unet: torch.nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of what the sampler denoises: the images, or a latent model's latents."""
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return unet.config.in_channels, height, width
+
+
+def _available_memory() -> int | None:
+    """Bytes the system can still hand out: Linux's MemAvailable, else free physical pages, else unknown."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _size(num_bytes: float) -> str:
+    """Bytes in the largest unit (up to TB) that keeps three significant figures readable."""
+    units = ("bytes", "kB", "MB", "GB", "TB")
+    power = min(int(math.log10(max(num_bytes, 1)) // 3), len(units) - 1)
+    value = num_bytes / 1000**power
+    return f"{value:.3g} {units[power]}" if value < 1000 else f"{value:,.0f} {units[power]}"
+
+
+def _check_memory(num_images: int, image_shape: tuple[int, ...]) -> None:
+    """Refuse a result that cannot fit in memory before sampling for hours towards it."""
+    needed = num_images * math.prod(image_shape) * 4
+    available = _available_memory()
+    if available is not None and needed > available:
+        shape = "x".join(str(size) for size in image_shape)
+        raise TfmqError(f"{num_images} images of {shape} need {_size(needed)} of memory, but only {_size(available)} "
+                        "is available; sample fewer images per run")
+
+
+def check_sample(
+    unet: torch.nn.Module, scheduler: DDPMScheduler, num_images: int, seed: int = 0,
+    config: SamplerConfig = SamplerConfig(), batch_size: int = 64,
+) -> None:
+    """Every check `sample` makes before its first UNet call (counts, seed, the step count the scheduler can
+    serve, memory for the result), for callers with costly work before sampling, such as encoding one
+    prompt per image."""
+    check_count("number of images", num_images)
+    check_count("batch size", batch_size)
+    check_count("seed", seed, minimum=0)
+    sampling_timesteps(scheduler, config)
+    _check_memory(num_images, _sample_shape(unet))
+
+
 def sample(
     unet: torch.nn.Module, scheduler: DDPMScheduler, num_images: int, seed: int = 0,
     config: SamplerConfig = SamplerConfig(), batch_size: int = 64, progress: bool = True,
     observer: StepObserver | None = None, conditioning: Conditioning | None = None, decoder: Decoder | None = None,
 ) -> torch.Tensor:
     """Sample `num_images` images; image i depends only on (seed, i) and its condition, not on batch size."""
-    if num_images <= 0:
-        raise TfmqError(f"number of images must be positive, got {num_images}")
-    if batch_size <= 0:
-        raise TfmqError(f"batch size must be positive, got {batch_size}")
+    check_sample(unet, scheduler, num_images, seed, config, batch_size)
     if conditioning is not None and conditioning.per_image and len(conditioning) != num_images:
         raise TfmqError(f"{len(conditioning)} conditions for {num_images} images: give one per image")
-    batches = [range(start, min(start + batch_size, num_images)) for start in range(0, num_images, batch_size)]
-    images = []
-    for indices in tqdm(batches, desc=f"{config.name} {config.steps} steps", unit="batch", disable=not progress):
+    shape = _sample_shape(unet)
+    images = None
+    batches = (range(start, min(start + batch_size, num_images)) for start in range(0, num_images, batch_size))
+    for indices in tqdm(batches, desc=f"{config.name} {config.steps} steps", unit="batch", disable=not progress,
+                        total=math.ceil(num_images / batch_size)):
         batch_conditioning = None if conditioning is None else conditioning.of_images(indices)
-        images.append(sample_batch(unet, scheduler, config, seed, indices, observer, batch_conditioning, decoder))
-    return torch.cat(images)
+        batch = sample_batch(unet, scheduler, config, seed, indices, observer, batch_conditioning, decoder)
+        if images is None:
+            if batch.shape[1:] != shape:  # a decoder's images can be larger than its latents
+                _check_memory(num_images, tuple(batch.shape[1:]))
+            images = torch.empty((num_images, *batch.shape[1:]), dtype=batch.dtype)
+        images[indices.start:indices.stop] = batch
+    return images

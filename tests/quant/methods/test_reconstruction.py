@@ -203,3 +203,28 @@ def test_settings_come_from_the_preset_unless_given() -> None:
 def test_bad_reconstruction_settings_are_refused_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         QuantConfig(**{field: value})
+
+
+def test_a_new_disk_cache_removes_caches_of_dead_processes_only(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)  # exited and reaped: no process has this id any more
+    alive = os.getppid()
+    stale = tmp_path / f"tfmq-unit-cache-{dead}-abcd"
+    live = tmp_path / f"tfmq-unit-cache-{alive}-efgh"
+    foreign = tmp_path / f"tfmq-unit-cache-{dead}-ijkl"  # holds a file UnitCache never writes
+    for folder in (stale, live, foreign):
+        folder.mkdir()
+        (folder / "0.bin").write_bytes(b"\0" * 8)
+    (foreign / "notes.txt").write_text("mine")
+    cache = UnitCache(2, budget_bytes=0, directory=tmp_path)
+    cache.append({"x": torch.zeros(2, 3)})
+    assert cache.on_disk
+    own = [path for path in tmp_path.iterdir() if path.name.startswith(f"tfmq-unit-cache-{os.getpid()}-")]
+    assert len(own) == 1
+    assert not stale.exists() and live.exists() and foreign.exists()
+    cache.close()
+    assert sorted(tmp_path.iterdir()) == sorted([live, foreign])

@@ -18,6 +18,8 @@ own `ReconstructionUnit`s and passes them to the same loop.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -252,11 +254,44 @@ def _check_same_template(unit: str, first: Call, other: Call) -> None:
         )
 
 
+UNIT_CACHE_PREFIX = "tfmq-unit-cache-"
+# <prefix><owner pid>-<random>: the owner's pid says whether a folder is stale (its run was killed)
+_UNIT_CACHE_NAME = re.compile(re.escape(UNIT_CACHE_PREFIX) + r"(\d+)-.+")
+_UNIT_CACHE_FILE = re.compile(r"\d+\.bin")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_stale_unit_caches(parent: Path) -> None:
+    """Delete the cache folders in `parent` whose owning process is gone (a killed run cannot clean up).
+    Only folders named as UnitCache names them and holding nothing but its `N.bin` files are touched."""
+    for folder in parent.iterdir():
+        owner = _UNIT_CACHE_NAME.fullmatch(folder.name)
+        if owner is None or folder.is_symlink() or not folder.is_dir() or _process_alive(int(owner.group(1))):
+            continue
+        try:
+            entries = list(folder.iterdir())
+        except OSError:  # another run removed it first, or it is not ours to read
+            continue
+        if all(_UNIT_CACHE_FILE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink()
+               for entry in entries):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class UnitCache:
     """Per-sample tensors of one unit (its inputs and targets): in memory, or, when they would exceed
     the budget, in raw memory-mapped files in a temporary folder, read back batch by batch.
 
-    Both stores hold the same bytes, so a reconstruction reads identical batches from either.
+    Both stores hold the same bytes, so a reconstruction reads identical batches from either. The folder's
+    name carries this process's id, so the next cache made in the same place removes it if the run was killed.
     """
 
     def __init__(self, num_samples: int, budget_bytes: float, directory: str | Path | None = None) -> None:
@@ -284,7 +319,9 @@ class UnitCache:
                 for key, (shape, dtype, device) in self._layout.items()
             }
             return
-        self._folder = Path(tempfile.mkdtemp(prefix="tfmq-unit-cache-", dir=self.directory))
+        parent = Path(self.directory if self.directory is not None else tempfile.gettempdir())
+        _remove_stale_unit_caches(parent)
+        self._folder = Path(tempfile.mkdtemp(prefix=f"{UNIT_CACHE_PREFIX}{os.getpid()}-", dir=parent))
         for index, (key, tensor) in enumerate(rows.items()):
             row_bytes = tensor[:1].numel() * tensor.element_size()
             self._files[key] = np.memmap(
