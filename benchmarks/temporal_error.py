@@ -26,8 +26,8 @@ from tfmq import load_model, sample
 from tfmq.files import write_json, write_text_atomic
 from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.checkpoint import load_quantized
+from tfmq.quant.nn.temporal import temporal_features_by_timestep
 from tfmq.quant.tib import find_tib
-from tfmq.quant.timestep_table import temporal_features_by_timestep
 from tfmq.report import format_table
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -15,8 +15,8 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from tfmq.export.qdq import KERNEL_BITS, QdqActivation
-from tfmq.quant.layers import QuantConv2d, QuantLayer
-from tfmq.quant.quantizer import UniformQuantizer
+from tfmq.quant.nn.layers import QuantConv2d, QuantLayer
+from tfmq.quant.nn.quantizer import UniformQuantizer
 from tfmq.quant.wrap import quant_layers
 from tfmq.quant.calibration import collect_calibration
 from tfmq.sampling import Conditioning, SamplerConfig

@@ -15,10 +15,10 @@ from torch import nn
 from tfmq.export.layers import IntegerConv2d, IntegerLinear
 from tfmq.export.qdq import DequantizedWeight, QdqActivation
 from tfmq.export.temporal_table import TemporalFeatureTable, temporal_feature_tables
-from tfmq.quant.layers import QuantAttnProcessor, QuantConv2d
-from tfmq.quant.methods.tfmq import SkippedTimestepEmbedding
+from tfmq.quant.nn.attention import QuantAttnProcessor
+from tfmq.quant.nn.layers import QuantConv2d
+from tfmq.quant.nn.temporal import TABLES_NAME, SkippedTimestepEmbedding, timestep_tables
 from tfmq.quant.tib import find_tib
-from tfmq.quant.timestep_table import TABLES_NAME, timestep_tables
 from tfmq.quant.wrap import quant_layers
 
 ATTENTION_QUANTIZERS = ("query_quantizer", "key_quantizer", "probs_quantizer", "value_quantizer")

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional
 
 from tfmq.export.qdq import DequantizedWeight, QdqActivation, WeightCodes
-from tfmq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
+from tfmq.quant.nn.layers import QuantConv2d, QuantLayer, QuantLinear
 
 
 class IntegerLayer(nn.Module):

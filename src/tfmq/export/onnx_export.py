@@ -33,8 +33,8 @@ from tfmq.export.metadata import (
 )
 from tfmq.export.qdq import KERNEL_BITS
 from tfmq.files import check_output_file, write_bytes_atomic
-from tfmq.quant.layers import QuantLayer
-from tfmq.quant.timestep_table import timestep_tables
+from tfmq.quant.nn.layers import QuantLayer
+from tfmq.quant.nn.temporal import timestep_tables
 
 SUPPORTED_OPSETS = range(17, 22)
 DEFAULT_OPSET = 21

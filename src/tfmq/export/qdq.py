@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tfmq.quant.quantizer import MIN_SCALE, UniformQuantizer
+from tfmq.quant.nn.quantizer import MIN_SCALE, UniformQuantizer
 
 # Integer kernels of onnxruntime read 8-bit operands: uint8 activations, int8 weights.
 KERNEL_BITS = 8

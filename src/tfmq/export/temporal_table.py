@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tfmq.quant.nn.temporal import temporal_features_by_timestep
 from tfmq.quant.tib import find_tib
-from tfmq.quant.timestep_table import temporal_features_by_timestep
 
 
 class TemporalFeatureTable(nn.Module):

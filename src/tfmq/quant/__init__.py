@@ -1,8 +1,7 @@
 """Fake quantization of diffusion UNets: config, quantizer, quantized layers and model wrapping."""
 
 from tfmq.quant.config import QuantConfig
-from tfmq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear
-from tfmq.quant.quantizer import UniformQuantizer
+from tfmq.quant.nn import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear, UniformQuantizer
 from tfmq.quant.wrap import (
     activation_quantizers,
     find_shortcut_splits,

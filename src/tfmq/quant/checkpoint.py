@@ -27,8 +27,8 @@ from torch import nn
 from tfmq.errors import TfmqError
 from tfmq.files import atomic_directory, write_json
 from tfmq.quant.config import WEIGHT_BITS, QuantConfig
-from tfmq.quant.methods.tfmq import restore_temporal_cache
-from tfmq.quant.timestep_table import SCHEDULE_KEY, attach_timestep_tables, timestep_tables
+from tfmq.quant.nn.temporal import SCHEDULE_KEY, restore_temporal_cache, timestep_tables
+from tfmq.quant.timestep_table import attach_timestep_tables
 from tfmq.quant.wrap import quant_layers, quantize_model
 
 # 2: the weights file's header carries the digest of the metadata (format 1 had none).

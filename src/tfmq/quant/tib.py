@@ -117,7 +117,7 @@ class TemporalInformationBlock:
         UNet: {feature name: (N, width)}, equal to what each `time_emb_proj` outputs in a full forward.
 
         Runs the model's modules as they are: a quantized copy gives its quantized features (one whose
-        quantizers carry timestep tables needs a selected row, see `timestep_table`).
+        quantizers carry timestep tables needs a selected row, see `tfmq.quant.nn.temporal`).
         """
         inputs = self.projection_inputs(timesteps, class_labels)
         return {feature_name: self._module(resnet_name).time_emb_proj(inputs[resnet_name])

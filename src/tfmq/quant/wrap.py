@@ -19,8 +19,9 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from tfmq.quant.config import QuantConfig
-from tfmq.quant.layers import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear
-from tfmq.quant.quantizer import UniformQuantizer
+from tfmq.quant.nn.attention import QuantAttnProcessor
+from tfmq.quant.nn.layers import QuantConv2d, QuantLayer, QuantLinear
+from tfmq.quant.nn.quantizer import UniformQuantizer
 
 
 def quantize_model(

@@ -24,7 +24,6 @@ from tfmq.quant.methods.rtn import calibrate_activation_ranges
 from tfmq.quant.methods.tfmq import (
     TIB_UNIT,
     ScheduledFeatureLookup,
-    SkippedTimestepEmbedding,
     block_units,
     cached_temporal_features,
     maintain_temporal_features,
@@ -33,8 +32,9 @@ from tfmq.quant.methods.tfmq import (
     serve_caches_for_reconstruction,
     temporal_cache_stats,
 )
+from tfmq.quant.nn.temporal import SkippedTimestepEmbedding, TemporalFeatureCache, temporal_features_by_timestep
 from tfmq.quant.tib import find_tib
-from tfmq.quant.timestep_table import TemporalFeatureCache, table_quantizers, temporal_features_by_timestep
+from tfmq.quant.timestep_table import table_quantizers
 from tfmq.sampling import SamplerConfig
 
 STEPS = 20

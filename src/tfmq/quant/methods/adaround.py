@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tfmq.quant.layers import QuantLayer
-from tfmq.quant.quantizer import UniformQuantizer
+from tfmq.quant.nn.layers import QuantLayer
+from tfmq.quant.nn.quantizer import UniformQuantizer
 
 # The stretch of the rectified sigmoid: h(V) reaches exactly 0 and 1 for finite V (AdaRound paper).
 ZETA = 1.1

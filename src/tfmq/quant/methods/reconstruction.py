@@ -40,9 +40,9 @@ from torch import nn
 from tqdm import tqdm
 
 from tfmq.quant.config import ReconstructionSettings
-from tfmq.quant.layers import QuantLayer
 from tfmq.quant.methods.adaround import RoundingRegularizer, adaptive_rounding
-from tfmq.quant.quantizer import UniformQuantizer
+from tfmq.quant.nn.layers import QuantLayer
+from tfmq.quant.nn.quantizer import UniformQuantizer
 from tfmq.quant.wrap import activation_quantizers, quant_layers, quantizers
 
 # The blocks of BRECQ in a diffusers UNet; quantized layers outside all of them are units of their own.

@@ -9,8 +9,9 @@ temporal-feature cache.
 - FSC is per-timestep activation calibration: `timestep_table.calibrate_timestep_tables`.
 - Cache-based maintenance (`maintain_temporal_features`): each block's temporal feature is computed in full
   precision for every scheduled timestep, quantized per timestep, and served from a table
-  (`TemporalFeatureCache`) by the same timestep-row selection as FSC. When every block reads a cache the
-  time MLP is skipped too (`SkippedTimestepEmbedding`): the TIB leaves the sampling loop.
+  (`tfmq.quant.nn.temporal.TemporalFeatureCache`) by the same timestep-row selection as FSC. When every
+  block reads a cache the time MLP is skipped too (`SkippedTimestepEmbedding`): the TIB leaves the
+  sampling loop.
 - Disturbance-aware selection: per block, the cache is used only where its error against the
   full-precision feature is not above the TIB path's.
 """
@@ -24,33 +25,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
-from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import TimestepEmbedding
-from diffusers.models.normalization import AdaGroupNorm
-from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from tfmq.quant.config import QuantConfig
-from tfmq.quant.layers import QuantLayer
 from tfmq.quant.methods.qdiff import reconstruct_qdiff
 from tfmq.quant.methods.reconstruction import Call, ModelInputs, ReconstructionUnit, UnitResult, reconstruct, unet_units
-from tfmq.quant.quantizer import quantize_codes, range_to_scale_zero_point
-from tfmq.quant.tib import TemporalInformationBlock, find_tib
-from tfmq.quant.timestep_table import (
+from tfmq.quant.nn.layers import QuantLayer
+from tfmq.quant.nn.quantizer import quantize_codes, range_to_scale_zero_point
+from tfmq.quant.nn.temporal import (
     TemporalFeatureCache,
-    attach_timestep_schedule,
+    cache_code_dtype,
+    install_temporal_cache,
     temporal_features_by_timestep,
-    timestep_tables,
 )
+from tfmq.quant.tib import TemporalInformationBlock, find_tib
 from tfmq.quant.wrap import quantizers
 
 TIB_UNIT = "temporal_information_block"
 # {residual block: its cache} and the selection's JSON entries, as `choose_temporal_caches` returns them.
 ChosenCaches = tuple[dict[str, TemporalFeatureCache], dict[str, Any]]
-# The UNet forwards whose only readers of the time embedding, besides the class and added embeddings
-# (refused by find_tib or checked), are the blocks: read in diffusers 0.42.
-_KNOWN_FORWARDS = (UNet2DModel.forward, UNet2DConditionModel.forward)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,37 +182,6 @@ def reconstruct_tfmq(
 # Cache-based maintenance and disturbance-aware selection
 
 
-class SkippedTimestepEmbedding(TimestepEmbedding):
-    """The time MLP of a UNet whose every block reads its temporal feature from a cache: nothing reads the
-    embedding any more, so it returns zeros of the right shape without computing anything.
-
-    Keeps the original's layers under the same names, so the model's state (and find_tib) are unchanged.
-    """
-
-    def __init__(self, embedding: TimestepEmbedding) -> None:
-        nn.Module.__init__(self)  # not TimestepEmbedding.__init__: the layers are the original's
-        for name in ("linear_1", "act", "linear_2", "cond_proj", "post_act"):  # TimestepEmbedding's attributes
-            setattr(self, name, getattr(embedding, name))
-
-    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        return sample.new_zeros(sample.shape[0], self.linear_2.out_features)
-
-
-def _time_embedding_unread(model: nn.Module, tib: TemporalInformationBlock) -> bool:
-    """True if no module of `model` reads the time embedding: every block takes its temporal feature from a
-    cache, and nothing else in the forward (class embedding, spatial or adaptive norms) uses it."""
-    if type(model).forward not in _KNOWN_FORWARDS or tib.class_embedding is not None:
-        return False
-    for module in model.modules():
-        if isinstance(module, ResnetBlock2D) and not isinstance(module.time_emb_proj, TemporalFeatureCache):
-            return False  # reads the embedding, projected or (without time_emb_proj) as it is
-        if isinstance(module, (ResnetBlockCondNorm2D, AdaGroupNorm)):
-            return False
-        if isinstance(module, Attention) and module.spatial_norm is not None:
-            return False
-    return True
-
-
 def quantize_rows(features: torch.Tensor, bits: int | None) -> TemporalFeatureCache:
     """A cache of `features` (timesteps, channels), each row quantized to `bits` on the min-max grid of that
     row alone; `bits=None` keeps the values."""
@@ -226,14 +189,8 @@ def quantize_rows(features: torch.Tensor, bits: int | None) -> TemporalFeatureCa
         return TemporalFeatureCache(features, torch.ones(len(features)), torch.zeros(len(features)))
     low, high = features.min(dim=1, keepdim=True).values, features.max(dim=1, keepdim=True).values
     scale, zero_point = range_to_scale_zero_point(low, high, bits)
-    codes = quantize_codes(features, scale, zero_point, bits).to(_code_dtype(bits))
+    codes = quantize_codes(features, scale, zero_point, bits).to(cache_code_dtype(bits))
     return TemporalFeatureCache(codes, scale.flatten(), zero_point.flatten())
-
-
-def _code_dtype(bits: int | None) -> torch.dtype:
-    if bits is None:
-        return torch.float32
-    return torch.uint8 if bits <= 8 else torch.int32
 
 
 @torch.no_grad()
@@ -268,51 +225,6 @@ def temporal_path_errors(
         errors[resnet] = {"tib_path_mse": tib_error, "cache_mse": cache_error,
                           "choice": "cache" if cache_error <= tib_error else "tib"}
     return errors
-
-
-def install_temporal_cache(
-    model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, TemporalFeatureCache]
-) -> bool:
-    """Make `caches` ({residual block: its cache}) the `time_emb_proj` of their blocks, serving the row of
-    `schedule` of each call; skip the time MLP when no block reads it any more. Returns whether it was
-    skipped. Changes `model` in place; it then needs timesteps of `schedule`."""
-    tib = find_tib(model)
-    unknown = sorted(set(caches) - set(tib.resnets))
-    if unknown:
-        raise ValueError(f"{', '.join(unknown)}: not residual blocks reading the time embedding of "
-                         f"{type(model).__name__}")
-    schedule = torch.as_tensor(schedule).cpu()
-    tables = timestep_tables(model)
-    if tables is None:
-        attach_timestep_schedule(model, schedule)
-    elif not torch.equal(tables.schedule.cpu(), schedule.to(tables.schedule.dtype)):
-        raise ValueError(f"{type(model).__name__}'s timestep tables serve another schedule than the cache's")
-    device = next(model.parameters()).device
-    for resnet, cache in caches.items():
-        block = model.get_submodule(resnet)
-        expected = (len(schedule), block.time_emb_proj.out_features)
-        if tuple(cache.codes.shape) != expected:
-            raise ValueError(f"the cache of {resnet} has shape {tuple(cache.codes.shape)}, expected {expected}")
-        block.time_emb_proj = cache.to(device)
-    skipped = _time_embedding_unread(model, tib)
-    if skipped and not isinstance(model.get_submodule(tib.time_embedding), SkippedTimestepEmbedding):
-        setattr(model, tib.time_embedding, SkippedTimestepEmbedding(model.get_submodule(tib.time_embedding)))
-    return skipped
-
-
-def restore_temporal_cache(model: nn.Module, schedule: torch.Tensor, blocks: Sequence[str], bits: int | None) -> bool:
-    """Empty caches (right shapes and dtypes) for `blocks`, ready for `load_state_dict`: what
-    `install_temporal_cache` built, rebuilt from a checkpoint's list of cached blocks and `a_bits`."""
-    caches = {}
-    for block in blocks:
-        try:
-            width = model.get_submodule(block).time_emb_proj.out_features
-        except AttributeError as exc:
-            raise ValueError(f"{block} is not a residual block with a time_emb_proj") from exc
-        steps = len(schedule)
-        caches[block] = TemporalFeatureCache(torch.zeros(steps, width, dtype=_code_dtype(bits)), torch.ones(steps),
-                                             torch.zeros(steps))
-    return install_temporal_cache(model, schedule, caches)
 
 
 class ScheduledFeatureLookup(nn.Module):

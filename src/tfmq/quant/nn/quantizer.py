@@ -120,9 +120,10 @@ class UniformQuantizer(nn.Module):
     `bits=None` makes the quantizer the identity (full precision).
 
     A per-tensor quantizer can carry a timestep table instead (finite-set calibration, see
-    `timestep_table`): one step and zero point per sampling timestep, buffers `table_scale`,
-    `table_zero_point` and `table_initialized`, of which the row `timestep_row` is used. The shared
-    `scale` is then not used; a table without a selected row is an error, never a fallback to it.
+    `tfmq.quant.timestep_table`; `tfmq.quant.nn.temporal` selects the row): one step and zero point per
+    sampling timestep, buffers `table_scale`, `table_zero_point` and `table_initialized`, of which the
+    row `timestep_row` is used. The shared `scale` is then not used; a table without a selected row is
+    an error, never a fallback to it.
     """
 
     def __init__(self, bits: int | None, *, channels: int | None = None, init: str = "mse") -> None:
@@ -266,7 +267,7 @@ class UniformQuantizer(nn.Module):
         if row is None:
             raise RuntimeError(
                 f"UniformQuantizer({self.extra_repr()}) has a timestep table but no timestep is selected: "
-                "call the model with its timestep, or use timestep_table.selected_timestep(model, t)"
+                "call the model with its timestep, or use tfmq.quant.nn.selected_timestep(model, t)"
             )
         if not bool(self.table_initialized[row]):
             raise RuntimeError(

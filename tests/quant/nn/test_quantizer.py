@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tfmq.quant import UniformQuantizer
-from tfmq.quant.quantizer import MSE_ERROR_POWER, OBSERVED_SAMPLE_SIZE
+from tfmq.quant.nn.quantizer import MSE_ERROR_POWER, OBSERVED_SAMPLE_SIZE
 
 
 def heavy_tailed_weight(channels: int = 16, fan_in: int = 288, seed: int = 0) -> torch.Tensor:

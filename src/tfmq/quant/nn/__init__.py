@@ -1,0 +1,35 @@
+"""What lives inside a quantized model: quantizers, quantized layers, and the per-timestep tables and
+caches with their row selection. Imports no calibration, method, CLI or progress-bar code, so loading and
+exporting a saved model need none."""
+
+from tfmq.quant.nn.attention import QuantAttnProcessor
+from tfmq.quant.nn.layers import QuantConv2d, QuantLayer, QuantLinear
+from tfmq.quant.nn.quantizer import UniformQuantizer
+from tfmq.quant.nn.temporal import (
+    SkippedTimestepEmbedding,
+    TemporalFeatureCache,
+    TimestepTables,
+    attach_timestep_schedule,
+    install_temporal_cache,
+    restore_temporal_cache,
+    selected_timestep,
+    temporal_features_by_timestep,
+    timestep_tables,
+)
+
+__all__ = [
+    "QuantAttnProcessor",
+    "QuantConv2d",
+    "QuantLayer",
+    "QuantLinear",
+    "SkippedTimestepEmbedding",
+    "TemporalFeatureCache",
+    "TimestepTables",
+    "UniformQuantizer",
+    "attach_timestep_schedule",
+    "install_temporal_cache",
+    "restore_temporal_cache",
+    "selected_timestep",
+    "temporal_features_by_timestep",
+    "timestep_tables",
+]

@@ -1,0 +1,320 @@
+"""The modules a quantized UNet carries to serve each call from per-timestep tables, and the row selection
+they share.
+
+A sampler visits a finite, known list of timesteps (the schedule). Tables indexed by it (the FSC tables of
+activation quantizers, see `tfmq.quant.timestep_table`, and the temporal feature caches) hold one row per
+scheduled timestep, and the UNet picks the row of the timestep it is called with, so the quantized UNet
+stays a drop-in for diffusers pipelines (`unet(sample, t)`):
+
+- `attach_timestep_schedule` adds a `timestep_tables` submodule (the schedule, a buffer); a forward
+  pre-hook on the UNet turns the `timestep` argument into a row for every table, and a forward hook puts
+  the previous row back after the call.
+- The row is the position of t in the schedule, looked up by value. A timestep outside the schedule, or a
+  batch mixing timesteps, is an error, never a fallback.
+- `TemporalFeatureCache` stands in for a residual block's `time_emb_proj`; when every block reads one,
+  `SkippedTimestepEmbedding` stands in for the time MLP. `install_temporal_cache` puts them in place,
+  `restore_temporal_cache` rebuilds them empty from a checkpoint's metadata, ready for its state.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.normalization import AdaGroupNorm
+from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
+from torch import nn
+
+from tfmq.quant.nn.quantizer import UniformQuantizer
+from tfmq.quant.tib import TemporalInformationBlock, find_tib
+
+TABLES_NAME = "timestep_tables"
+SCHEDULE_KEY = f"{TABLES_NAME}.schedule"
+# The UNet forwards whose only readers of the time embedding, besides the class and added embeddings
+# (refused by find_tib or checked), are the blocks: read in diffusers 0.42.
+_KNOWN_FORWARDS = (UNet2DModel.forward, UNet2DConditionModel.forward)
+
+
+class TemporalFeatureCache(nn.Module):
+    """Stands in for a residual block's `time_emb_proj`: its output at every scheduled timestep, computed
+    ahead and quantized, one row per timestep of the schedule.
+
+    Buffers (saved with the model): `codes` (timesteps, channels), integers on each row's own grid
+    `scale` / `zero_point` (one per row); full-precision values are stored as float codes on the grid
+    (1, 0). The row is selected like the quantizers' tables, from the timestep of the UNet call; the
+    input (the time embedding) is read only for its batch size and dtype.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        super().__init__()
+        if codes.dim() != 2 or scale.shape != (len(codes),) or zero_point.shape != (len(codes),):
+            raise ValueError(f"a temporal feature cache is codes (timesteps, channels) with one scale and zero point "
+                             f"per timestep; got {tuple(codes.shape)}, {tuple(scale.shape)}, {tuple(zero_point.shape)}")
+        self.register_buffer("codes", codes.detach().clone())
+        self.register_buffer("scale", scale.detach().float().clone())
+        self.register_buffer("zero_point", zero_point.detach().float().clone())
+        self.timestep_row: int | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[1]
+
+    def extra_repr(self) -> str:
+        return f"timestep_rows={self.codes.shape[0]}, out_features={self.out_features}, codes={self.codes.dtype}"
+
+    def values(self) -> torch.Tensor:
+        """The whole table, dequantized: (timesteps, channels), as `forward` serves it row by row."""
+        return (self.codes.float() - self.zero_point[:, None]) * self.scale[:, None]
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        row = self.timestep_row
+        if row is None:
+            raise RuntimeError(
+                f"TemporalFeatureCache({self.extra_repr()}) has no timestep selected: call the model with its "
+                "timestep, or use tfmq.quant.nn.selected_timestep(model, t)"
+            )
+        values = (self.codes[row].float() - self.zero_point[row]) * self.scale[row]
+        return values.to(embedding.dtype).expand(embedding.shape[0], -1)
+
+
+class SkippedTimestepEmbedding(TimestepEmbedding):
+    """The time MLP of a UNet whose every block reads its temporal feature from a cache: nothing reads the
+    embedding any more, so it returns zeros of the right shape without computing anything.
+
+    Keeps the original's layers under the same names, so the model's state (and find_tib) are unchanged.
+    """
+
+    def __init__(self, embedding: TimestepEmbedding) -> None:
+        nn.Module.__init__(self)  # not TimestepEmbedding.__init__: the layers are the original's
+        for name in ("linear_1", "act", "linear_2", "cond_proj", "post_act"):  # TimestepEmbedding's attributes
+            setattr(self, name, getattr(embedding, name))
+
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return sample.new_zeros(sample.shape[0], self.linear_2.out_features)
+
+
+class TimestepTables(nn.Module):
+    """The schedule a model's timestep tables are indexed by, and the row in use.
+
+    Lives in the UNet as the submodule `timestep_tables`; its `schedule` buffer (int64, the sampler's
+    timesteps in sampling order) is saved with the model's state. The row is state of the moment,
+    not saved: None outside a UNet call or `selected_timestep`. `scope` is the FSC scope of the
+    quantizer tables, "none" when only temporal feature caches use the rows.
+    """
+
+    def __init__(self, schedule: torch.Tensor, scope: str, timestep_position: int) -> None:
+        super().__init__()
+        self.register_buffer("schedule", schedule)
+        self.scope = scope
+        self.timestep_position = timestep_position  # index of `timestep` among the forward's arguments
+        self.current_row: int | None = None
+        self._rows_before_calls: list[int | None] = []
+
+    def extra_repr(self) -> str:
+        return f"scope={self.scope}, steps={len(self.schedule)}"
+
+    def row_of(self, timestep: torch.Tensor | int | float) -> int:
+        """The row of `timestep` (a number, or a tensor whose entries all hold the same timestep)."""
+        values = torch.as_tensor(timestep).detach().reshape(-1).cpu()
+        if values.numel() == 0:
+            raise ValueError("no timestep given: the timestep tensor is empty")
+        if not bool((values == values[0]).all()):
+            distinct = sorted(set(values.tolist()))
+            shown = ", ".join(map(str, distinct[:5])) + (", ..." if len(distinct) > 5 else "")
+            raise ValueError(f"all samples of a batch must share one timestep with per-timestep activation "
+                             f"tables; got {len(distinct)} different ones ({shown})")
+        value = values[0].item()
+        schedule = self.schedule.cpu()
+        matches = (schedule.to(torch.float64) == float(value)).nonzero().flatten()
+        if len(matches) == 0:
+            raise ValueError(
+                f"timestep {value} is not one of the {len(schedule)} timesteps the activation tables were "
+                f"calibrated for ({int(schedule.min())}..{int(schedule.max())}); sample with the schedule "
+                "of the calibration data"
+            )
+        return int(matches[0])
+
+    def select(self, model: nn.Module, row: int | None) -> None:
+        """Make `row` the current one of every timestep table and feature cache in `model` (None: no row)."""
+        # Runs twice per UNet call: walks modules without building their names.
+        for module in model.modules():
+            if (isinstance(module, UniformQuantizer) and module.has_timestep_table) \
+                    or isinstance(module, TemporalFeatureCache):
+                module.timestep_row = row
+        self.current_row = row
+
+
+def timestep_tables(model: nn.Module) -> TimestepTables | None:
+    """The model's TimestepTables, or None if its quantizers carry no timestep tables."""
+    tables = model._modules.get(TABLES_NAME)
+    return tables if isinstance(tables, TimestepTables) else None
+
+
+def checked_schedule(schedule: torch.Tensor | list[int]) -> torch.Tensor:
+    """`schedule` as int64 on the CPU, once it is a non-empty list of distinct integer timesteps."""
+    schedule = torch.as_tensor(schedule).detach().cpu()
+    if schedule.dim() != 1 or len(schedule) == 0:
+        raise ValueError(f"a schedule is a non-empty 1-D list of timesteps, got shape {tuple(schedule.shape)}")
+    if schedule.is_floating_point() and not torch.equal(schedule, schedule.round()):
+        raise ValueError("timestep tables need integer timesteps; this schedule has fractional ones")
+    schedule = schedule.to(torch.int64)
+    if len(schedule.unique()) != len(schedule):
+        raise ValueError("the schedule repeats a timestep: a table row per timestep would be ambiguous")
+    return schedule
+
+
+def _timestep_position(model: nn.Module) -> int:
+    parameters = list(inspect.signature(model.forward).parameters)
+    if "timestep" not in parameters:
+        raise ValueError(f"{type(model).__name__}.forward takes no `timestep` argument: it cannot select "
+                         "per-timestep activation tables")
+    return parameters.index("timestep")
+
+
+def attach_timestep_schedule(model: nn.Module, schedule: torch.Tensor | list[int]) -> TimestepTables:
+    """Make `model` select, from the timestep of each call, the row of `schedule` for every timestep-indexed
+    table in it, without giving any quantizer a table (scope "none"). Changes `model` in place."""
+    schedule = checked_schedule(schedule)
+    if timestep_tables(model) is not None:
+        raise ValueError(f"{type(model).__name__} already carries timestep tables")
+    position = _timestep_position(model)
+    device = next(model.parameters()).device
+    tables = TimestepTables(schedule.to(device), "none", position)
+    model.add_module(TABLES_NAME, tables)
+    # Module-level hooks (no closures): a deep copy of the model selects rows of its own quantizers.
+    model.register_forward_pre_hook(_select_row_before_call, with_kwargs=True)
+    model.register_forward_hook(_restore_row_after_call, always_call=True)
+    return tables
+
+
+def _select_row_before_call(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    tables = timestep_tables(model)
+    if tables is None:
+        return
+    # Saved first: the after-call hook runs even when this one raises.
+    tables._rows_before_calls.append(tables.current_row)
+    if "timestep" in kwargs:
+        timestep = kwargs["timestep"]
+    elif len(args) > tables.timestep_position:
+        timestep = args[tables.timestep_position]
+    else:
+        raise ValueError(f"{type(model).__name__} was called without a timestep: its activation tables "
+                         "need one to pick their row")
+    tables.select(model, tables.row_of(timestep))
+
+
+def _restore_row_after_call(model: nn.Module, args: tuple, output: object) -> None:
+    tables = timestep_tables(model)
+    if tables is not None and tables._rows_before_calls:
+        tables.select(model, tables._rows_before_calls.pop())
+
+
+@contextmanager
+def selected_timestep(model: nn.Module, timestep: torch.Tensor | int | float) -> Iterator[int]:
+    """Use the table rows of `timestep` inside the block (for calling parts of the model directly);
+    yields the row. The previous row comes back on exit."""
+    tables = timestep_tables(model)
+    if tables is None:
+        raise ValueError(f"{type(model).__name__} carries no timestep tables")
+    previous = tables.current_row
+    row = tables.row_of(timestep)
+    tables.select(model, row)
+    try:
+        yield row
+    finally:
+        tables.select(model, previous)
+
+
+def temporal_features_by_timestep(
+    model: nn.Module, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The TIB's temporal features of `model` for mixed `timesteps`, each computed with the table rows of
+    its own timestep when the model carries tables: what the UNet's blocks receive at that timestep."""
+    tib = find_tib(model)
+    tables = timestep_tables(model)
+    if tables is None:
+        return tib.temporal_features(timesteps, class_labels)
+    timesteps = torch.as_tensor(timesteps).reshape(-1)
+    features: dict[str, torch.Tensor] = {}
+    for timestep in timesteps.unique():
+        positions = (timesteps == timestep).nonzero().flatten()
+        labels = None if class_labels is None else class_labels[positions.to(class_labels.device)]
+        with selected_timestep(model, timestep):
+            group = tib.temporal_features(timesteps[positions], labels)
+        for name, values in group.items():
+            if name not in features:
+                features[name] = values.new_empty(len(timesteps), *values.shape[1:])
+            features[name][positions.to(values.device)] = values
+    return features
+
+
+def _time_embedding_unread(model: nn.Module, tib: TemporalInformationBlock) -> bool:
+    """True if no module of `model` reads the time embedding: every block takes its temporal feature from a
+    cache, and nothing else in the forward (class embedding, spatial or adaptive norms) uses it."""
+    if type(model).forward not in _KNOWN_FORWARDS or tib.class_embedding is not None:
+        return False
+    for module in model.modules():
+        if isinstance(module, ResnetBlock2D) and not isinstance(module.time_emb_proj, TemporalFeatureCache):
+            return False  # reads the embedding, projected or (without time_emb_proj) as it is
+        if isinstance(module, (ResnetBlockCondNorm2D, AdaGroupNorm)):
+            return False
+        if isinstance(module, Attention) and module.spatial_norm is not None:
+            return False
+    return True
+
+
+def cache_code_dtype(bits: int | None) -> torch.dtype:
+    """The dtype of a cache's codes at `bits` (None: full-precision values)."""
+    if bits is None:
+        return torch.float32
+    return torch.uint8 if bits <= 8 else torch.int32
+
+
+def install_temporal_cache(
+    model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, TemporalFeatureCache]
+) -> bool:
+    """Make `caches` ({residual block: its cache}) the `time_emb_proj` of their blocks, serving the row of
+    `schedule` of each call; skip the time MLP when no block reads it any more. Returns whether it was
+    skipped. Changes `model` in place; it then needs timesteps of `schedule`."""
+    tib = find_tib(model)
+    unknown = sorted(set(caches) - set(tib.resnets))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not residual blocks reading the time embedding of "
+                         f"{type(model).__name__}")
+    schedule = torch.as_tensor(schedule).cpu()
+    tables = timestep_tables(model)
+    if tables is None:
+        attach_timestep_schedule(model, schedule)
+    elif not torch.equal(tables.schedule.cpu(), schedule.to(tables.schedule.dtype)):
+        raise ValueError(f"{type(model).__name__}'s timestep tables serve another schedule than the cache's")
+    device = next(model.parameters()).device
+    for resnet, cache in caches.items():
+        block = model.get_submodule(resnet)
+        expected = (len(schedule), block.time_emb_proj.out_features)
+        if tuple(cache.codes.shape) != expected:
+            raise ValueError(f"the cache of {resnet} has shape {tuple(cache.codes.shape)}, expected {expected}")
+        block.time_emb_proj = cache.to(device)
+    skipped = _time_embedding_unread(model, tib)
+    if skipped and not isinstance(model.get_submodule(tib.time_embedding), SkippedTimestepEmbedding):
+        setattr(model, tib.time_embedding, SkippedTimestepEmbedding(model.get_submodule(tib.time_embedding)))
+    return skipped
+
+
+def restore_temporal_cache(model: nn.Module, schedule: torch.Tensor, blocks: Sequence[str], bits: int | None) -> bool:
+    """Empty caches (right shapes and dtypes) for `blocks`, ready for `load_state_dict`: what
+    `install_temporal_cache` built, rebuilt from a checkpoint's list of cached blocks and `a_bits`."""
+    caches = {}
+    for block in blocks:
+        try:
+            width = model.get_submodule(block).time_emb_proj.out_features
+        except AttributeError as exc:
+            raise ValueError(f"{block} is not a residual block with a time_emb_proj") from exc
+        steps = len(schedule)
+        caches[block] = TemporalFeatureCache(torch.zeros(steps, width, dtype=cache_code_dtype(bits)),
+                                             torch.ones(steps), torch.zeros(steps))
+    return install_temporal_cache(model, schedule, caches)
