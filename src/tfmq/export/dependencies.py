@@ -1,4 +1,4 @@
-"""onnx and onnxruntime are optional: only export and integer inference need them."""
+"""onnx and onnxruntime are optional (the `onnx` extra): only export and integer inference need them."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from types import ModuleType
 
 from tfmq.errors import TfmqError
 
+INSTALL_HINT = "pip install 'tfmq[onnx]'"
+
 
 def require(module_name: str) -> ModuleType:
-    """Import `module_name`, or tell the user in one line what to install."""
+    """Import `module_name`, or tell the user in one line which extra to install."""
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
-        raise TfmqError(f"{module_name} cannot be imported ({exc}); ONNX export and integer inference need "
-                        "`pip install onnx onnxruntime`") from exc
+        reason = next(iter(str(exc).splitlines()), "") or type(exc).__name__
+        raise TfmqError(f"{module_name} cannot be imported ({reason}); ONNX export and integer inference need "
+                        f"the onnx extra: {INSTALL_HINT}") from exc
