@@ -320,9 +320,8 @@ def _bits(text: str) -> int | None:
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from tfmq.files import owned_safetensors
-    from tfmq.quant.api import quantize, relative_output_error
-    from tfmq.quant.calibration import CalibrationSet, collect_calibration
-    from tfmq.quant.checkpoint import save_quantized
+    from tfmq.pipeline import CalibrationSettings, calibrate, quantize_and_save
+    from tfmq.quant.calibration import CalibrationSet
     from tfmq.quant.config import QuantConfig
     from tfmq.quant.wrap import layers_to_quantize
     from tfmq.report import format_table
@@ -350,42 +349,26 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         layers_to_quantize(model.unet, config)
     except ValueError as exc:
         raise TfmqError(str(exc)) from exc
-    started = time.perf_counter()
     prompts = _prompts(args) or model.calibration_prompts()
+
+    def conditioning_for(count: int):
+        return _conditioning(args, model, count, prompts)
+
+    started = time.perf_counter()
     if args.calib_load is not None:
         calibration = CalibrationSet.load(args.calib_load)
         calibration.check_made_for(model.unet, sampler, _guidance_scale(args, model))
     else:
-        calibration = collect_calibration(model.unet, model.scheduler, args.calib_samples, sampler,
-                                          args.interval_length, args.seed, args.batch_size, not args.quiet,
-                                          _conditioning(args, model, args.calib_samples, prompts))
+        settings = CalibrationSettings(args.calib_samples, sampler, args.interval_length, args.seed, args.batch_size)
+        calibration = calibrate(model, settings, conditioning_for, progress=not args.quiet)
         if args.calib_save is not None:
             calibration.save(args.calib_save)
-    collected = time.perf_counter()
-    quantized = quantize(model.unet, config, calibration, source=model.source, progress=not args.quiet)
-    quantized.tfmq_info.base_config = model.reference.get("config", "")
-    calibrated = time.perf_counter()
-    provenance = calibration.provenance
-    quantized.tfmq_info.extra["calibration"] = {
-        "sampler": provenance.sampler.to_dict(), "num_samples": provenance.num_trajectories,
-        "interval_length": calibration.interval_length,
-        "guidance_scale": provenance.guidance_scale if model.conditioning_kind is not None else None,
-        "seed": provenance.seed, "loaded_from": None if args.calib_load is None else str(args.calib_load),
-        "collect_seconds": round(collected - started, 2), "quantize_seconds": round(calibrated - collected, 2),
-    }
-    out = save_quantized(quantized, args.out, overwrite=args.overwrite)
-    held_out = collect_calibration(model.unet, model.scheduler, 8, sampler, 10, args.seed + 1, progress=False,
-                                   conditioning=_conditioning(args, model, 8, prompts))
-    error = relative_output_error(quantized, model.unet, held_out)
-    fp_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
-    file_bytes = (out / "quantized.safetensors").stat().st_size
-    print(format_table([{
-        "method": config.method, "W": config.w_bits or "fp", "A": config.a_bits or "fp",
-        "preset": config.recon_preset if config.method != "rtn" else "-", "FSC": config.fsc_scope,
-        "calib samples": len(calibration), "calib s": round(calibrated - started, 1),
-        "rel. output error": float(error), "size MB": file_bytes / 1e6, "fp32 MB": fp_bytes / 1e6,
-        "smaller": f"{fp_bytes / file_bytes:.1f}x",
-    }]))
+    _, report = quantize_and_save(
+        model, config, calibration, args.out, conditioning_for=conditioning_for,
+        collect_seconds=time.perf_counter() - started, overwrite=args.overwrite, progress=not args.quiet,
+        loaded_from=None if args.calib_load is None else str(args.calib_load))
+    print(format_table([report.row()]))
+    out = report.out
     print(f"quantized model -> {out}")
     if config.method != "rtn" and config.recon_preset == "fast":
         print("(--preset fast: --preset balanced reconstructs 10x longer, for 3-5x the time, and came 3-13 dB "

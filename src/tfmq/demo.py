@@ -13,9 +13,7 @@ from tfmq.files import atomic_directory, write_json, write_text_atomic
 from tfmq.images import make_grid, save_image_folder
 from tfmq.metrics import QualityMetrics, load_reference_statistics
 from tfmq.models.loading import load_model
-from tfmq.quant.api import quantize
-from tfmq.quant.calibration import collect_calibration
-from tfmq.quant.checkpoint import WEIGHTS_FILE, save_quantized
+from tfmq.pipeline import CalibrationSettings, calibrate, quantize_and_save
 from tfmq.quant.config import QuantConfig
 from tfmq.report import format_table
 from tfmq.sampling import SamplerConfig, sample
@@ -54,16 +52,20 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), progress:
         return _run_demo(staging, settings, progress)
 
 
+def _unconditional(count: int) -> None:
+    """The demo's model is unconditional: no condition for any number of trajectories."""
+    return None
+
+
 def _run_demo(out: Path, settings: DemoSettings, progress: bool) -> dict:
     started = time.perf_counter()
     model = load_model(settings.model)
     sampler = SamplerConfig(steps=settings.steps, skip_type="quad")
-    calibration = collect_calibration(model.unet, model.scheduler, settings.calib_samples, sampler,
-                                      seed=settings.seed, progress=progress)
-    calibrated_at = time.perf_counter()
-    quantized = quantize(model.unet, settings.config, calibration, source=model.source, progress=progress)
-    quantized_at = time.perf_counter()
-    save_quantized(quantized, out / "quantized_model")
+    calibration_settings = CalibrationSettings(settings.calib_samples, sampler, seed=settings.seed)
+    calibration = calibrate(model, calibration_settings, _unconditional, progress)
+    quantized, report = quantize_and_save(model, settings.config, calibration, out / "quantized_model",
+                                          conditioning_for=_unconditional,
+                                          collect_seconds=time.perf_counter() - started, progress=progress)
 
     timings, images = {}, {}
     for name, unet in (("fp", model.unet), ("quantized", quantized)):
@@ -84,13 +86,14 @@ def _run_demo(out: Path, settings: DemoSettings, progress: bool) -> dict:
             row.update(fid_to_fp=paired["fid_to_baseline"], psnr_to_fp=paired["psnr"], ssim_to_fp=paired["ssim"])
         row["sampling_s"] = timings[name]
         rows.append(row)
-    fp_mb = sum(p.numel() * p.element_size() for p in model.unet.parameters()) / 1e6
-    size_mb = (out / "quantized_model" / WEIGHTS_FILE).stat().st_size / 1e6
+    fp_mb = report.fp32_bytes / 1e6
+    size_mb = report.file_bytes / 1e6
     summary = {
         "settings": {"model": settings.model, "num_images": settings.num_images, "steps": settings.steps,
                      "seed": settings.seed, "calib_samples": settings.calib_samples,
                      "config": settings.config.to_dict()},
-        "rows": rows, "calibration_collect_s": calibrated_at - started, "quantize_s": quantized_at - calibrated_at,
+        "rows": rows, "calibration_collect_s": report.collect_seconds, "quantize_s": report.quantize_seconds,
+        "relative_output_error": report.relative_output_error,
         "fp32_unet_mb": fp_mb, "quantized_file_mb": size_mb, "total_s": time.perf_counter() - started,
     }
     side_by_side(images["fp"][:64], images["quantized"][:64]).save(out / COMPARISON_FILE)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from tfmq.quant import QuantConfig
+from tfmq.errors import TfmqError
+from tfmq.quant.config import QuantConfig
 
 
 def test_defaults_are_the_papers_w4a8_setting() -> None:
@@ -50,13 +51,14 @@ def test_softmax_bits_default_to_activation_bits() -> None:
     ],
 )
 def test_rejects_bad_value_naming_it(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=field) as error:
+    with pytest.raises(TfmqError, match=field) as error:  # the error the CLI turns into one line and exit code 2
         QuantConfig(**{field: value})
     assert repr(value) in str(error.value)
+    assert isinstance(error.value, ValueError)  # callers catching ValueError keep working
 
 
 def test_from_dict_rejects_unknown_fields() -> None:
-    with pytest.raises(ValueError, match="bits_w"):
+    with pytest.raises(TfmqError, match="bits_w"):
         QuantConfig.from_dict({"bits_w": 4})
 
 
@@ -69,10 +71,10 @@ def test_tfmq_switches_round_trip_and_belong_to_tfmq_only() -> None:
     config = QuantConfig(method="tfmq", tiar=False, temporal_cache=True, temporal_selection=True, fsc_scope="all")
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert (QuantConfig().tiar, QuantConfig().temporal_cache, QuantConfig().temporal_selection) == (True, False, False)
-    with pytest.raises(ValueError, match="temporal_selection=True .* needs temporal_cache=True"):
+    with pytest.raises(TfmqError, match="temporal_selection=True .* needs temporal_cache=True"):
         QuantConfig(temporal_selection=True)
     for method in ("rtn", "qdiff"):
-        with pytest.raises(ValueError, match=f"tiar=False, temporal_cache=True only apply to method 'tfmq', not '{method}'"):
+        with pytest.raises(TfmqError, match=f"tiar=False, temporal_cache=True only apply to method 'tfmq', not '{method}'"):
             QuantConfig(method=method, tiar=False, temporal_cache=True)
         assert QuantConfig(method=method, fsc_scope="temporal").fsc_scope == "temporal"  # FSC is for every method
 

@@ -1,9 +1,12 @@
 """Real low-bit inference: quantized UNets as ONNX QDQ graphs that onnxruntime runs on integer kernels.
 
-    from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
-    export_onnx(qunet, "unet.onnx", schedule=distinct_timesteps(sampling_timesteps(scheduler, sampler)),
-                calibration=trajectory_inputs(qunet, scheduler, sampler))
-    images = tfmq.sample(OnnxUNet("unet.onnx"), scheduler, 64, config=sampler)
+What a user needs here (`export_onnx`, `OnnxUNet`, `trajectory_inputs`) is also in `tfmq`. With `qunet`
+quantized on `calibration` as in the `tfmq` package's example (`calibration.schedule` is the distinct
+timesteps of `sampler`, the ones the graph will serve):
+
+    tfmq.export_onnx(qunet, "unet.onnx", schedule=calibration.schedule,
+                     calibration=tfmq.trajectory_inputs(qunet, model.scheduler, sampler))
+    images = tfmq.sample(tfmq.OnnxUNet("unet.onnx"), model.scheduler, num_images=64, config=sampler)
 """
 
 from tfmq.export.conv_outputs import trajectory_inputs

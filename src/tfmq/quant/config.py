@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from tfmq.errors import TfmqError
+
 METHODS = ("rtn", "qdiff", "tfmq")
 RANGE_INITS = ("mse", "minmax")
 WEIGHT_BITS = range(2, 9)
@@ -53,19 +55,19 @@ def _check_bits(name: str, value: Any, allowed: range) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-        raise ValueError(
+        raise TfmqError(
             f"{name} must be an int in {allowed.start}..{allowed.stop - 1} or None, got {value!r}"
         )
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise TfmqError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _check_flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise TfmqError(f"{name} must be True or False, got {value!r}")
 
 
 def _is_number(value: Any) -> bool:
@@ -76,7 +78,7 @@ def _check_count(name: str, value: Any, minimum: int) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum} or None, got {value!r}")
+        raise TfmqError(f"{name} must be an int >= {minimum} or None, got {value!r}")
 
 
 def _check_number(name: str, value: Any, *, allow_zero: bool = False, optional: bool = False) -> None:
@@ -87,7 +89,7 @@ def _check_number(name: str, value: Any, *, allow_zero: bool = False, optional: 
         or value < 0 or (value == 0 and not allow_zero)
     ):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}{' or None' if optional else ''}, got {value!r}")
+        raise TfmqError(f"{name} must be a finite number {bound}{' or None' if optional else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -153,12 +155,12 @@ class QuantConfig:
         _check_flag("split_shortcut", self.split_shortcut)
         _check_choice("fsc_scope", self.fsc_scope, FSC_SCOPES)
         if self.fsc_scope != "none" and self.a_bits is None:
-            raise ValueError(f"fsc_scope={self.fsc_scope!r} calibrates activation ranges, but a_bits is None")
+            raise TfmqError(f"fsc_scope={self.fsc_scope!r} calibrates activation ranges, but a_bits is None")
         if self.fsc_momentum is not None and not (_is_number(self.fsc_momentum) and 0 <= self.fsc_momentum < 1):
-            raise ValueError(f"fsc_momentum must be a number in [0, 1) or None, got {self.fsc_momentum!r}")
+            raise TfmqError(f"fsc_momentum must be a number in [0, 1) or None, got {self.fsc_momentum!r}")
         if isinstance(self.fsc_init_samples, bool) or not isinstance(self.fsc_init_samples, int) \
                 or self.fsc_init_samples < 1:
-            raise ValueError(f"fsc_init_samples must be a positive int, got {self.fsc_init_samples!r}")
+            raise TfmqError(f"fsc_init_samples must be a positive int, got {self.fsc_init_samples!r}")
         _check_flag("tiar", self.tiar)
         _check_flag("temporal_cache", self.temporal_cache)
         _check_flag("temporal_selection", self.temporal_selection)
@@ -167,9 +169,9 @@ class QuantConfig:
                 ("tiar", self.tiar, True), ("temporal_cache", self.temporal_cache, False),
                 ("temporal_selection", self.temporal_selection, False)) if value != default]
             if changed:
-                raise ValueError(f"{', '.join(changed)} only apply to method 'tfmq', not {self.method!r}")
+                raise TfmqError(f"{', '.join(changed)} only apply to method 'tfmq', not {self.method!r}")
         if self.temporal_selection and not self.temporal_cache:
-            raise ValueError("temporal_selection=True chooses per block between the TIB path and the temporal "
+            raise TfmqError("temporal_selection=True chooses per block between the TIB path and the temporal "
                              "cache: it needs temporal_cache=True")
         _check_choice("recon_preset", self.recon_preset, tuple(RECON_PRESETS))
         _check_count("recon_weight_iters", self.recon_weight_iters, 0)
@@ -179,7 +181,7 @@ class QuantConfig:
         _check_number("recon_act_lr", self.recon_act_lr, optional=True)
         _check_number("memory_budget_mb", self.memory_budget_mb, allow_zero=True)
         if isinstance(self.keep_fp, str) or not all(isinstance(p, str) for p in self.keep_fp):
-            raise ValueError(f"keep_fp must be a sequence of glob patterns (str), got {self.keep_fp!r}")
+            raise TfmqError(f"keep_fp must be a sequence of glob patterns (str), got {self.keep_fp!r}")
         # JSON gives lists; a frozen config must hold a tuple to stay hashable and immutable.
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
 
@@ -214,5 +216,5 @@ class QuantConfig:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown QuantConfig field(s): {', '.join(unknown)}")
+            raise TfmqError(f"unknown QuantConfig field(s): {', '.join(unknown)}")
         return cls(**values)
