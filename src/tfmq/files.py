@@ -55,8 +55,12 @@ def _owner_alive(name: str, path: Path, tag: str) -> bool:
     if match is None:
         return True  # not ours: treat as live, never touched
     pid = int(match.group(1))
-    if pid == os.getpid():
-        return False
+    return pid != os.getpid() and process_alive(pid)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (one of another user's counts as running): what tells a killed run's
+    leftovers from a live run's work in progress."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -39,6 +39,7 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 from tqdm import tqdm
 
+from tfmq.files import process_alive
 from tfmq.quant.config import ReconstructionSettings
 from tfmq.quant.methods.adaround import RoundingRegularizer, adaptive_rounding
 from tfmq.quant.nn.layers import QuantLayer
@@ -260,22 +261,12 @@ _UNIT_CACHE_NAME = re.compile(re.escape(UNIT_CACHE_PREFIX) + r"(\d+)-.+")
 _UNIT_CACHE_FILE = re.compile(r"\d+\.bin")
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def _remove_stale_unit_caches(parent: Path) -> None:
     """Delete the cache folders in `parent` whose owning process is gone (a killed run cannot clean up).
     Only folders named as UnitCache names them and holding nothing but its `N.bin` files are touched."""
     for folder in parent.iterdir():
         owner = _UNIT_CACHE_NAME.fullmatch(folder.name)
-        if owner is None or folder.is_symlink() or not folder.is_dir() or _process_alive(int(owner.group(1))):
+        if owner is None or folder.is_symlink() or not folder.is_dir() or process_alive(int(owner.group(1))):
             continue
         try:
             entries = list(folder.iterdir())
