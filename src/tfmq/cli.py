@@ -495,7 +495,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a folder written by `tfmq quantize` (omit: the FP32 graph of --model)")
     export.add_argument("--model", default=None, help="base model (default: the one recorded in the folder)")
     _add_model_config_argument(export)
-    export.add_argument("--format", choices=["onnx"], default="onnx")
     export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     _add_overwrite_argument(export)
     export.add_argument("--opset", type=int, default=21)
