@@ -19,7 +19,7 @@ TABLE = {
     "sample": [
         ("--num 0", "positive integer"),
         ("--num -3", "positive integer"),
-        ("--num many", "invalid _positive value"),
+        ("--num many", "invalid positive value"),
         ("--num 10000000000", "memory"),
         ("--steps 0", "positive integer"),
         ("--steps 10000", "between 1 and 1000"),

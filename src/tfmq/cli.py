@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
+from tfmq.arguments import (
+    DEFAULT_GUIDANCE_SCALE,
+    Parser,
+    add_model_config_argument,
+    add_overwrite_argument,
+    add_sampler_arguments,
+    bit_width,
+    finite_non_negative,
+    finite_positive,
+    non_negative,
+    one_line,
+    positive,
+)
 from tfmq.errors import TfmqError
 
 REFERENCE_NAME = "fashion-mnist-test"
@@ -20,35 +32,6 @@ IGNORED_IN_IMAGE_FOLDERS = (METRICS_FILE,)
 IMAGES_KIND = "images"
 CHECKPOINT_KIND = "quantized-model"
 TRAINED_MODEL_KIND = "trained-model"
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def _finite_non_negative(text: str) -> float:
-    """A float that is finite and >= 0 (argparse's float takes 'nan' and 'inf')."""
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _finite_positive(text: str) -> float:
-    value = _finite_non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
 
 
 def _input_paths(args: argparse.Namespace) -> list[Path]:
@@ -88,9 +71,6 @@ def _sampler_config(args: argparse.Namespace):
     from tfmq.sampling import SamplerConfig
 
     return SamplerConfig(name=args.sampler, steps=args.steps, eta=args.eta, skip_type=args.skip_type)
-
-
-DEFAULT_GUIDANCE_SCALE = 3.0  # for conditional models when --guidance-scale is not given
 
 
 def _guidance_scale(args: argparse.Namespace, model) -> float:
@@ -313,11 +293,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(f"written to {out}")
 
 
-def _bits(text: str) -> int | None:
-    """A bit width, or full precision as 'none', 'fp' or '32' (the paper's W4A32 means weights only)."""
-    return None if text.lower() in ("none", "fp", "32") else int(text)
-
-
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from tfmq.files import owned_safetensors
     from tfmq.pipeline import CalibrationSettings, calibrate, quantize_and_save
@@ -423,70 +398,25 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sampler", choices=["ddim", "ddpm", "plms", "dpm-solver"], default="ddim",
-                        help="plms: Stable Diffusion's sampler in the paper; dpm-solver: DPM-Solver++ 2nd order")
-    parser.add_argument("--steps", type=_positive, default=100, help="sampling steps (paper: --timesteps)")
-    parser.add_argument("--eta", type=_finite_non_negative, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
-    parser.add_argument("--skip-type", choices=["quad", "uniform"], default="quad", help="DDIM timestep spacing")
-    parser.add_argument("--seed", type=_non_negative, default=0, help="image i starts from noise seeded by (seed, i)")
-    parser.add_argument("--batch-size", type=_positive, default=64)
-    parser.add_argument("--prompt", action="append", default=None,
-                        help="text-conditional models: a prompt (repeat for several; images cycle through them)")
-    parser.add_argument("--prompts", type=Path, default=None,
-                        help="prompts file: one a line, or an MS-COCO captions_*.json (paper: 128 COCO captions)")
-    parser.add_argument("--num-prompts", type=_positive, default=128, help="prompts taken from --prompts")
-    parser.add_argument("--class-label", type=_non_negative, action="append", default=None,
-                        help="class-conditional models: a label (repeat for several; default: all in turn)")
-    parser.add_argument("--guidance-scale", type=_finite_non_negative, default=None,
-                        help=f"classifier-free guidance (default {DEFAULT_GUIDANCE_SCALE} for conditional models; "
-                             "1 runs no unconditional branch)")
-
-
-def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an output path that tfmq did not write (never the current folder, the root, "
-                             "the home folder or one of the inputs); without it, only tfmq's own outputs are replaced")
-
-
-def _add_model_config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-config", type=Path, default=None,
-                        help="with a single-file Stable Diffusion v1 checkpoint (.ckpt/.safetensors) as --model: "
-                             "a folder of its pipeline's diffusers configs (model_index.json, unet/, vae/, "
-                             "text_encoder/, tokenizer/, scheduler/; no weights)")
-
-
-def _one_line(message: str) -> str:
-    return " ".join(message.split())
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage dump), still with exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tfmq", description="Post-training quantization of diffusion models.")
+    parser = Parser(prog="tfmq", description="Post-training quantization of diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     sample = commands.add_parser("sample", help="sample images (PNGs, a grid, samples.json) from a model")
     sample.add_argument("--model", default=None,
                         help="shipped model name, diffusers-layout folder or single-file checkpoint (default "
                              "fashion-ddpm, or the base model recorded in --quantized)")
-    _add_model_config_argument(sample)
+    add_model_config_argument(sample)
     sample.add_argument("--quantized", type=Path, default=None, help="a folder written by `tfmq quantize`")
-    sample.add_argument("--num", type=_positive, default=64, help="number of images")
+    sample.add_argument("--num", type=positive, default=64, help="number of images")
     sample.add_argument("--out", type=Path, required=True, help="output folder (written whole when done)")
-    _add_overwrite_argument(sample)
+    add_overwrite_argument(sample)
     sample.add_argument("--quiet", action="store_true", help="no progress bars")
     sample.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
                         help="onnxruntime: run the graph of `tfmq export` (--onnx) on integer kernels")
     sample.add_argument("--onnx", type=Path, default=None, help="the exported graph (--engine onnxruntime)")
-    sample.add_argument("--threads", type=_positive, default=None, help="onnxruntime threads (default: torch's)")
-    _add_sampler_arguments(sample)
+    sample.add_argument("--threads", type=positive, default=None, help="onnxruntime threads (default: torch's)")
+    add_sampler_arguments(sample)
     sample.set_defaults(func=_cmd_sample)
 
     export = commands.add_parser("export", help="export a quantized UNet (or with no folder the FP32 one) to "
@@ -494,39 +424,39 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("quantized", type=Path, nargs="?", default=None,
                         help="a folder written by `tfmq quantize` (omit: the FP32 graph of --model)")
     export.add_argument("--model", default=None, help="base model (default: the one recorded in the folder)")
-    _add_model_config_argument(export)
+    add_model_config_argument(export)
     export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
-    _add_overwrite_argument(export)
+    add_overwrite_argument(export)
     export.add_argument("--opset", type=int, default=21)
     export.add_argument("--exact-convs", action="store_true",
                         help="convs in float on dequantized operands: exact, not faster")
     export.add_argument("--requantize-weights", action="store_true",
                         help="8-bit weights onto symmetric int8: faster kernels, approximate")
-    export.add_argument("--calibration-images", type=_positive, default=8,
+    export.add_argument("--calibration-images", type=positive, default=8,
                         help="trajectories that calibrate the integer convs' output grids")
-    _add_sampler_arguments(export)
+    add_sampler_arguments(export)
     export.set_defaults(func=_cmd_export)
 
     bench = commands.add_parser("bench", help="time one UNet step: FP32 torch against fake-quant and exported "
                                 "graphs, same process, as ratios")
     bench.add_argument("--model", default=None, help="base model (default fashion-ddpm, or --quantized's)")
-    _add_model_config_argument(bench)
+    add_model_config_argument(bench)
     bench.add_argument("--quantized", type=Path, default=None, help="also time the fake-quant model of this folder")
     bench.add_argument("--onnx", type=Path, nargs="*", default=[], help="graphs written by `tfmq export`")
-    bench.add_argument("--batch", type=_positive, nargs="+", default=[1, 64])
-    bench.add_argument("--repeats", type=_positive, default=10, help="calls per engine per round (3 rounds)")
-    bench.add_argument("--threads", type=_positive, default=None, help="onnxruntime threads (default: torch's)")
+    bench.add_argument("--batch", type=positive, nargs="+", default=[1, 64])
+    bench.add_argument("--repeats", type=positive, default=10, help="calls per engine per round (3 rounds)")
+    bench.add_argument("--threads", type=positive, default=None, help="onnxruntime threads (default: torch's)")
     bench.add_argument("--json", type=Path, default=None, help="also write the table here")
-    _add_overwrite_argument(bench)
+    add_overwrite_argument(bench)
     bench.set_defaults(func=_cmd_bench)
 
     quantize = commands.add_parser("quantize", help="quantize a model's UNet (calibrating on its own samples)")
     quantize.add_argument("--model", default="fashion-ddpm",
                           help="shipped model name, diffusers-layout folder, or single-file checkpoint")
-    _add_model_config_argument(quantize)
+    add_model_config_argument(quantize)
     quantize.add_argument("--method", choices=["rtn", "qdiff", "tfmq"], default="rtn")
-    quantize.add_argument("--w-bits", type=_bits, default=4, help="weight bits 2..8, or none (paper: --wq)")
-    quantize.add_argument("--a-bits", type=_bits, default=8,
+    quantize.add_argument("--w-bits", type=bit_width, default=4, help="weight bits 2..8, or none (paper: --wq)")
+    quantize.add_argument("--a-bits", type=bit_width, default=8,
                           help="activation bits 4..16, or none (paper: --aq; --use_aq off = none)")
     quantize.add_argument("--preset", choices=["fast", "balanced", "paper"], default="fast",
                           help="reconstruction length (qdiff, tfmq): 'fast' (200 rounding steps a block) suits a "
@@ -540,33 +470,33 @@ def build_parser() -> argparse.ArgumentParser:
                           help="tfmq (journal): cache the quantized temporal features of every scheduled timestep")
     quantize.add_argument("--temporal-selection", action="store_true",
                           help="tfmq (journal): per block, keep the TIB path or the cache, whichever errs less")
-    quantize.add_argument("--memory-budget-mb", type=_finite_non_negative, default=2048.0,
+    quantize.add_argument("--memory-budget-mb", type=finite_non_negative, default=2048.0,
                           help="reconstruction caches beyond this go to disk")
     quantize.add_argument("--weight-init", choices=["mse", "minmax"], default="mse")
     quantize.add_argument("--act-init", choices=["mse", "minmax"], default="mse")
     quantize.add_argument("--keep-fp", nargs="*", default=["conv_in", "conv_out"],
                           help="module-name patterns left in full precision (default: first and last layer)")
     quantize.add_argument("--no-attention-quant", action="store_true", help="leave the attention matmuls in fp")
-    quantize.add_argument("--calib-samples", type=_positive, default=64,
+    quantize.add_argument("--calib-samples", type=positive, default=64,
                           help="calibration trajectories (seeds); every step of each is recorded")
-    quantize.add_argument("--interval-length", type=_positive, default=5,
+    quantize.add_argument("--interval-length", type=positive, default=5,
                           help="weight reconstruction uses every n-th sampling step (paper: --interval_length)")
     quantize.add_argument("--calib-save", type=Path, default=None,
                           help="save the calibration set (paper: --cali_save_path)")
     quantize.add_argument("--calib-load", type=Path, default=None,
                           help="reuse a saved calibration set (paper: --cali_data_path)")
     quantize.add_argument("--out", type=Path, required=True, help="output folder (written whole when done)")
-    _add_overwrite_argument(quantize)
+    add_overwrite_argument(quantize)
     quantize.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_sampler_arguments(quantize)
+    add_sampler_arguments(quantize)
     quantize.set_defaults(func=_cmd_quantize)
 
     demo = commands.add_parser("demo", help="quantize the shipped model with TFMQ W4A8 and compare it with FP")
     demo.add_argument("--out", type=Path, default=Path("tfmq-demo"), help="output folder (written whole when done)")
-    _add_overwrite_argument(demo)
-    demo.add_argument("--num", type=_positive, default=256, help="images per model (same seeds)")
-    demo.add_argument("--steps", type=_positive, default=100)
-    demo.add_argument("--seed", type=_non_negative, default=0)
+    add_overwrite_argument(demo)
+    demo.add_argument("--num", type=positive, default=256, help="images per model (same seeds)")
+    demo.add_argument("--steps", type=positive, default=100)
+    demo.add_argument("--seed", type=non_negative, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
@@ -576,12 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reference", default=REFERENCE_NAME,
                           help=f"'{REFERENCE_NAME}' (shipped statistics), a statistics file, or 'none'")
     evaluate.add_argument("--json", type=Path, default=None, help="where to write the metrics (IMAGES/metrics.json)")
-    _add_overwrite_argument(evaluate)
+    add_overwrite_argument(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 
     reference = commands.add_parser("reference-stats", help="recompute the shipped test-set statistics for FID")
     reference.add_argument("--out", type=Path, required=True)
-    _add_overwrite_argument(reference)
+    add_overwrite_argument(reference)
     reference.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST idx folder")
     reference.set_defaults(func=_cmd_reference_stats)
 
@@ -590,13 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("what", choices=["ddpm", "autoencoder", "ldm", "cond", "classifier"])
     train.add_argument("--autoencoder", type=Path, default=None, help="ldm/cond: the trained autoencoder folder")
     train.add_argument("--out", type=Path, required=True)
-    _add_overwrite_argument(train)
+    add_overwrite_argument(train)
     train.add_argument("--work-dir", type=Path, default=Path("runs/train"), help="resume checkpoint and loss log")
-    train.add_argument("--steps", type=_positive, default=20_000)
-    train.add_argument("--epochs", type=_positive, default=15)
-    train.add_argument("--batch-size", type=_positive, default=64)
-    train.add_argument("--lr", type=_finite_positive, default=5e-4)
-    train.add_argument("--seed", type=_non_negative, default=0)
+    train.add_argument("--steps", type=positive, default=20_000)
+    train.add_argument("--epochs", type=positive, default=15)
+    train.add_argument("--batch-size", type=positive, default=64)
+    train.add_argument("--lr", type=finite_positive, default=5e-4)
+    train.add_argument("--seed", type=non_negative, default=0)
     train.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST idx folder")
     train.set_defaults(func=_cmd_train)
     return parser
@@ -619,11 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except TfmqError as exc:
-        print(f"tfmq: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"tfmq: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # the machine said no: a full disk, a vanished folder, a permission
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"tfmq: error: {exc.strerror or _one_line(str(exc))}{where}", file=sys.stderr)
+        print(f"tfmq: error: {exc.strerror or one_line(str(exc))}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tfmq: interrupted", file=sys.stderr)
