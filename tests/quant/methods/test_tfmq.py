@@ -23,14 +23,16 @@ from tfmq.quant.checkpoint import METADATA_FILE, QuantizationInfo, load_quantize
 from tfmq.quant.methods.rtn import calibrate_activation_ranges
 from tfmq.quant.methods.tfmq import (
     TIB_UNIT,
-    ScheduledFeatureLookup,
     block_units,
     cached_temporal_features,
     maintain_temporal_features,
     reconstruct_tib,
+    temporal_cache_stats,
+)
+from tfmq.quant.methods.scheduled_lookup import (
+    ScheduledFeatureLookup,
     restore_projections,
     serve_caches_for_reconstruction,
-    temporal_cache_stats,
 )
 from tfmq.quant.nn.temporal import SkippedTimestepEmbedding, TemporalFeatureCache, temporal_features_by_timestep
 from tfmq.quant.tib import find_tib

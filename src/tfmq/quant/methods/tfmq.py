@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from tfmq.quant.config import QuantConfig
 from tfmq.quant.methods.qdiff import reconstruct_qdiff
 from tfmq.quant.methods.reconstruction import Call, ModelInputs, ReconstructionUnit, UnitResult, reconstruct, unet_units
+from tfmq.quant.methods.scheduled_lookup import restore_projections, serve_caches_for_reconstruction
 from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.nn.quantizer import quantize_codes, range_to_scale_zero_point
 from tfmq.quant.nn.temporal import (
@@ -227,39 +227,6 @@ def temporal_path_errors(
     return errors
 
 
-class ScheduledFeatureLookup(nn.Module):
-    """Stands in for a cached block's `time_emb_proj` while the blocks are reconstructed: serves each sample
-    the cache row of its own timestep, found by matching the embedding it receives against the embeddings
-    of the schedule. Reconstruction mixes timesteps in a batch and calls blocks without the UNet, so the
-    per-call row selection of `TemporalFeatureCache` cannot serve it."""
-
-    def __init__(self, keys: torch.Tensor, cache: TemporalFeatureCache, projection: nn.Module) -> None:
-        super().__init__()
-        if keys.dim() != 2 or len(keys) != len(cache.codes):
-            raise ValueError(f"a feature lookup needs one key per cached timestep; got {tuple(keys.shape)} keys "
-                             f"for {len(cache.codes)} rows")
-        keys = keys.detach().float().clone()
-        self.register_buffer("keys", keys)
-        self.register_buffer("table", cache.values())
-        # An embedding matches a key when it lies far closer to it than to any other (stored unit inputs
-        # may have been rounded); the keys of distinct timesteps lie far apart.
-        apart = torch.cdist(keys, keys) + torch.diag(torch.full((len(keys),), float("inf")))
-        self.tolerance = 0.25 * float(apart.min()) if len(keys) > 1 else 0.25 * float(keys.norm())
-        self.cache = cache
-        self.projection = projection  # the `time_emb_proj` it stands in for, put back by `restore_projections`
-
-    @property
-    def out_features(self) -> int:
-        return self.cache.out_features
-
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        distances = torch.cdist(embedding.detach().float(), self.keys)
-        nearest, rows = distances.min(dim=1)
-        if bool((nearest > self.tolerance).any()):
-            raise ValueError("a temporal feature lookup received an embedding of no scheduled timestep")
-        return self.table[rows].to(embedding.dtype)
-
-
 def choose_temporal_caches(
     model: nn.Module, full_precision: nn.Module, schedule: torch.Tensor, config: QuantConfig
 ) -> ChosenCaches:
@@ -272,27 +239,6 @@ def choose_temporal_caches(
         entries["temporal_selection"] = errors
         cached = {block: values for block, values in cached.items() if errors[block]["choice"] == "cache"}
     return cached, entries
-
-
-@torch.no_grad()
-def serve_caches_for_reconstruction(
-    model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, TemporalFeatureCache]
-) -> None:
-    """Make each block of `caches` read its cache through a `ScheduledFeatureLookup`, keyed by what its
-    `time_emb_proj` receives at every timestep of `schedule`. Changes `model` in place until
-    `restore_projections`."""
-    keys = find_tib(model).projection_inputs(torch.as_tensor(schedule))
-    for block, cache in caches.items():
-        module = model.get_submodule(block)
-        module.time_emb_proj = ScheduledFeatureLookup(keys[block], cache, module.time_emb_proj)
-
-
-def restore_projections(model: nn.Module) -> None:
-    """Put back every `time_emb_proj` that `serve_caches_for_reconstruction` replaced (FSC then calibrates
-    the TIB as the blocks' reconstruction left it; `install_temporal_cache` follows)."""
-    for module in model.modules():
-        if isinstance(module, ResnetBlock2D) and isinstance(module.time_emb_proj, ScheduledFeatureLookup):
-            module.time_emb_proj = module.time_emb_proj.projection
 
 
 def maintain_temporal_features(
