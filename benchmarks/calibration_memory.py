@@ -23,7 +23,7 @@ from tfmq import SamplerConfig, load_model
 from tfmq.files import write_json, write_text_atomic
 from tfmq.quant.api import quantize
 from tfmq.quant.calibration import collect_calibration
-from tfmq.quant.config import QuantConfig
+from tfmq.quant.config import QDiffusionConfig
 from tfmq.report import format_table
 
 from memory import peak_rss_mb  # this folder: scripts run as files
@@ -63,11 +63,11 @@ def run_row(samples: int, budget: float, steps: int) -> dict:
     model = load_model("fashion-ddpm")
     calibration = collect_calibration(model.unet, model.scheduler, samples, SamplerConfig(steps=steps, skip_type="quad"),
                                       progress=False)
-    config = QuantConfig(method="qdiff", w_bits=4, a_bits=8, recon_preset="fast", memory_budget_mb=budget)
+    config = QDiffusionConfig(w_bits=4, a_bits=8, recon_preset="fast", memory_budget_mb=budget)
     started = time.perf_counter()
     with AnonymousMemoryPeak() as anonymous:
         quantized = quantize(model.unet, config, calibration, progress=False)
-    reconstruction = quantized.tfmq_info.extra["reconstruction"]
+    reconstruction = quantized.tfmq_info.method_results["reconstruction"]
     return {"samples": samples, "budget_mb": budget, "weight_samples": len(calibration.for_weights()),
             "units_on_disk": f"{sum(unit['on_disk'] for unit in reconstruction)}/{len(reconstruction)}",
             "quantize_s": time.perf_counter() - started,

@@ -34,7 +34,7 @@ from tfmq.files import write_json, write_text_atomic
 from tfmq.metrics import paired_similarity
 from tfmq.quant.api import quantize
 from tfmq.quant.calibration import collect_calibration
-from tfmq.quant.config import QuantConfig
+from tfmq.quant.config import RTNConfig
 from tfmq.report import format_table
 from tfmq.sampling import distinct_timesteps, sampling_timesteps
 
@@ -121,7 +121,7 @@ def main() -> None:
     sampler = SamplerConfig(steps=args.steps, skip_type="quad")
     schedule = distinct_timesteps(sampling_timesteps(scheduler, sampler))
     calibration = collect_calibration(unet, scheduler, args.calibration_images, sampler, progress=False)
-    fake_quant = {f"w{bits}a8": quantize(unet, QuantConfig(method="rtn", w_bits=bits, a_bits=8), calibration,
+    fake_quant = {f"w{bits}a8": quantize(unet, RTNConfig(w_bits=bits, a_bits=8), calibration,
                                          progress=False) for bits in (8, 4)}
     args.work.mkdir(parents=True, exist_ok=True)
     files = {"fp32": export_onnx(unet, args.work / "fp32.onnx", format="fp32")}

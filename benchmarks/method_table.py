@@ -3,7 +3,7 @@
     python benchmarks/method_table.py --num 1000 --steps 100 --rows fp rtn:8:8 rtn:4:8
 
 A row is `fp` or `METHOD:W:A[:FIELD=VALUE,...]` (bits, or `fp` for full precision: `rtn:4:fp` is weights
-only; FIELDs are QuantConfig fields, e.g. `tfmq:4:8:fsc_scope=all,temporal_cache=true`, `null` for None). Every row runs
+only; FIELDs are fields of the method's config, e.g. `tfmq:4:8:fsc_scope=all,temporal_cache=true`, `null` for None). Every row runs
 in its own process, so its peak memory (max RSS) is its own; the calibration set is collected once and
 shared by all methods; the FP samples are the pairing baseline for FID/PSNR/SSIM to FP. `--jobs 2` runs
 two rows at a time with one thread each (the FP row first, alone). A finished row is kept in the work
@@ -14,6 +14,7 @@ Writes benchmarks/results/method_table.{json,md} (or --name).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,11 +28,10 @@ from safetensors.torch import load_file, save_file
 
 from tfmq import QualityMetrics, SamplerConfig, load_model, sample
 from tfmq.files import write_json, write_text_atomic
+from tfmq.pipeline import quantize_and_save
 from tfmq.metrics import load_reference_statistics
-from tfmq.quant.api import quantize
 from tfmq.quant.calibration import CalibrationSet, collect_calibration
-from tfmq.quant.checkpoint import WEIGHTS_FILE, save_quantized
-from tfmq.quant.config import QuantConfig
+from tfmq.quant.config import CONFIG_TYPES, QuantConfig, config_for
 from tfmq.models.prompts import CLASS_WORDS, prompt_class
 from tfmq.report import format_table
 
@@ -39,7 +39,7 @@ from memory import peak_rss_mb  # this folder: scripts run as files
 from sampling_args import add_sampling_arguments  # this folder: scripts run as files
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLUMNS = ("row", "fid", "sfid", "is", "class_acc", "fid_to_fp", "psnr_to_fp", "ssim_to_fp", "calib_s",
+COLUMNS = ("row", "fid", "sfid", "is", "class_acc", "fid_to_fp", "psnr_to_fp", "ssim_to_fp", "rel_err", "calib_s",
            "sampling_s", "peak_rss_mb", "size_mb")
 # What a text-conditional model is asked to draw at evaluation: image i shows class i mod 10.
 EVALUATION_PROMPTS = [f"a photo of {names[0]}" for names in CLASS_WORDS]
@@ -64,15 +64,16 @@ def _value(text: str) -> object:
 
 
 def row_config(row: str, preset: str) -> QuantConfig:
-    """`METHOD:W:A[:FIELD=VALUE,...]` -> QuantConfig; reconstruction methods get `preset` unless overridden."""
+    """`METHOD:W:A[:FIELD=VALUE,...]` -> the method's config (its defaults, as `tfmq quantize --method METHOD`);
+    reconstruction methods get `preset` unless overridden."""
     method, w_bits, a_bits, *rest = row.split(":")
-    fields: dict = {"recon_preset": preset} if method != "rtn" else {}
-    if method == "tfmq" and a_bits != "fp":  # the method's FSC, as `tfmq quantize` defaults to
-        fields["fsc_scope"] = "temporal"
+    fields: dict = {"w_bits": _bits(w_bits), "a_bits": _bits(a_bits)}
+    if method in CONFIG_TYPES and "recon_preset" in {field.name for field in dataclasses.fields(CONFIG_TYPES[method])}:
+        fields["recon_preset"] = preset
     for item in (rest[0].split(",") if rest else []):
         key, _, value = item.partition("=")
         fields[key] = _value(value)
-    return QuantConfig(method=method, w_bits=_bits(w_bits), a_bits=_bits(a_bits), **fields)
+    return config_for(method, fields)
 
 
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
@@ -104,14 +105,11 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
     sampler = sampler_config(args)
     unet, result = model.unet, {"row": row}
     if row != "fp":
-        config = row_config(row, args.preset)
         calibration = CalibrationSet.load(work / "calibration.safetensors")
-        started = time.perf_counter()
-        unet = quantize(model.unet, config, calibration, source=model.source)
-        result["calib_s"] = time.perf_counter() - started
-        folder = work / folder_name(row)
-        save_quantized(unet, folder)
-        result["size_mb"] = (folder / WEIGHTS_FILE).stat().st_size / 1e6
+        unet, report = quantize_and_save(model, row_config(row, args.preset), calibration, work / folder_name(row),
+                                         conditioning_for=lambda count: conditioning(model, args, count, True))
+        result.update(calib_s=report.quantize_seconds, rel_err=report.relative_output_error,
+                      size_mb=report.file_bytes / 1e6)
     else:
         result["size_mb"] = sum(p.numel() * p.element_size() for p in unet.parameters()) / 1e6
     started = time.perf_counter()

@@ -101,7 +101,7 @@ def test_quantize_then_sample_the_same_seeds(capsys, tmp_path, tiny_model_folder
     code, out, _ = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--w-bits", 4, "--a-bits", 8)
     assert code == 0 and "rtn" in out and "smaller" in out
     metadata = json.loads((tmp_path / "q" / "quantization.json").read_text())
-    assert metadata["quant_config"]["w_bits"] == 4 and metadata["calibration"]["num_samples"] == 2
+    assert metadata["provenance"]["quant_config"]["w_bits"] == 4 and metadata["provenance"]["calibration"]["num_samples"] == 2
     code, _, _ = _run(capsys, "sample", "--quantized", tmp_path / "q", "--num", 2, "--steps", 4,
                       "--out", tmp_path / "qi", "--quiet")
     assert code == 0
@@ -115,7 +115,7 @@ def test_quantize_then_sample_the_same_seeds(capsys, tmp_path, tiny_model_folder
 def test_weights_only_quantization(capsys, tmp_path, tiny_model_folder):
     code, _, _ = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--w-bits", 4, "--a-bits", "none")
     assert code == 0
-    assert json.loads((tmp_path / "q" / "quantization.json").read_text())["quant_config"]["a_bits"] is None
+    assert json.loads((tmp_path / "q" / "quantization.json").read_text())["provenance"]["quant_config"]["a_bits"] is None
 
 
 @pytest.mark.parametrize("flags", [("--w-bits", "1"), ("--w-bits", "9"), ("--a-bits", "3")])
@@ -151,7 +151,7 @@ def test_quantize_with_block_reconstruction(capsys, tmp_path, tiny_model_folder)
     code, out, _ = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--method", "qdiff", "--preset", "fast")
     assert code == 0 and "qdiff" in out and "fast" in out and "--preset balanced" in out
     metadata = json.loads((tmp_path / "q" / "quantization.json").read_text())
-    assert metadata["quant_config"]["recon_preset"] == "fast" and metadata["reconstruction"]
+    assert metadata["provenance"]["quant_config"]["recon_preset"] == "fast" and metadata["provenance"]["method_results"]["reconstruction"]
 
 
 def test_every_preset_is_a_choice_of_quantize():
@@ -167,8 +167,9 @@ def test_quantize_with_tfmq_cache_then_sample(capsys, tmp_path, tiny_model_folde
                              "--temporal-cache", "--temporal-selection")
     assert code == 0 and "tfmq" in out and "temporal" in out
     metadata = json.loads((tmp_path / "q" / "quantization.json").read_text())
-    assert metadata["reconstruction"][0]["name"] == "temporal_information_block"
-    assert set(metadata["temporal_selection"]) >= set(metadata["temporal_cache"]["cached_blocks"])
+    results = metadata["provenance"]["method_results"]
+    assert results["reconstruction"][0]["name"] == "temporal_information_block"
+    assert set(results["temporal_selection"]) >= set(metadata["manifest"]["temporal_caches"]["blocks"])
     code, _, _ = _run(capsys, "sample", "--quantized", tmp_path / "q", "--num", 2, "--steps", 4,
                       "--out", tmp_path / "qi", "--quiet")
     assert code == 0 and (tmp_path / "qi" / "grid.png").is_file()
@@ -191,7 +192,7 @@ def test_text_model_quantizes_on_a_captions_file_and_samples_with_prompts(capsys
                           "--out", tmp_path / "q", *common)
     assert code == 0, err
     info = json.loads((tmp_path / "q" / "quantization.json").read_text())
-    assert info["calibration"]["guidance_scale"] == 3.0
+    assert info["provenance"]["calibration"]["guidance_scale"] == 3.0
     code, out, err = _run(capsys, "sample", "--quantized", tmp_path / "q", "--prompt", "a bag", "--prompt", "a coat",
                           "--num", 3, "--guidance-scale", 2, "--out", tmp_path / "s", *common)
     assert code == 0, err
@@ -219,7 +220,7 @@ def test_single_file_checkpoint_quantizes_samples_and_exports_like_its_folder(ca
         assert code == 0, err
         images[name] = load_image_folder(tmp_path / f"s-{name}", skip=("samples.json", "grid.png"))[1]
     assert torch.equal(images["file"], images["folder"])
-    base = json.loads((tmp_path / "q-file" / "quantization.json").read_text())["base_model"]
+    base = json.loads((tmp_path / "q-file" / "quantization.json").read_text())["provenance"]["base_model"]
     assert base["source"] == str(checkpoint.resolve()) and base["config"] == str(configs.resolve())
     code, _, err = _run(capsys, "export", tmp_path / "q-file", "--out", tmp_path / "unet.onnx", "--exact-convs",
                         "--prompt", "a bag", "--sampler", "plms", "--steps", 3)

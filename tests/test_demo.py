@@ -8,7 +8,7 @@ from tests.quant.tiny_unets import pixel_unet
 from tfmq.demo import COMPARISON_FILE, REPORT_FILE, DemoSettings, run_demo
 from tfmq.errors import TfmqError
 from tfmq.models.architectures import FASHION_RESOLUTION, fashion_ddpm_scheduler
-from tfmq.quant.config import QuantConfig
+from tfmq.quant.config import RTNConfig
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def gray_16px_folder(tmp_path):
 
 def test_demo_writes_picture_report_and_a_loadable_model(tmp_path, gray_16px_folder):
     settings = DemoSettings(model=str(gray_16px_folder), num_images=6, calib_samples=3, steps=4,
-                            config=QuantConfig(method="rtn", w_bits=4, a_bits=8))
+                            config=RTNConfig(w_bits=4, a_bits=8))
     summary = run_demo(tmp_path / "demo", settings, progress=False)
     fp, quantized = summary["rows"]
     assert fp["model"] == "full precision" and quantized["model"] == "rtn W4A8"
@@ -38,7 +38,7 @@ def test_a_failed_demo_leaves_no_folder_and_the_users_folder_alone(tmp_path, tin
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "notes.txt").write_text("keep")
     settings = DemoSettings(model=str(tiny_model_folder), num_images=2, calib_samples=2, steps=2,
-                            config=QuantConfig(method="rtn", w_bits=8, a_bits=8))
+                            config=RTNConfig(w_bits=8, a_bits=8))
     with pytest.raises(TfmqError, match="was not written by tfmq"):
         run_demo(tmp_path / "demo", settings, progress=False)
     with pytest.raises(TfmqError, match="reference statistics were made from 16x16"):  # 8x8 images: no FID

@@ -6,8 +6,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from tests.models.tiny_pipelines import write_pipeline
+from tests.quant.tiny_unets import one_thread
 
 import tfmq
 
@@ -15,11 +15,15 @@ PACKAGE_INIT = Path(tfmq.__file__)
 
 
 def test_the_top_level_api_runs_the_documented_flow_on_a_latent_model(tmp_path):
-    torch.set_num_threads(1)
+    with one_thread():
+        _run_the_documented_flow(tmp_path)
+
+
+def _run_the_documented_flow(tmp_path):
     model = tfmq.load_model(write_pipeline("latent", tmp_path / "ldm"))
     sampler = tfmq.SamplerConfig(steps=4)
     calibration = tfmq.collect_calibration(model.unet, model.scheduler, 2, sampler, 2, progress=False)
-    config = tfmq.QuantConfig(method="tfmq", w_bits=8, a_bits=8, recon_weight_iters=2, recon_act_iters=1)
+    config = tfmq.TFMQConfig(w_bits=8, a_bits=8, recon_weight_iters=2, recon_act_iters=1)
     qunet = tfmq.quantize(model.unet, config, calibration, progress=False)
     loaded = tfmq.load_quantized(tfmq.save_quantized(qunet, tmp_path / "q"), model.unet)
     images = tfmq.sample(loaded, model.scheduler, 2, config=sampler, progress=False, decoder=model.decoder)
@@ -70,4 +74,4 @@ def test_the_package_docstring_example_compiles_and_uses_public_names_only():
     example = textwrap.dedent("\n".join(line for line in tfmq.__doc__.splitlines() if line.startswith("    ")))
     compile(example, "tfmq.__doc__", "exec")
     assert "import tfmq" in example and non_public_uses(example) == []
-    assert 'tfmq.QuantConfig(method="tfmq", w_bits=4, a_bits=8, recon_preset="fast", fsc_scope="temporal")' in example
+    assert 'tfmq.TFMQConfig(w_bits=4, a_bits=8)' in example

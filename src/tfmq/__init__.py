@@ -7,7 +7,7 @@ What `tfmq quantize --method tfmq --out q/` does, in Python:
     sampler = tfmq.SamplerConfig(steps=100, skip_type="quad")  # DDIM, eta 0: calibrate and sample with it
     calibration = tfmq.collect_calibration(model.unet, model.scheduler, num_samples=64, config=sampler,
                                            interval_length=5)
-    config = tfmq.QuantConfig(method="tfmq", w_bits=4, a_bits=8, recon_preset="fast", fsc_scope="temporal")
+    config = tfmq.TFMQConfig(w_bits=4, a_bits=8)     # the CLI's defaults: fast preset, temporal FSC
     qunet = tfmq.quantize(model.unet, config, calibration)
     tfmq.save_quantized(qunet, "q/")
     images = tfmq.sample(qunet, model.scheduler, num_images=64, seed=0, config=sampler, decoder=model.decoder)
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from tfmq.quant.api import quantize
     from tfmq.quant.calibration import CalibrationSet, collect_calibration
     from tfmq.quant.checkpoint import load_quantized, save_quantized
-    from tfmq.quant.config import QuantConfig
+    from tfmq.quant.config import LayerRule, QDiffusionConfig, QuantConfig, RTNConfig, TFMQConfig
+    from tfmq.quant.methods.registry import MethodInputs, register_method
     from tfmq.sampling import Conditioning, SamplerConfig, sample
 
 __version__ = "0.1.0"
@@ -41,7 +42,12 @@ _WHERE = {
     "DiffusionModel": "tfmq.models.loading",
     "OnnxUNet": "tfmq.export",
     "QualityMetrics": "tfmq.metrics",
+    "LayerRule": "tfmq.quant.config",
+    "MethodInputs": "tfmq.quant.methods.registry",
+    "QDiffusionConfig": "tfmq.quant.config",
     "QuantConfig": "tfmq.quant.config",
+    "RTNConfig": "tfmq.quant.config",
+    "TFMQConfig": "tfmq.quant.config",
     "SamplerConfig": "tfmq.sampling",
     "TfmqError": "tfmq.errors",
     "collect_calibration": "tfmq.quant.calibration",
@@ -50,6 +56,7 @@ _WHERE = {
     "load_quantized": "tfmq.quant.checkpoint",
     "load_reference_statistics": "tfmq.metrics",
     "quantize": "tfmq.quant.api",
+    "register_method": "tfmq.quant.methods.registry",
     "sample": "tfmq.sampling",
     "save_quantized": "tfmq.quant.checkpoint",
     "trajectory_inputs": "tfmq.export",

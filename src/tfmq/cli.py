@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,18 +15,16 @@ from tfmq.arguments import (
     add_model_config_argument,
     add_overwrite_argument,
     add_sampler_arguments,
-    bit_width,
-    finite_non_negative,
     finite_positive,
     non_negative,
     one_line,
     positive,
 )
 from tfmq.errors import TfmqError
+from tfmq.method_arguments import add_method_arguments
 
 REFERENCE_NAME = "fashion-mnist-test"
-METRICS_FILE = "metrics.json"
-IGNORED_IN_IMAGE_FOLDERS = (METRICS_FILE,)
+METRICS_FILE = "metrics.json"  # tfmq.evaluation's, named here too so `eval --json` is checked before torch loads
 # The kinds of tfmq.images and tfmq.quant.checkpoint, named here so the CLI checks --out before importing torch.
 IMAGES_KIND = "images"
 CHECKPOINT_KIND = "quantized-model"
@@ -94,7 +91,7 @@ def _base_model(args: argparse.Namespace, recorded: dict | None = None):
     if args.model is not None:
         return load_model(args.model, config=args.model_config)
     recorded = recorded or {"source": "fashion-ddpm"}
-    return load_model(recorded["source"], config=args.model_config or recorded.get("config"))
+    return load_model(recorded["source"], config=args.model_config or recorded.get("config") or None)
 
 
 def _load_unet(args: argparse.Namespace):
@@ -104,7 +101,7 @@ def _load_unet(args: argparse.Namespace):
     if args.quantized is None:
         model = _base_model(args)
         return model, model.unet, model.source
-    model = _base_model(args, read_metadata(args.quantized)["base_model"])
+    model = _base_model(args, read_metadata(args.quantized)["provenance"]["base_model"])
     return model, load_quantized(args.quantized, model.unet), str(args.quantized)
 
 
@@ -230,62 +227,21 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return list(args.prompt or []) + (read_prompts(args.prompts, args.num_prompts) if args.prompts else [])
 
 
-def _requested_classes(folder: Path, count: int):
-    """The class each image of a conditional sample folder was asked for (its label, or the garment its
-    prompt names), or None when samples.json records none or a prompt names no single garment."""
-    import torch
-
-    from tfmq.models.prompts import prompt_class
-
-    metadata_file = folder / "samples.json"
-    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
-    labels = metadata.get("class_labels")
-    if labels is None and metadata.get("prompts"):
-        labels = [prompt_class(prompt) for prompt in metadata["prompts"]]
-    if labels is None or len(labels) != count or None in labels:
-        return None
-    return torch.as_tensor(labels)
-
-
-def _seed_of(folder: Path) -> int | None:
-    metadata = folder / "samples.json"
-    if not metadata.is_file():
-        return None
-    try:
-        return json.loads(metadata.read_text()).get("seed")
-    except json.JSONDecodeError:
-        return None
-
-
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from tfmq.evaluation import SampleFolder, check_paired, evaluate_folder
     from tfmq.files import add_to_output_folder, owned_json, stamped, write_json
-    from tfmq.images import load_image_folder
-    from tfmq.metrics import QualityMetrics, load_reference_statistics
+    from tfmq.metrics import load_reference_statistics
     from tfmq.report import format_table
 
     out = _output_file(args, args.json or Path(args.images) / METRICS_FILE, owned_json)
-    names, images = load_image_folder(args.images, skip=IGNORED_IN_IMAGE_FOLDERS)
-    baseline = None
-    if args.baseline is not None:
-        baseline_names, baseline = load_image_folder(args.baseline, skip=IGNORED_IN_IMAGE_FOLDERS)
-        if baseline_names != names:
-            raise TfmqError(f"{args.images} and {args.baseline} do not hold the same image names; pair sets of one seed")
-        seeds = (_seed_of(Path(args.images)), _seed_of(Path(args.baseline)))
-        if None not in seeds and seeds[0] != seeds[1]:
-            raise TfmqError(f"the two sets come from different seeds ({seeds[0]} vs {seeds[1]}): no pairing")
+    samples = SampleFolder.load(args.images)
+    baseline = None if args.baseline is None else SampleFolder.load(args.baseline)
     reference = None if args.reference == "none" else (
         load_reference_statistics() if args.reference == REFERENCE_NAME else load_reference_statistics(args.reference)
     )
-    metrics = QualityMetrics()
-    result: dict = {"images": str(args.images), "num_images": len(images)}
-    if reference is not None:
-        result.update(metrics.against_reference(images, reference))
     if baseline is not None:
-        result["baseline"] = str(args.baseline)
-        result.update(metrics.between(images, baseline))
-    requested = _requested_classes(Path(args.images), len(images))
-    if requested is not None:
-        result["class_accuracy"] = metrics.class_accuracy(images, requested)
+        check_paired(samples, baseline)  # before the reference scores' minutes
+    result = evaluate_folder(samples, baseline, reference)
     write_json(out, stamped(result))
     if out.absolute().parent == Path(args.images).absolute():
         add_to_output_folder(Path(args.images), out.name)
@@ -297,28 +253,17 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from tfmq.files import owned_safetensors
     from tfmq.pipeline import CalibrationSettings, calibrate, quantize_and_save
     from tfmq.quant.calibration import CalibrationSet
-    from tfmq.quant.config import QuantConfig
+    from tfmq.method_arguments import config_from_arguments
     from tfmq.quant.wrap import layers_to_quantize
     from tfmq.report import format_table
     from tfmq.sampling import sampling_timesteps
 
-    fsc_scope = args.fsc_scope if args.fsc_scope != "auto" else ("temporal" if args.method == "tfmq" else "none")
-    # passed whatever the method, so that a flag of another method is an error, not silently ignored
-    tfmq_options = {"tiar": not args.no_tiar, "temporal_cache": args.temporal_cache,
-                    "temporal_selection": args.temporal_selection}
-    try:
-        config = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
-                             weight_init=args.weight_init, act_init=args.act_init, keep_fp=tuple(args.keep_fp),
-                             quantize_attention=not args.no_attention_quant, recon_preset=args.preset,
-                             memory_budget_mb=args.memory_budget_mb,
-                             fsc_scope=fsc_scope if args.a_bits is not None else "none", **tfmq_options)
-    except ValueError as exc:
-        raise TfmqError(str(exc)) from exc
+    config = config_from_arguments(args)
     _output_folder(args, args.out, CHECKPOINT_KIND)
     _output_file(args, args.calib_save, owned_safetensors)
     sampler = _sampler_config(args)
     model = _base_model(args)
-    # what would fail after the calibration work fails now: the step count, a keep_fp that keeps everything
+    # what would fail after the calibration work fails now: the step count, layer rules that keep everything
     sampling_timesteps(model.scheduler, sampler)
     try:
         layers_to_quantize(model.unet, config)
@@ -329,7 +274,6 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     def conditioning_for(count: int):
         return _conditioning(args, model, count, prompts)
 
-    started = time.perf_counter()
     if args.calib_load is not None:
         calibration = CalibrationSet.load(args.calib_load)
         calibration.check_made_for(model.unet, sampler, _guidance_scale(args, model))
@@ -338,14 +282,12 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         calibration = calibrate(model, settings, conditioning_for, progress=not args.quiet)
         if args.calib_save is not None:
             calibration.save(args.calib_save)
-    _, report = quantize_and_save(
-        model, config, calibration, args.out, conditioning_for=conditioning_for,
-        collect_seconds=time.perf_counter() - started, overwrite=args.overwrite, progress=not args.quiet,
-        loaded_from=None if args.calib_load is None else str(args.calib_load))
+    _, report = quantize_and_save(model, config, calibration, args.out, conditioning_for=conditioning_for,
+                                  overwrite=args.overwrite, progress=not args.quiet)
     print(format_table([report.row()]))
     out = report.out
     print(f"quantized model -> {out}")
-    if config.method != "rtn" and config.recon_preset == "fast":
+    if getattr(config, "recon_preset", None) == "fast":
         print("(--preset fast: --preset balanced reconstructs 10x longer, for 3-5x the time, and came 3-13 dB "
               "closer to full precision on the shipped models; see the README)")
 
@@ -454,29 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--model", default="fashion-ddpm",
                           help="shipped model name, diffusers-layout folder, or single-file checkpoint")
     add_model_config_argument(quantize)
-    quantize.add_argument("--method", choices=["rtn", "qdiff", "tfmq"], default="rtn")
-    quantize.add_argument("--w-bits", type=bit_width, default=4, help="weight bits 2..8, or none (paper: --wq)")
-    quantize.add_argument("--a-bits", type=bit_width, default=8,
-                          help="activation bits 4..16, or none (paper: --aq; --use_aq off = none)")
-    quantize.add_argument("--preset", choices=["fast", "balanced", "paper"], default="fast",
-                          help="reconstruction length (qdiff, tfmq): 'fast' (200 rounding steps a block) suits a "
-                               "CPU (minutes); 'balanced' (2k) is closer to FP for 3-5x the time; 'paper' is the "
-                               "authors' 20k (hours on a CPU)")
-    quantize.add_argument("--fsc-scope", choices=["auto", "none", "temporal", "all"], default="auto",
-                          help="per-timestep activation ranges (FSC): for the temporal features, for every "
-                               "activation, or none (auto: temporal for tfmq, none otherwise)")
-    quantize.add_argument("--no-tiar", action="store_true", help="tfmq: reconstruct the TIB inside its blocks")
-    quantize.add_argument("--temporal-cache", action="store_true",
-                          help="tfmq (journal): cache the quantized temporal features of every scheduled timestep")
-    quantize.add_argument("--temporal-selection", action="store_true",
-                          help="tfmq (journal): per block, keep the TIB path or the cache, whichever errs less")
-    quantize.add_argument("--memory-budget-mb", type=finite_non_negative, default=2048.0,
-                          help="reconstruction caches beyond this go to disk")
-    quantize.add_argument("--weight-init", choices=["mse", "minmax"], default="mse")
-    quantize.add_argument("--act-init", choices=["mse", "minmax"], default="mse")
-    quantize.add_argument("--keep-fp", nargs="*", default=["conv_in", "conv_out"],
-                          help="module-name patterns left in full precision (default: first and last layer)")
-    quantize.add_argument("--no-attention-quant", action="store_true", help="leave the attention matmuls in fp")
+    add_method_arguments(quantize)
     quantize.add_argument("--calib-samples", type=positive, default=64,
                           help="calibration trajectories (seeds); every step of each is recorded")
     quantize.add_argument("--interval-length", type=positive, default=5,

@@ -14,7 +14,7 @@ from tfmq.images import make_grid, save_image_folder
 from tfmq.metrics import QualityMetrics, load_reference_statistics
 from tfmq.models.loading import load_model
 from tfmq.pipeline import CalibrationSettings, calibrate, quantize_and_save
-from tfmq.quant.config import QuantConfig
+from tfmq.quant.config import QuantConfig, TFMQConfig
 from tfmq.report import format_table
 from tfmq.sampling import SamplerConfig, sample
 
@@ -29,7 +29,7 @@ class DemoSettings:
     calib_samples: int = 64
     steps: int = 100
     seed: int = 0
-    config: QuantConfig = QuantConfig(method="tfmq", w_bits=4, a_bits=8, recon_preset="fast", fsc_scope="temporal")
+    config: QuantConfig = TFMQConfig()
 
 
 def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 12) -> Image.Image:
@@ -64,8 +64,7 @@ def _run_demo(out: Path, settings: DemoSettings, progress: bool) -> dict:
     calibration_settings = CalibrationSettings(settings.calib_samples, sampler, seed=settings.seed)
     calibration = calibrate(model, calibration_settings, _unconditional, progress)
     quantized, report = quantize_and_save(model, settings.config, calibration, out / "quantized_model",
-                                          conditioning_for=_unconditional,
-                                          collect_seconds=time.perf_counter() - started, progress=progress)
+                                          conditioning_for=_unconditional, progress=progress)
 
     timings, images = {}, {}
     for name, unet in (("fp", model.unet), ("quantized", quantized)):
@@ -104,7 +103,7 @@ def _run_demo(out: Path, settings: DemoSettings, progress: bool) -> dict:
         f"DDIM {settings.steps} steps (quadratic skip, eta 0), {settings.num_images} images of seed {settings.seed}, "
         f"the same noise for both models. Calibration: {settings.calib_samples} trajectories, "
         f"{summary['calibration_collect_s']:.0f} s to collect, {summary['quantize_s']:.0f} s to quantize "
-        f"(preset {settings.config.recon_preset}). Weights: {fp_mb:.2f} MB fp32 -> {size_mb:.2f} MB.", "",
+        f"(preset {settings.config.summary()['preset']}). Weights: {fp_mb:.2f} MB fp32 -> {size_mb:.2f} MB.", "",
         format_table(rows, columns, markdown=True), "",
         f"![full precision (left) and quantized (right), same seeds]({COMPARISON_FILE})", "",
         "FID, sFID and IS use tfmq's own Fashion-MNIST feature network: compare them with each other, not with "

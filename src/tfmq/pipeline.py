@@ -4,7 +4,6 @@ they record, time and report a quantization the same way."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +52,8 @@ class QuantizationReport:
 
     def row(self) -> dict[str, Any]:
         """The summary row `tfmq quantize` prints."""
-        config = self.config
         return {
-            "method": config.method, "W": config.w_bits or "fp", "A": config.a_bits or "fp",
-            "preset": config.recon_preset if config.method != "rtn" else "-", "FSC": config.fsc_scope,
+            **self.config.summary(),
             "calib samples": self.calibration_samples,
             "calib s": round(self.collect_seconds + self.quantize_seconds, 1),
             "rel. output error": self.relative_output_error, "size MB": self.file_bytes / 1e6,
@@ -74,31 +71,21 @@ def calibrate(model: DiffusionModel, settings: CalibrationSettings, conditioning
 
 def quantize_and_save(
     model: DiffusionModel, config: QuantConfig, calibration: CalibrationSet, out: str | Path, *,
-    conditioning_for: ConditioningFor, collect_seconds: float = 0.0, loaded_from: str | None = None,
-    overwrite: bool = False, progress: bool = True,
+    conditioning_for: ConditioningFor, overwrite: bool = False, progress: bool = True,
 ) -> tuple[nn.Module, QuantizationReport]:
-    """Quantize `model.unet` on `calibration`, save it to `out` with where its calibration came from, and
-    measure its relative output error on held-out trajectories (the next seed, `conditioning_for` them)."""
-    started = time.perf_counter()
-    quantized = quantize(model.unet, config, calibration, source=model.source, progress=progress)
-    quantize_seconds = time.perf_counter() - started
-    info = quantized.tfmq_info
-    info.base_config = model.reference.get("config", "")
-    provenance = calibration.provenance
-    info.extra["calibration"] = {
-        "sampler": provenance.sampler.to_dict(), "num_samples": provenance.num_trajectories,
-        "interval_length": calibration.interval_length,
-        "guidance_scale": provenance.guidance_scale if model.conditioning_kind is not None else None,
-        "seed": provenance.seed, "loaded_from": loaded_from,
-        "collect_seconds": round(collect_seconds, 2), "quantize_seconds": round(quantize_seconds, 2),
-    }
+    """Quantize `model.unet` on `calibration`, save it to `out`, and measure its relative output error on
+    held-out trajectories (the next seed, `conditioning_for` them)."""
+    quantized = quantize(model.unet, config, calibration, source=model.source,
+                         config_folder=model.reference.get("config", ""), progress=progress)
     folder = save_quantized(quantized, out, overwrite=overwrite)
+    recorded = quantized.tfmq_info.calibration
+    provenance = calibration.provenance
     held_out = collect_calibration(model.unet, model.scheduler, HELD_OUT_TRAJECTORIES, provenance.sampler,
                                    HELD_OUT_INTERVAL, provenance.seed + 1, progress=False,
                                    conditioning=conditioning_for(HELD_OUT_TRAJECTORIES))
     report = QuantizationReport(
-        out=folder, config=config, calibration_samples=len(calibration), collect_seconds=collect_seconds,
-        quantize_seconds=quantize_seconds,
+        out=folder, config=config, calibration_samples=len(calibration),
+        collect_seconds=provenance.collect_seconds or 0.0, quantize_seconds=recorded["quantize_seconds"],
         relative_output_error=relative_output_error(quantized, model.unet, held_out),
         file_bytes=(folder / WEIGHTS_FILE).stat().st_size,
         fp32_bytes=sum(p.numel() * p.element_size() for p in model.unet.parameters()),

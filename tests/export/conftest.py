@@ -11,9 +11,9 @@ from tests.quant.tiny_unets import pixel_unet, text_unet, unet_inputs
 from tfmq.models.architectures import fashion_ddpm_scheduler
 from tfmq.quant.api import quantize
 from tfmq.quant.calibration import collect_calibration
-from tfmq.quant.checkpoint import QuantizationInfo, model_fingerprint
-from tfmq.quant.config import QuantConfig
+from tfmq.quant.config import RTNConfig
 from tfmq.quant.wrap import observe_activations, quantize_model
+from tfmq.quant.provenance import Provenance
 from tfmq.sampling import SamplerConfig, sampling_timesteps
 
 SAMPLER = SamplerConfig(steps=6)
@@ -37,7 +37,7 @@ def calibration(scheduler):
 @pytest.fixture(scope="session")
 def pixel_w4a8(calibration):
     """W4A8 RTN of the tiny pixel UNet, with FSC tables on the TIB (so the graph's schedule is the model's)."""
-    return quantize(pixel_unet(), QuantConfig(method="rtn", w_bits=4, a_bits=8, fsc_scope="temporal"), calibration,
+    return quantize(pixel_unet(), RTNConfig(w_bits=4, a_bits=8, fsc_scope="temporal"), calibration,
                     progress=False)
 
 
@@ -45,11 +45,11 @@ def pixel_w4a8(calibration):
 def text_w8a8(schedule):
     """W8A8 of the tiny text UNet, activation ranges from random conditioned inputs at scheduled timesteps."""
     unet = text_unet()
-    config = QuantConfig(method="rtn", w_bits=8, a_bits=8)
+    config = RTNConfig(w_bits=8, a_bits=8)
     model = quantize_model(unet, config)
     with torch.no_grad(), observe_activations(model):
         for seed, timestep in enumerate(schedule):
             inputs = unet_inputs(unet, 4, seed)
             model(**{**inputs, "timestep": torch.full((4,), timestep)})
-    model.tfmq_info = QuantizationInfo(config, model_fingerprint(unet))
+    model.tfmq_info = Provenance.of(config, unet)
     return model.eval()

@@ -1,6 +1,5 @@
 import collections
 import copy
-import dataclasses
 import statistics
 from collections.abc import Iterator
 
@@ -14,6 +13,8 @@ from tests.quant.tiny_unets import pixel_unet, text_unet, unet_inputs
 from tfmq.errors import TfmqError
 from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
 from tfmq.export.runtime import widen_uint4_weights
+from tfmq.quant.api import quantize
+from tfmq.quant.config import RTNConfig
 from tfmq.sampling import Conditioning, sample
 
 
@@ -152,7 +153,7 @@ def test_fp32_graph_matches_torch_at_any_timestep(make_unet, tmp_path):
     assert max(relative_errors(engine(**inputs).sample, reference)) < EXACT_TOLERANCE  # no rounding: no flips
 
 
-def test_export_refuses_what_it_cannot_serve(pixel_w4a8, schedule, tmp_path):
+def test_export_refuses_what_it_cannot_serve(pixel_w4a8, schedule, calibration, tmp_path):
     with pytest.raises(TfmqError, match="never quantized"):
         export_onnx(pixel_unet(), tmp_path / "a.onnx", schedule=schedule)
     with pytest.raises(TfmqError, match="is quantized"):
@@ -165,14 +166,9 @@ def test_export_refuses_what_it_cannot_serve(pixel_w4a8, schedule, tmp_path):
         export_onnx(pixel_w4a8, tmp_path / "a.onnx", schedule=schedule[:-1])
     with pytest.raises(TfmqError, match="calibration inputs"):
         export_onnx(pixel_w4a8, tmp_path / "a.onnx")
-    all_scales = dataclasses.replace(pixel_w4a8.tfmq_info.config, fsc_scope="all")
-    pixel_w4a8.tfmq_info = dataclasses.replace(pixel_w4a8.tfmq_info, config=all_scales)
-    try:
-        with pytest.raises(TfmqError, match="constant scales"):
-            export_onnx(pixel_w4a8, tmp_path / "a.onnx", integer_convs=False)
-    finally:
-        pixel_w4a8.tfmq_info = dataclasses.replace(pixel_w4a8.tfmq_info,
-                                                   config=dataclasses.replace(all_scales, fsc_scope="temporal"))
+    all_scales = quantize(pixel_unet(), RTNConfig(w_bits=4, a_bits=8, fsc_scope="all"), calibration, progress=False)
+    with pytest.raises(TfmqError, match="constant scales"):
+        export_onnx(all_scales, tmp_path / "a.onnx", integer_convs=False)
     assert not (tmp_path / "a.onnx").exists()
 
 

@@ -11,7 +11,7 @@ from tfmq.models.loading import load_model
 from tfmq.quant.api import quantize, relative_output_error
 from tfmq.quant.calibration import collect_calibration
 from tfmq.quant.checkpoint import load_quantized, save_quantized
-from tfmq.quant.config import QuantConfig
+from tfmq.quant.config import QuantConfig, config_for
 from tfmq.sampling import SamplerConfig, sample, sampling_timesteps
 
 PROMPTS = ["a photo of a sneaker", "a bag", "a coat on a black background"]
@@ -66,13 +66,18 @@ def test_guided_calibration_holds_both_branches_and_scale_one_only_the_condition
         assert int(is_unconditional.sum()) == steps * expected_unconditional
 
 
+def _w8a8(method: str, **reconstruction: int) -> QuantConfig:
+    """W8A8 of `method`, with short reconstruction settings for the methods that reconstruct."""
+    return config_for(method, {"w_bits": 8, "a_bits": 8, **(reconstruction if method != "rtn" else {})})
+
+
 @pytest.mark.parametrize("method", ["rtn", "qdiff", "tfmq"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_quantizes_saves_loads_and_w8a8_stays_close(folders, tmp_path, family, method):
     model = load_model(folders[family])
     calibration = collect_calibration(model.unet, model.scheduler, 4, SAMPLER, 2, progress=False,
                                       conditioning=_conditioning(model, 4))
-    config = QuantConfig(method=method, w_bits=8, a_bits=8, recon_weight_iters=4, recon_act_iters=2)
+    config = _w8a8(method, recon_weight_iters=4, recon_act_iters=2)
     quantized = quantize(model.unet, config, calibration, source=model.source, progress=False)
     loaded = load_quantized(save_quantized(quantized, tmp_path / "q"), model.unet)
     run = {"config": SAMPLER, "progress": False, "seed": 5, "conditioning": _conditioning(model, 2),
@@ -99,7 +104,7 @@ def test_quantized_unet_drops_into_the_matching_diffusers_pipeline(folders, fami
     calibration = collect_calibration(model.unet, model.scheduler, 2, sampler or SamplerConfig(steps=steps), 1,
                                       progress=False, conditioning=_conditioning(model, 2, 1.0))
     method = "rtn" if sampler is None else "tfmq"
-    config = QuantConfig(method=method, w_bits=8, a_bits=8, recon_weight_iters=2, recon_act_iters=1)
+    config = _w8a8(method, recon_weight_iters=2, recon_act_iters=1)
     pipeline = model.pipeline(quantize(model.unet, config, calibration, progress=False))
     assert type(pipeline).__name__ == model.layout
     generator = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ from tfmq.errors import TfmqError
 from tfmq.files import owned_safetensors
 from tfmq.models.architectures import fashion_ddpm_scheduler
 from tfmq.quant.calibration import CalibrationProvenance, CalibrationSet, collect_calibration
-from tfmq.quant.checkpoint import model_fingerprint
+from tfmq.quant.provenance import model_fingerprint
 from tfmq.sampling import SamplerConfig, sampling_timesteps
 
 SCHEDULER = fashion_ddpm_scheduler()

@@ -23,7 +23,7 @@ from tfmq.quant.checkpoint import (
     save_quantized,
     unpack_codes,
 )
-from tfmq.quant.config import QuantConfig
+from tfmq.quant.config import RTNConfig
 from tfmq.sampling import SamplerConfig
 
 
@@ -52,12 +52,12 @@ def calibration():
 @pytest.fixture(scope="module")
 def rtn_model(calibration):
     base = pixel_unet()
-    return base, quantize(base, QuantConfig(method="rtn", w_bits=4, a_bits=8), calibration, progress=False)
+    return base, quantize(base, RTNConfig(w_bits=4, a_bits=8), calibration, progress=False)
 
 
 @pytest.fixture(scope="module")
 def rtn_w8(calibration):
-    return quantize(pixel_unet(), QuantConfig(method="rtn", w_bits=8, a_bits=8), calibration, progress=False)
+    return quantize(pixel_unet(), RTNConfig(w_bits=8, a_bits=8), calibration, progress=False)
 
 
 def test_save_then_load_gives_bit_identical_outputs(tmp_path, rtn_model):
@@ -117,7 +117,7 @@ def test_packed_w4_file_is_over_6x_smaller_than_the_fp32_unet(tmp_path):
     """On the shipped architecture (2.8 M parameters, random weights): the size users get."""
     base = fashion_ddpm_unet()
     calibration = collect_calibration(base, fashion_ddpm_scheduler(), 2, SamplerConfig(steps=2), 1, progress=False)
-    model = quantize(base, QuantConfig(method="rtn", w_bits=4, a_bits=None, weight_init="minmax"), calibration,
+    model = quantize(base, RTNConfig(w_bits=4, a_bits=None, weight_init="minmax"), calibration,
                      progress=False)
     save_quantized(model, tmp_path / "q")
     fp32_bytes = sum(p.numel() * 4 for p in base.parameters())
@@ -144,7 +144,7 @@ def rewrite_metadata(folder: Path, edit: Callable[[dict], None], *, resign: bool
 
 
 def parent_of(metadata: dict, key_path: str) -> tuple[dict, str]:
-    """The object holding a dotted path's last key (e.g. "quant_config.w_bits"), and that key."""
+    """The object holding a dotted path's last key (e.g. "provenance.quant_config.w_bits"), and that key."""
     *parents, last = key_path.split(".")
     for key in parents:
         metadata = metadata[key]
@@ -166,11 +166,25 @@ def delete(key_path: str) -> Callable[[dict], None]:
 
 
 def claim_bits(bits: int) -> Callable[[dict], None]:
-    """The config and every packed weight say `bits`: a consistent lie."""
+    """The manifest and every packed weight say `bits`: a consistent lie."""
     def edit(metadata: dict) -> None:
-        metadata["quant_config"]["w_bits"] = bits
-        for packed in metadata["packed_weights"].values():
+        for name, packed in metadata["packed_weights"].items():
             packed["bits"] = bits
+            metadata["manifest"]["layers"][name]["w_bits"] = bits
+    return edit
+
+
+def first_manifest_layer(change: Callable[[dict], None]) -> Callable[[dict], None]:
+    """An edit of the manifest's entry of the first packed layer."""
+    return lambda metadata: change(metadata["manifest"]["layers"][next(iter(metadata["packed_weights"]))])
+
+
+def rename_first_manifest_layer(name: str) -> Callable[[dict], None]:
+    """The first packed layer under another name, in the manifest and the packed weights alike."""
+    def edit(metadata: dict) -> None:
+        layers, packed = metadata["manifest"]["layers"], metadata["packed_weights"]
+        old = next(iter(packed))
+        layers[name], packed[name] = layers.pop(old), packed.pop(old)
     return edit
 
 
@@ -206,20 +220,22 @@ MODIFIED = "was modified after saving"
 
 
 @pytest.mark.parametrize("checkpoint, edit, resign, fragment", [
-    # W4 read as W8: one config value, which every packed entry contradicts
-    pytest.param("w4", assign("quant_config.w_bits", 8), False, "has 4 bits, quant_config.w_bits says 8",
+    # W4 read as W8: one manifest value, which its packed entry contradicts
+    pytest.param("w4", first_manifest_layer(assign("w_bits", 8)), False, "has 4 bits, the manifest gives the layer 8",
                  id="w_bits-8"),
-    pytest.param("w4", assign("quant_config.w_bits", 8), True, "has 4 bits, quant_config.w_bits says 8",
+    pytest.param("w4", first_manifest_layer(assign("w_bits", 8)), True, "has 4 bits, the manifest gives the layer 8",
                  id="w_bits-8-resigned"),
+    # the config explains the model; the manifest builds it: a config edit alone is caught by the digest
+    pytest.param("w4", assign("provenance.quant_config.w_bits", 8), False, MODIFIED, id="config-w_bits-8"),
     # W8 claiming W4 everywhere: consistent, but not what was saved, nor what the codes' bytes hold
     pytest.param("w8", claim_bits(4), False, MODIFIED, id="w8-claims-w4"),
     pytest.param("w8", claim_bits(4), True, "4-bit codes of shape", id="w8-claims-w4-resigned"),
-    pytest.param("w4", first_packed(assign("bits", 3)), False, "has 3 bits, quant_config.w_bits says 4",
+    pytest.param("w4", first_packed(assign("bits", 3)), True, "has 3 bits, the manifest gives the layer 4",
                  id="bits-3"),
     pytest.param("w4", claim_bits(2), False, MODIFIED, id="w_bits-2"),
     pytest.param("w4", claim_bits(2), True, "2-bit codes of shape", id="w_bits-2-resigned"),
     # a value every check but the digest accepts
-    pytest.param("w4", assign("quant_config.a_bits", 6), False, MODIFIED, id="a_bits-6"),
+    pytest.param("w4", first_manifest_layer(assign("a_bits", 6)), False, MODIFIED, id="a_bits-6"),
 ])
 def test_edited_bit_widths_are_refused(tmp_path, rtn_model, rtn_w8, checkpoint, edit, resign, fragment):
     path = save_quantized(rtn_model[1] if checkpoint == "w4" else rtn_w8, tmp_path / "q")
@@ -229,34 +245,55 @@ def test_edited_bit_widths_are_refused(tmp_path, rtn_model, rtn_w8, checkpoint, 
 
 @pytest.mark.parametrize("edit, resign, fragment", [
     pytest.param(delete("packed_weights"), False, "packed_weights missing", id="no-packed_weights"),
-    pytest.param(assign("base_model", "fashion-ddpm"), False, "base_model must be an object",
+    pytest.param(delete("manifest"), False, "manifest missing", id="no-manifest"),
+    pytest.param(assign("extra", 1), False, "unknown key(s) extra", id="unknown-key"),
+    pytest.param(assign("provenance.base_model", "fashion-ddpm"), False, "base_model must be an object",
                  id="base_model-string"),
-    pytest.param(delete("base_model.fingerprint"), False, "base_model.fingerprint must be a string",
+    pytest.param(delete("provenance.base_model.fingerprint"), False, "base_model.fingerprint must be a string",
                  id="no-fingerprint"),
-    pytest.param(assign("quant_config", [4, 8]), False, "quant_config must be an object", id="quant_config-list"),
-    pytest.param(assign("quant_config.w_bits", "4"), False, "w_bits must be an int", id="w_bits-string"),
-    pytest.param(assign("quant_config.keep_fp", 5), False, "quant_config:", id="keep_fp-int"),
+    pytest.param(assign("provenance.quant_config", [4, 8]), False, "quant_config must be an object",
+                 id="quant_config-list"),
+    pytest.param(assign("provenance.quant_config.w_bits", "4"), False, "w_bits must be an int", id="w_bits-string"),
+    pytest.param(assign("provenance.quant_config.layers", 5), False, "quant_config:", id="layers-int"),
+    pytest.param(assign("provenance.quant_config.tiar", False), False,
+                 "quant_config: tiar is a setting of method tfmq", id="field-of-another-method"),
+    pytest.param(assign("manifest.layers", []), False, "manifest.layers must be an object", id="layers-list"),
+    pytest.param(first_manifest_layer(assign("split", -1)), False, "split must be a positive int",
+                 id="negative-split"),
+    pytest.param(first_manifest_layer(delete("a_bits")), False, "must be an object of a_bits, split, w_bits",
+                 id="layer-without-a_bits"),
     pytest.param(first_packed(assign("bits", True)), False, "bits must be an int in 2..8", id="bits-bool"),
     pytest.param(first_packed(assign("shape", "big")), False, "shape must be a list of positive ints",
                  id="shape-string"),
     pytest.param(first_packed(delete("shape")), False, "must be an object of bits and shape",
                  id="entry-without-shape"),
     pytest.param(assign("packed_weights", []), False, "packed_weights must be an object", id="packed_weights-list"),
-    pytest.param(assign("timestep_schedule", "all"), False, "timestep_schedule must be a list of ints or null",
-                 id="schedule-string"),
+    pytest.param(assign("manifest.timestep_tables", "all"), False, "manifest.timestep_tables must be an object",
+                 id="tables-string"),
+    pytest.param(assign("manifest.temporal_caches", {"blocks": ["mid_block.resnets.0"], "code_dtype": "uint8",
+                                                     "time_embedding_skipped": False}), False,
+                 "temporal_caches needs manifest.timestep_tables", id="caches-without-schedule"),
     pytest.param(assign("weights_bytes", "12"), False, "weights_bytes must be an int", id="weights_bytes-string"),
     pytest.param(assign("format_version", "2"), False, "format_version must be an int", id="format_version-string"),
     # well-formed, re-signed, and still not this model's
-    pytest.param(rename_first_packed("../../etc/passwd"), True, "'../../etc/passwd' is not a quantized layer",
+    pytest.param(rename_first_packed("../../etc/passwd"), True, "['../../etc/passwd'] is not a quantized layer",
                  id="path-as-name"),
     pytest.param(rename_first_packed("down_blocks.7.resnets.0.conv1"), True, "is not a quantized layer",
                  id="unknown-module"),
     pytest.param(rename_first_packed("conv_in"), True, "is not a quantized layer", id="kept-layer"),
+    pytest.param(rename_first_manifest_layer("../../etc/passwd"), True, "does not match the model: ../../etc/passwd",
+                 id="manifest-path-as-name"),
+    pytest.param(rename_first_manifest_layer("conv_in"), True, "packed weight conv_in has shape [32, 8], the base "
+                 "model's layer [8, 3, 3, 3]", id="manifest-kept-layer"),
+    pytest.param(rename_first_manifest_layer("down_blocks.0.resnets.0.norm1"), True,
+                 "is a GroupNorm, not a Conv2d or Linear", id="manifest-norm-as-layer"),
+    pytest.param(first_manifest_layer(assign("split", 1)), True, "does not match the model", id="manifest-split"),
     pytest.param(lambda metadata: metadata["packed_weights"].popitem(), True,
                  "no packed weight for the quantized layer", id="layer-unpacked"),
     pytest.param(first_packed(assign("shape", [10**9, 10**9])), True,
                  "has shape [1000000000, 1000000000], the base model's", id="huge-shape"),
-    pytest.param(assign("quant_config.keep_fp", ["*"]), True, "outside keep_fp", id="keep_fp-everything"),
+    pytest.param(first_manifest_layer(assign("w_bits", None)), True,
+                 "but the manifest leaves the layer's weights in full precision", id="manifest-layer-fp"),
 ])
 def test_malformed_metadata_is_a_one_line_error(tmp_path, rtn_w8, edit, resign, fragment):
     path = save_quantized(rtn_w8, tmp_path / "q")
@@ -275,7 +312,8 @@ def test_metadata_that_is_no_json_object_is_a_one_line_error(tmp_path, rtn_model
     assert_refused(path, fragment)
 
 
-@pytest.mark.parametrize("version, fragment", [(1, "quantize the model again"), (3, "upgrade tfmq")])
+@pytest.mark.parametrize("version, fragment", [(1, "quantize the model again"), (2, "has no manifest"),
+                                               (4, "upgrade tfmq")])
 def test_other_format_versions_are_refused_by_name(tmp_path, rtn_model, version, fragment):
     path = save_quantized(rtn_model[1], tmp_path / "q")
     rewrite_metadata(path, assign("format_version", version), resign=True)

@@ -11,7 +11,9 @@ from torch import nn
 
 from tests.quant.methods.helpers import unit_outputs
 from tests.quant.tiny_unets import pixel_unet, text_unet
-from tfmq.quant import QuantConfig, QuantLinear, quantize_model
+from tfmq.quant.config import RTNConfig
+from tfmq.quant.nn.layers import QuantLinear
+from tfmq.quant.wrap import quantize_model
 from tfmq.quant.tib import find_tib
 
 # Written out, not derived: the blocks of the tiny UNets that read the time embedding, in forward order.
@@ -66,7 +68,7 @@ def concat_class_text_unet() -> UNet2DConditionModel:
 
 
 def quantized_pixel_unet() -> UNet2DModel:
-    model = quantize_model(pixel_unet(), QuantConfig(a_bits=None, weight_init="minmax"))
+    model = quantize_model(pixel_unet(), RTNConfig(a_bits=None, weight_init="minmax"))
     assert isinstance(model.get_submodule("mid_block.resnets.0.time_emb_proj"), QuantLinear)
     return model
 

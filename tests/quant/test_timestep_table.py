@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from tests.quant.test_tib import EXPECTED_FEATURES, class_unet
-from tests.quant.tiny_unets import pixel_unet
-from tfmq.errors import TfmqError
-from tfmq.quant import QuantConfig, activation_quantizers, quantize_model, quantizers, set_quant_state
+from tests.quant.tiny_unets import one_thread, pixel_unet
+from tfmq.quant.activation_ranges import calibrate_activation_ranges
 from tfmq.quant.calibration import CalibrationSet
-from tfmq.quant.checkpoint import METADATA_FILE, QuantizationInfo, load_quantized, model_fingerprint, save_quantized
-from tfmq.quant.methods.rtn import calibrate_activation_ranges
+from tfmq.quant.checkpoint import METADATA_FILE, load_quantized, save_quantized
+from tfmq.quant.config import QuantConfig, RTNConfig, TFMQConfig
+from tfmq.quant.provenance import Provenance
+from tfmq.quant.wrap import activation_quantizers, quantize_model, quantizers, set_quant_state
 from tfmq.quant.nn.quantizer import range_to_scale_zero_point
 from tfmq.quant.nn.temporal import selected_timestep, temporal_features_by_timestep, timestep_tables
 from tfmq.quant.tib import find_tib
@@ -26,7 +27,7 @@ SAMPLES_PER_STEP = 6
 TEMPORAL_QUANTIZERS = {"time_embedding.linear_2.input_quantizer"} | {
     f"{feature}.input_quantizer" for feature in EXPECTED_FEATURES
 }
-FAST = dict(method="rtn", weight_init="minmax", act_init="minmax")
+FAST = dict(weight_init="minmax", act_init="minmax")
 
 
 def calibration_set(samples_per_step: int = SAMPLES_PER_STEP, seed: int = 0) -> CalibrationSet:
@@ -38,10 +39,10 @@ def calibration_set(samples_per_step: int = SAMPLES_PER_STEP, seed: int = 0) -> 
 
 def wrapped(scope: str) -> nn.Module:
     """pixel_unet quantized W4A8 with shared activation ranges, ready for timestep tables."""
-    config = QuantConfig(**FAST, fsc_scope=scope)
+    config = RTNConfig(**FAST, fsc_scope=scope)
     model = quantize_model(pixel_unet(), config)
     calibrate_activation_ranges(model, calibration_set(), 64, progress=False)
-    model.tfmq_info = QuantizationInfo(config, model_fingerprint(pixel_unet()))
+    model.tfmq_info = Provenance.of(config, pixel_unet())
     return model
 
 
@@ -53,13 +54,8 @@ def with_tables(scope: str, **calibrate_options: object) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def temporal_model() -> nn.Module:
-    # Built on the one thread the tests then run on: a matmul's last bit may depend on the thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():  # the thread count the tests then run on: a matmul's last bit may depend on it
         return with_tables("temporal", momentum=None)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +66,7 @@ def all_model() -> nn.Module:
 def rows_seen_during_calls(model: nn.Module, quantizer_name: str, timesteps: list[object]) -> list[int | None]:
     quantizer = model.get_submodule(quantizer_name)
     seen = []
-    handle = quantizer.register_forward_pre_hook(lambda module, _args: seen.append(module.timestep_row))
+    handle = quantizer.register_forward_pre_hook(lambda module, _args: seen.append(int(module.step_rows.rows)))
     try:
         with torch.no_grad():
             for timestep in timesteps:
@@ -168,9 +164,10 @@ def test_the_row_follows_the_timestep_of_the_call(temporal_model: nn.Module) -> 
     calls = [10, torch.tensor(900), torch.tensor([400, 400]), torch.tensor(150.0), 700]
     assert rows_seen_during_calls(temporal_model, name, calls) == [4, 0, 2, 3, 1]
     # between calls no row is in use: a direct call of a tabled layer cannot pick a stale one
-    assert timestep_tables(temporal_model).current_row is None
-    assert all(quantizer.timestep_row is None for _, quantizer in table_quantizers(temporal_model))
-    with pytest.raises(RuntimeError, match="no timestep is selected"):
+    step_rows = timestep_tables(temporal_model).step_rows
+    assert step_rows.rows is None
+    assert all(quantizer.step_rows is step_rows for _, quantizer in table_quantizers(temporal_model))
+    with pytest.raises(RuntimeError, match="no timestep selected"):
         temporal_model.get_submodule(name)(torch.ones(1, 16))
 
 
@@ -190,7 +187,7 @@ def test_the_call_quantizes_with_the_row_of_its_timestep(temporal_model: nn.Modu
 def test_a_timestep_outside_the_schedule_is_an_error(temporal_model: nn.Module, timestep: object) -> None:
     with pytest.raises(ValueError, match=r"timestep .* is not one of the 5 timesteps .*\(10\.\.900\)"):
         temporal_model(torch.zeros(1, 3, 8, 8), timestep)
-    assert timestep_tables(temporal_model).current_row is None  # restored even after the error
+    assert timestep_tables(temporal_model).step_rows.rows is None  # restored even after the error
 
 
 def test_a_batch_mixing_timesteps_is_an_error(temporal_model: nn.Module) -> None:
@@ -203,7 +200,7 @@ def test_a_deep_copy_selects_rows_of_its_own_quantizers(temporal_model: nn.Modul
     name = "down_blocks.1.resnets.0.time_emb_proj.input_quantizer"
     original_rows = []
     handle = temporal_model.get_submodule(name).register_forward_pre_hook(
-        lambda module, _args: original_rows.append(module.timestep_row))
+        lambda module, _args: original_rows.append(module.step_rows.rows))
     assert rows_seen_during_calls(duplicate, name, [400]) == [2]
     handle.remove()
     assert original_rows == []
@@ -225,7 +222,8 @@ def test_temporal_features_by_timestep_match_those_inside_the_unet_call(temporal
             assert torch.equal(features[name][position], captured[name][0]), (name, timestep)
     with selected_timestep(temporal_model, 400) as row:
         assert row == 2
-    assert timestep_tables(temporal_model).current_row is None
+        assert int(timestep_tables(temporal_model).step_rows.rows) == 2
+    assert timestep_tables(temporal_model).step_rows.rows is None
 
 
 def test_tib_only_calibration_equals_calibration_through_the_whole_unet() -> None:
@@ -243,7 +241,9 @@ def test_save_and_load_keep_the_tables_and_the_outputs(
 ) -> None:
     model = temporal_model if scope == "temporal" else all_model
     save_quantized(model, tmp_path / "checkpoint")
-    assert json.loads((tmp_path / "checkpoint" / METADATA_FILE).read_text())["timestep_schedule"] == SCHEDULE.tolist()
+    tables = json.loads((tmp_path / "checkpoint" / METADATA_FILE).read_text())["manifest"]["timestep_tables"]
+    assert tables["schedule"] == SCHEDULE.tolist() and tables["scope"] == scope
+    assert tables["quantizers"] == [name for name, _ in table_quantizers(model)]
     loaded = load_quantized(tmp_path / "checkpoint", pixel_unet())
     assert timestep_tables(loaded).scope == scope
     assert torch.equal(timestep_tables(loaded).schedule, SCHEDULE)
@@ -260,11 +260,16 @@ def test_save_and_load_keep_the_tables_and_the_outputs(
         loaded(sample, 500)
 
 
-def test_save_refuses_tables_its_config_does_not_declare(temporal_model: nn.Module, tmp_path: Path) -> None:
+def test_the_manifest_not_the_config_rebuilds_the_tables(temporal_model: nn.Module, tmp_path: Path) -> None:
+    """The config explains a model; what it holds is read from the model: a config that declares no tables
+    (FSC done by hand afterwards) still saves and loads the tables the model carries."""
     model = copy.deepcopy(temporal_model)
-    model.tfmq_info = QuantizationInfo(QuantConfig(**FAST), model.tfmq_info.base_fingerprint)
-    with pytest.raises(TfmqError, match="scope 'temporal'.*fsc_scope='none'"):
-        save_quantized(model, tmp_path / "checkpoint")
+    model.tfmq_info = Provenance.of(RTNConfig(**FAST), pixel_unet())
+    loaded = load_quantized(save_quantized(model, tmp_path / "checkpoint"), pixel_unet())
+    assert timestep_tables(loaded).scope == "temporal"
+    sample = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(model(sample, int(SCHEDULE[3])).sample, loaded(sample, int(SCHEDULE[3])).sample)
 
 
 def test_the_calibration_must_be_labelled_with_the_schedule() -> None:
@@ -289,7 +294,7 @@ def test_tables_are_attached_once_for_one_schedule_and_scope() -> None:
 
 
 def test_a_class_conditional_model_calibrates_with_the_labels_of_its_calibration_set() -> None:
-    config = QuantConfig(**FAST, fsc_scope="temporal")
+    config = RTNConfig(**FAST, fsc_scope="temporal")
     model = quantize_model(class_unet(), config)
     calibration = calibration_set()
     labels = torch.arange(len(calibration)) % 10
@@ -320,13 +325,13 @@ def test_quantizer_tables_stay_out_of_the_state_of_quantizers_without_them() -> 
 
 
 def test_config_fields_round_trip_and_are_checked() -> None:
-    config = QuantConfig(fsc_scope="all", fsc_momentum=None, fsc_init_samples=32)
+    config = TFMQConfig(fsc_scope="all", fsc_momentum=None, fsc_init_samples=32)
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    assert (QuantConfig().fsc_scope, QuantConfig().fsc_momentum, QuantConfig().fsc_init_samples) == ("none", 0.95, 16)
+    assert (RTNConfig().fsc_scope, RTNConfig().fsc_momentum, RTNConfig().fsc_init_samples) == ("none", 0.95, 16)
     for field, value in [("fsc_scope", "some"), ("fsc_momentum", 1.0), ("fsc_momentum", -0.1),
                          ("fsc_momentum", True), ("fsc_init_samples", 0), ("fsc_init_samples", 2.0)]:
         with pytest.raises(ValueError, match=field) as error:
-            QuantConfig(**{field: value})
+            RTNConfig(**{field: value})
         assert repr(value) in str(error.value)
     with pytest.raises(ValueError, match="a_bits is None"):
-        QuantConfig(a_bits=None, fsc_scope="temporal")
+        RTNConfig(a_bits=None, fsc_scope="temporal")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
@@ -60,3 +63,15 @@ def unet_inputs(model: UNet2DModel | UNet2DConditionModel, batch: int, seed: int
     if isinstance(model, UNet2DConditionModel):
         inputs["encoder_hidden_states"] = torch.randn(batch, 3, config.cross_attention_dim, generator=generator)
     return inputs
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one torch thread, then put the thread count back: module fixtures built this way neither slow
+    down nor change the numerics of the tests that run after them (a matmul's last bit follows the count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

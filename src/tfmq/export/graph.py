@@ -2,7 +2,13 @@
 
 A deep copy of the fake-quant model in which the quantized layers and attention quantizers are frozen
 into QDQ form (`layers`, `qdq`), and the Temporal Information Block is replaced by the table of its
-outputs over the schedule (`temporal_table`), read by the step index that the graph takes as input.
+outputs over the schedule, read at the step index that the graph takes as input.
+
+The TIB depends on the timestep alone, so over a fixed schedule it is a finite table. Computed in torch
+with the fake-quant TIB (its FSC rows, or the temporal feature caches, selected per timestep) it holds
+exactly the features the fake-quant UNet feeds its blocks; each block's `time_emb_proj` becomes a
+`StepTable` of them, served at the graph's `step` (a Gather in ONNX), and none of the TIB's small,
+latency-bound linears runs in the integer graph.
 """
 
 from __future__ import annotations
@@ -14,10 +20,10 @@ from torch import nn
 
 from tfmq.export.layers import IntegerConv2d, IntegerLinear
 from tfmq.export.qdq import DequantizedWeight, QdqActivation
-from tfmq.export.temporal_table import TemporalFeatureTable, temporal_feature_tables
 from tfmq.quant.nn.attention import QuantAttnProcessor
 from tfmq.quant.nn.layers import QuantConv2d
-from tfmq.quant.nn.temporal import TABLES_NAME, SkippedTimestepEmbedding, timestep_tables
+from tfmq.quant.nn.step_table import StepRows, StepTable
+from tfmq.quant.nn.temporal import TABLES_NAME, SkippedTimestepEmbedding, temporal_features_by_timestep, timestep_tables
 from tfmq.quant.tib import find_tib
 from tfmq.quant.wrap import quant_layers
 
@@ -27,18 +33,18 @@ ATTENTION_QUANTIZERS = ("query_quantizer", "key_quantizer", "probs_quantizer", "
 class StepGraph(nn.Module):
     """`unet(sample, step[, encoder_hidden_states])` -> noise, the TIB read from tables at `step`."""
 
-    def __init__(self, unet: nn.Module, tables: list[TemporalFeatureTable]) -> None:
+    def __init__(self, unet: nn.Module, step_rows: StepRows) -> None:
         super().__init__()
         self.unet = unet
-        self._tables = tables  # submodules of `unet`; a plain list so they are not registered twice
+        self.step_rows = step_rows  # what the tables of `unet` read their row from
 
     def forward(self, sample: torch.Tensor, step: torch.Tensor,
                 encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        for table in self._tables:
-            table.step = step
         conditioning = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
-        # The timestep argument only feeds the skipped time embedding: dead code in the trace.
-        return self.unet(sample, step, return_dict=False, **conditioning)[0]
+        # One row, shape (1,), which the blocks broadcast over the batch. The timestep argument only feeds
+        # the skipped time embedding: dead code in the trace.
+        with self.step_rows.serving(step.reshape(1)):
+            return self.unet(sample, step, return_dict=False, **conditioning)[0]
 
 
 class TimestepGraph(nn.Module):
@@ -61,15 +67,15 @@ def integer_twin(
     weights with zero points) and float weights. Convs in `output_grids` get that output grid;
     `requantize_weights`: see WeightCodes."""
     tib = find_tib(model)
-    features = temporal_feature_tables(model, schedule)
+    with torch.no_grad():
+        features = temporal_features_by_timestep(model, torch.as_tensor(schedule))
     twin = copy.deepcopy(model)
     if timestep_tables(twin) is not None:
-        delattr(twin, TABLES_NAME)  # its row-selecting hooks then do nothing; the tables below need no row
-    tables = []
-    for resnet in tib.resnets:
-        table = TemporalFeatureTable(features[resnet])
+        delattr(twin, TABLES_NAME)  # its row-selecting hooks then do nothing; the graph's step is the row
+    step_rows = StepRows()
+    for resnet, name in zip(tib.resnets, tib.feature_names):
+        table = StepTable(features[name].float().contiguous(), step_rows=step_rows)
         twin.get_submodule(resnet).time_emb_proj = table
-        tables.append(table)
     embedding = twin.get_submodule(tib.time_embedding)
     if not isinstance(embedding, SkippedTimestepEmbedding):
         setattr(twin, tib.time_embedding, SkippedTimestepEmbedding(embedding))
@@ -87,7 +93,7 @@ def integer_twin(
             for attribute in ATTENTION_QUANTIZERS:
                 frozen = QdqActivation.of(getattr(module, attribute))
                 setattr(module, attribute, nn.Identity() if frozen is None else frozen)
-    return StepGraph(twin.eval(), tables), counts
+    return StepGraph(twin.eval(), step_rows), counts
 
 
 def _weight_kind(weight: nn.Module) -> str:

@@ -33,6 +33,7 @@ from tfmq.export.metadata import (
 )
 from tfmq.export.qdq import KERNEL_BITS
 from tfmq.files import check_output_file, write_bytes_atomic
+from tfmq.quant.manifest import ModelManifest
 from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.nn.temporal import timestep_tables
 
@@ -96,7 +97,7 @@ def export_onnx(
             graph, counts = _integer_graph(unet, schedule_tensor, calibration, integer_convs, requantize_weights)
         except ValueError as exc:
             raise TfmqError(str(exc)) from exc
-        info_details.update(counts, quant_config=unet.tfmq_info.config.to_dict())
+        info_details.update(counts, quant_config=unet.tfmq_info.to_dict()["quant_config"])
         schedule_list, timestep = schedule_tensor.tolist(), torch.tensor(0, dtype=torch.int64)
     info = GraphInfo(format, type(unet).__name__, _json_config(unet), schedule_list, info_details)
     model = _traced(graph, unet, timestep, info, opset, onnx)
@@ -114,12 +115,16 @@ def _checked_schedule(unet: nn.Module, schedule: Sequence[int] | torch.Tensor | 
         raise TfmqError(f"this {type(unet).__name__} was never quantized (no tfmq_info or no quantized layer): "
                         "format 'int8' needs a model from tfmq.quantize or load_quantized; use format 'fp32' for "
                         "the full-precision UNet")
-    config = unet.tfmq_info.config
-    if config.fsc_scope == "all":
+    # What the model is (its manifest), not what its config asked for, decides what the graph can hold.
+    manifest = ModelManifest.of(unet)
+    if manifest.timestep_tables is not None and manifest.timestep_tables.scope == "all":
         raise TfmqError("fsc_scope='all' gives every activation a scale per timestep, and integer kernels need "
                         "constant scales: quantize with fsc_scope 'temporal' or 'none' for integer inference")
-    if config.a_bits is not None and config.a_bits > KERNEL_BITS:
-        raise TfmqError(f"a_bits={config.a_bits}: onnxruntime's integer kernels take at most {KERNEL_BITS}-bit "
+    activation_bits = [bits for plan in manifest.plan.layers.values() for bits in (plan.a_bits,) if bits is not None]
+    activation_bits += [bits for plan in manifest.plan.attentions.values() for bits in (plan.a_bits, plan.probs_bits)
+                        if bits is not None]
+    if activation_bits and max(activation_bits) > KERNEL_BITS:
+        raise TfmqError(f"a_bits={max(activation_bits)}: onnxruntime's integer kernels take at most {KERNEL_BITS}-bit "
                         "activations")
     if getattr(unet, "class_embedding", None) is not None:
         raise TfmqError("class-conditional UNets are not supported by the integer export (the temporal table "

@@ -2,82 +2,65 @@
 
 from __future__ import annotations
 
-import dataclasses
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
+import tfmq.quant.methods  # noqa: F401  (registers the built-in methods)
 from tfmq.errors import TfmqError
+from tfmq.quant.activation_ranges import calibrate_activation_ranges
 from tfmq.quant.calibration import CalibrationSet
-from tfmq.quant.checkpoint import QuantizationInfo, model_fingerprint
 from tfmq.quant.config import QuantConfig
-from tfmq.quant.methods.qdiff import reconstruct_qdiff
-from tfmq.quant.methods.rtn import calibrate_activation_ranges
-from tfmq.quant.methods.tfmq import maintain_temporal_features, reconstruct_tfmq
-from tfmq.quant.timestep_table import calibrate_timestep_tables
+from tfmq.quant.methods.registry import MethodInputs, handler_for
+from tfmq.quant.provenance import Provenance
 from tfmq.quant.wrap import quantize_model
-
-# Activation ranges are observed on this many samples of every sampling step (all steps, as the paper).
-ACTIVATION_SAMPLES_PER_STEP = 16
-CALIBRATION_BATCH_SIZE = 64
 
 
 def quantize(
-    unet: nn.Module, config: QuantConfig, calibration: CalibrationSet, *, source: str = "", progress: bool = True
+    unet: nn.Module, config: QuantConfig, calibration: CalibrationSet, *, source: str = "", config_folder: str = "",
+    progress: bool = True,
 ) -> nn.Module:
-    """A quantized copy of `unet` calibrated by `config.method`; `unet` itself stays full precision.
+    """A quantized copy of `unet` calibrated by the method of `config`'s type; `unet` stays full precision.
 
-    The steps, in the order of the TFMQ-DM authors' scripts: activation range init on every sampling step;
-    for qdiff and tfmq, reconstruction (tfmq: TIAR on the whole schedule first, then the other units) on
-    the weight steps; FSC tables when `config.fsc_scope` asks for them (any method); for tfmq with
-    `temporal_cache`, the temporal feature caches (and the per-block selection): chosen after TIAR and read
-    by the blocks during their reconstruction (without TIAR: chosen after everything else), installed last.
+    Every method starts from the wrapped copy with its weight grids and its activation ranges observed on
+    every sampling step; the handler registered for the config (`tfmq.register_method`) does the rest.
 
     The result keeps the UNet's class and call signature (it drops into a diffusers pipeline) and carries
-    `tfmq_info`, which `save_quantized` needs. With timestep tables or caches it must be called with the
+    its `Provenance` as `tfmq_info` (`source` and `config_folder`: where the base model was loaded from),
+    which `save_quantized` writes beside the model. With timestep tables or caches it must be called with the
     timesteps of `calibration.schedule`: sample with the schedule the calibration data was recorded on.
     """
+    if not isinstance(config, QuantConfig):
+        raise TfmqError(f"config must be a method's QuantConfig (RTNConfig, TFMQConfig, ...), got {config!r}")
+    handler = handler_for(config)
     if len(calibration) == 0:
         raise TfmqError("the calibration set is empty")
-    labels = calibration.conditions.get("class_labels")
-    if config.temporal_cache and labels is not None:
-        raise TfmqError("a temporal feature cache per (timestep, class) is not supported: a class-conditional "
-                        "model's temporal features depend on the label; use temporal_cache=False")
-    fingerprint = model_fingerprint(unet)
+    started = time.perf_counter()
     with _user_errors():
         model = quantize_model(unet, config)
-    if config.a_bits is not None:
-        activation_data = calibration.per_step(ACTIVATION_SAMPLES_PER_STEP)
-        calibrate_activation_ranges(model, activation_data, CALIBRATION_BATCH_SIZE, progress)
-    extra = {}
-    chosen_caches = None
-    if config.method in ("qdiff", "tfmq"):
-        weight_data = calibration.for_weights()
-        if len(weight_data) == 0:
-            raise TfmqError("the calibration set has no sample of the weight-reconstruction steps")
-        inputs = weight_data.batches(CALIBRATION_BATCH_SIZE)
-        # FSC over every activation quantizer replaces their ranges afterwards: the steps LSQ would learn
-        # are thrown away, so (as in the authors' scripts) no activation learning runs at all.
-        recon_config = dataclasses.replace(config, recon_act_iters=0) if config.fsc_scope == "all" else config
-        if config.method == "qdiff":
-            results = reconstruct_qdiff(model, unet, inputs, recon_config, progress=progress)
-        else:
-            timesteps, tib_labels = _temporal_inputs(calibration)
-            with _user_errors():
-                results, chosen_caches = reconstruct_tfmq(model, unet, inputs, timesteps, recon_config,
-                                                          progress=progress, class_labels=tib_labels)
-        extra["reconstruction"] = [result.to_dict() for result in results]
-        extra["reconstruction_settings"] = dataclasses.asdict(recon_config.reconstruction)
-    with _user_errors():
-        if config.fsc_scope != "none":
-            calibrate_timestep_tables(model, calibration, config.fsc_scope, momentum=config.fsc_momentum,
-                                      init_samples=config.fsc_init_samples, progress=progress)
-        if config.temporal_cache:
-            extra.update(maintain_temporal_features(model, unet, calibration.schedule, config, chosen_caches))
-    model.tfmq_info = QuantizationInfo(config, fingerprint, source, extra)
+        if config.a_bits is not None:
+            activation_data = calibration.per_step(config.act_samples_per_step)
+            calibrate_activation_ranges(model, activation_data, config.batch_size, progress)
+        results = handler(model, MethodInputs(unet, config, calibration, progress))
+    model.tfmq_info = Provenance.of(config, unet, source=source, config_folder=config_folder,
+                                    calibration=calibration_record(calibration, time.perf_counter() - started),
+                                    method_results=results)
     return model.eval()
+
+
+def calibration_record(calibration: CalibrationSet, quantize_seconds: float) -> dict[str, Any]:
+    """What the provenance says of the calibration: the set's own record, and the time quantizing on it took."""
+    record: dict[str, Any] = {"samples": len(calibration), "interval_length": calibration.interval_length,
+                              "loaded_from": calibration.loaded_from, "quantize_seconds": round(quantize_seconds, 2)}
+    if calibration.provenance is not None:
+        recorded = calibration.provenance
+        record.update(sampler=recorded.sampler.to_dict(), num_samples=recorded.num_trajectories, seed=recorded.seed,
+                      guidance_scale=recorded.guidance_scale, collect_seconds=recorded.collect_seconds)
+    return record
 
 
 @torch.no_grad()
@@ -92,20 +75,12 @@ def relative_output_error(quantized: nn.Module, full_precision: nn.Module, held_
     return (error_sq / reference_sq) ** 0.5
 
 
-def _temporal_inputs(calibration: CalibrationSet) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the TIB is reconstructed on: every scheduled timestep, or for a class-conditional model every
-    (timestep, label) pair of the calibration data (the unconditional branch's null label included)."""
-    labels = calibration.conditions.get("class_labels")
-    if labels is None:
-        return calibration.schedule, None
-    pairs = torch.stack([calibration.timesteps.long(), labels.long()], dim=1).unique(dim=0)
-    return pairs[:, 0], pairs[:, 1]
-
-
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """What the model or calibration data cannot do (a ValueError) reaches the user as a TfmqError."""
     try:
         yield
+    except TfmqError:
+        raise
     except ValueError as exc:
         raise TfmqError(str(exc)) from exc

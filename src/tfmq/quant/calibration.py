@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,13 +36,14 @@ DIGESTED_METADATA = ("interval_length", "provenance")  # the metadata a saved se
 @dataclass(frozen=True)
 class CalibrationProvenance:
     """What a calibration set was recorded from: the base model (`model_fingerprint`), the sampler, the
-    number of trajectories, the seed and the guidance scale (1.0 without guidance)."""
+    number of trajectories, the seed and the guidance scale (1.0 without guidance), and how long it took."""
 
     model_fingerprint: str
     sampler: SamplerConfig
     num_trajectories: int
     seed: int
     guidance_scale: float = 1.0
+    collect_seconds: float | None = field(default=None, compare=False)  # a measurement, not an identity
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sampler": self.sampler.to_dict()}
@@ -66,6 +68,7 @@ class CalibrationSet:
     interval_length: int = 1
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
     provenance: CalibrationProvenance | None = None
+    loaded_from: str | None = None  # the file `load` read it from (not saved)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -107,7 +110,7 @@ class CalibrationSet:
     def check_made_for(self, unet: torch.nn.Module, sampler: SamplerConfig, guidance_scale: float = 1.0) -> None:
         """Refuse a set recorded for another model, sampler or guidance scale: its x_t are not the inputs this
         UNet sees at these timesteps, so it would calibrate the quantizers for the wrong activations."""
-        from tfmq.quant.checkpoint import model_fingerprint  # checkpoint imports modules that import this one
+        from tfmq.quant.provenance import model_fingerprint  # provenance imports modules that import this one
 
         recorded = self.provenance
         if recorded is None:
@@ -151,7 +154,8 @@ class CalibrationSet:
             recorded = metadata.get("provenance")
             calibration = cls(tensors["samples"], tensors["timesteps"], tensors["step_indices"], tensors["schedule"],
                               int(metadata.get("interval_length", 1)), conditions,
-                              None if recorded is None else CalibrationProvenance.from_dict(json.loads(recorded)))
+                              None if recorded is None else CalibrationProvenance.from_dict(json.loads(recorded)),
+                              loaded_from=str(path))
         except Exception as exc:  # missing keys, corrupt or foreign files
             raise TfmqError(f"cannot read calibration data {path}: {str(exc).splitlines()[0]}") from exc
         digest = metadata.get("digest")
@@ -176,11 +180,12 @@ def collect_calibration(
 ) -> CalibrationSet:
     """Run the full-precision sampler from `num_samples` seeds (with `conditioning`, one condition per
     trajectory) and keep the UNet input of every step, both branches when guided."""
-    from tfmq.quant.checkpoint import model_fingerprint  # checkpoint imports modules that import this one
+    from tfmq.quant.provenance import model_fingerprint  # provenance imports modules that import this one
 
     check_count("number of calibration samples", num_samples)
     check_count("interval_length", interval_length)
     check_count("seed", seed, minimum=0)
+    started = time.perf_counter()
     records: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
     schedule = torch.as_tensor(distinct_timesteps(sampling_timesteps(scheduler, config)))
     position = {int(t): index for index, t in enumerate(schedule.tolist())}
@@ -195,6 +200,7 @@ def collect_calibration(
     order = torch.argsort(step_indices, stable=True)  # grouped by step, trajectories in seed order
     conditions = {key: torch.cat([kwargs[key] for _, _, kwargs in records])[order] for key in records[0][2]}
     provenance = CalibrationProvenance(model_fingerprint(unet), config, num_samples, seed,
-                                       1.0 if conditioning is None else conditioning.guidance_scale)
+                                       1.0 if conditioning is None else conditioning.guidance_scale,
+                                       round(time.perf_counter() - started, 2))
     return CalibrationSet(samples[order], schedule[step_indices][order], step_indices[order], schedule,
                           interval_length, conditions, provenance)

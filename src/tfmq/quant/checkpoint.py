@@ -1,13 +1,15 @@
 """Quantized checkpoints: integer weights packed to their bit width, everything else as it is.
 
 A checkpoint is a folder with `quantized.safetensors` (packed weight codes, scales, zero points, the
-remaining full-precision tensors, per-timestep tables) and `quantization.json` (format version, the
-QuantConfig, the base model's identity and fingerprint, the packed layers, the safetensors file's SHA-256).
+remaining full-precision tensors, per-timestep tables) and `quantization.json`: the format version, the
+model's manifest (`tfmq.quant.manifest`: what every quantized module is; loading rebuilds the model from it,
+without the method's code), the packed layers, the provenance (`tfmq.quant.provenance`: config, base model,
+calibration, the method's results) and the safetensors file's SHA-256.
 Each file vouches for the other: the JSON holds the weights file's SHA-256, the weights file's header holds
 the SHA-256 of the JSON's canonical form (all but the weights checksum), so an edit to either is refused.
 It is written to a staging folder and moved into place. Loading checks the JSON's structure, both digests
 and the base model's fingerprint before it builds anything, then that every packed weight is a layer of
-the base model with its shape, the config's bit width and the bytes those need.
+the base model with its shape, the manifest's bit width and the bytes those need.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,46 +27,24 @@ from torch import nn
 
 from tfmq.errors import TfmqError
 from tfmq.files import atomic_directory, write_json
-from tfmq.quant.config import WEIGHT_BITS, QuantConfig
-from tfmq.quant.nn.temporal import SCHEDULE_KEY, restore_temporal_cache, timestep_tables
-from tfmq.quant.timestep_table import attach_timestep_tables
-from tfmq.quant.wrap import quant_layers, quantize_model
+from tfmq.quant.config import WEIGHT_BITS
+from tfmq.quant.manifest import ModelManifest
+from tfmq.quant.metadata_checks import expect, is_int, shown
+from tfmq.quant.nn.temporal import SCHEDULE_KEY
+from tfmq.quant.provenance import Provenance, model_fingerprint
+from tfmq.quant.wrap import quant_layers
 
 # 2: the weights file's header carries the digest of the metadata (format 1 had none).
-FORMAT_VERSION = 2
+# 3: a manifest of the quantized modules, and the provenance (a method's config type) beside it.
+FORMAT_VERSION = 3
+_OLDER_FORMATS = {1: "its metadata carries no checksum", 2: "it has no manifest of the quantized modules"}
 WEIGHTS_FILE = "quantized.safetensors"
 METADATA_FILE = "quantization.json"
 METADATA_DIGEST_KEY = "tfmq.metadata_sha256"
 _CODES_SUFFIX = ".codes"
 # The metadata's checksum of the weights file: outside the metadata digest, which the weights file holds.
 _WEIGHTS_CHECKSUM_KEYS = ("weights_sha256", "weights_bytes")
-_STANDARD_KEYS = ("format_version", "quant_config", "base_model", "packed_weights", "timestep_schedule",
-                  *_WEIGHTS_CHECKSUM_KEYS)
-
-
-@dataclass
-class QuantizationInfo:
-    """What a quantized model must remember to be saved and reloaded onto the right base model."""
-
-    config: QuantConfig
-    base_fingerprint: str
-    base_source: str = ""
-    extra: dict = field(default_factory=dict)
-    base_config: str = ""  # the config folder a single-file base checkpoint loads with
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a model's class, config and every tensor of its state: the identity of a base model."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    config = getattr(model, "config", None)
-    if config is not None:
-        # keys like `_name_or_path` say where a model was read from, not what it is
-        public = {key: value for key, value in dict(config).items() if not key.startswith("_")}
-        digest.update(json.dumps(public, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+_KEYS = ("format_version", "manifest", "packed_weights", "provenance", *_WEIGHTS_CHECKSUM_KEYS)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -108,37 +87,25 @@ CHECKPOINT_KIND = "quantized-model"
 def save_quantized(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write `model` (a result of `tfmq.quantize`) to the folder `path`, replacing an earlier checkpoint whole
     (anything else there only with `overwrite`, see `tfmq.files`)."""
-    info: QuantizationInfo | None = getattr(model, "tfmq_info", None)
-    if info is None:
+    info: Provenance | None = getattr(model, "tfmq_info", None)
+    if not isinstance(info, Provenance):
         raise TfmqError("this model was not quantized by tfmq.quantize: nothing to save")
-    tables = timestep_tables(model)
-    table_scope = "none" if tables is None else tables.scope
-    if table_scope != info.config.fsc_scope:
-        # load_quantized rebuilds the tables from the config: a mismatch would save an unloadable model
-        raise TfmqError(f"the model's timestep tables have scope {table_scope!r}, its config says "
-                        f"fsc_scope={info.config.fsc_scope!r}")
+    try:
+        manifest = ModelManifest.of(model)
+    except ValueError as exc:
+        raise TfmqError(f"cannot save this model: {exc}") from exc
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     packed_weights = {}
     for name, layer in quant_layers(model):
         bits = layer.weight_quantizer.bits
-        if bits is None or bits > 8:
+        if bits is None:
             continue
         codes = layer.weight_quantizer.integer_values(layer.weight)
         del state[f"{name}.weight"]
         state[f"{name}.weight{_CODES_SUFFIX}"] = pack_codes(codes, bits)
         packed_weights[name] = {"bits": bits, "shape": list(layer.weight.shape)}
-    base_model = {"source": info.base_source, "fingerprint": info.base_fingerprint, "class": type(model).__name__}
-    if info.base_config:
-        base_model["config"] = info.base_config
-    metadata = {
-        **info.extra,
-        "format_version": FORMAT_VERSION,
-        "quant_config": info.config.to_dict(),
-        "base_model": base_model,
-        "packed_weights": packed_weights,
-        # the sampler timesteps the activation tables serve (also in the weights file, which rules)
-        "timestep_schedule": None if tables is None else tables.schedule.tolist(),
-    }
+    metadata = {"format_version": FORMAT_VERSION, "manifest": manifest.to_dict(), "packed_weights": packed_weights,
+                "provenance": info.to_dict()}
     # Digested as JSON gives it back (tuples as lists, ...), which is what loading digests.
     metadata = json.loads(json.dumps(metadata))
     with atomic_directory(path, kind=CHECKPOINT_KIND, overwrite=overwrite) as staging:
@@ -182,34 +149,26 @@ def load_quantized(path: str | Path, base: nn.Module) -> nn.Module:
     """
     path = Path(path)
     metadata = read_metadata(path)
+    provenance = Provenance.from_dict(metadata["provenance"])
+    manifest = ModelManifest.from_dict(metadata["manifest"])
     fingerprint = model_fingerprint(base)
-    expected = metadata["base_model"]["fingerprint"]
+    expected = provenance.base_model.fingerprint
     if fingerprint != expected:
         raise TfmqError(f"{path} was quantized from another base model "
-                        f"({metadata['base_model']['source'] or 'unknown'}, fingerprint {expected[:12]}..., "
+                        f"({provenance.base_model.source or 'unknown'}, fingerprint {expected[:12]}..., "
                         f"given {fingerprint[:12]}...)")
-    config = QuantConfig.from_dict(metadata["quant_config"])
     try:
-        model = quantize_model(base, config, init_weight_ranges=False)
+        model = manifest.build(base)
     except ValueError as exc:
         raise TfmqError(f"{path} does not match the model: {exc}") from exc
     state = load_file(str(path / WEIGHTS_FILE))
-    if config.fsc_scope != "none" or config.temporal_cache:
-        # The modules the state fills are rebuilt as quantize built them: FSC tables, then feature caches.
+    if manifest.timestep_tables is not None:
         schedule = state.get(SCHEDULE_KEY)
-        if schedule is None or schedule.tolist() != metadata["timestep_schedule"]:
-            needs = f"fsc_scope={config.fsc_scope!r}" if config.fsc_scope != "none" else "temporal_cache=True"
-            raise TfmqError(f"{path} is corrupt: {needs} needs the timestep schedule, "
-                            f"and {SCHEDULE_KEY} is missing or disagrees with {METADATA_FILE}")
-        try:
-            if config.fsc_scope != "none":
-                attach_timestep_tables(model, schedule, config.fsc_scope)
-            if config.temporal_cache:
-                restore_temporal_cache(model, schedule, metadata["temporal_cache"]["cached_blocks"], config.a_bits)
-        except ValueError as exc:
-            raise TfmqError(f"{path} does not match the model: {exc}") from exc
+        if schedule is None or tuple(schedule.tolist()) != manifest.timestep_tables.schedule:
+            raise TfmqError(f"{path} is corrupt: its per-timestep tables need the timestep schedule, and "
+                            f"{SCHEDULE_KEY} is missing or disagrees with {METADATA_FILE}")
     packed_weights = metadata["packed_weights"]
-    _check_packed_layers(packed_weights, model, config, path)  # with the caches in place of their layers
+    _check_packed_layers(packed_weights, model, path)
     for name, packed in packed_weights.items():
         state[f"{name}.weight"] = _unpacked_weight(state, name, packed["bits"], packed["shape"], path)
     try:
@@ -218,9 +177,7 @@ def load_quantized(path: str | Path, base: nn.Module) -> nn.Module:
         raise TfmqError(f"{path} does not match the model: {str(exc).splitlines()[-1].strip()}") from exc
     if missing or unexpected:
         raise TfmqError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tfmq_info = QuantizationInfo(config, fingerprint, metadata["base_model"]["source"],
-                                       {k: v for k, v in metadata.items() if k not in _STANDARD_KEYS},
-                                       metadata["base_model"].get("config", ""))
+    model.tfmq_info = provenance
     return model.eval()
 
 
@@ -236,11 +193,12 @@ def _parsed_metadata(metadata_file: Path) -> dict:
     if not isinstance(metadata, dict):
         raise TfmqError(f"{metadata_file} is corrupt: it holds a JSON {type(metadata).__name__}, not an object")
     version = metadata.get("format_version")
-    if not _is_int(version):
-        raise TfmqError(f"{metadata_file} is corrupt: format_version must be an int, got {_shown(version)}")
+    if not is_int(version):
+        raise TfmqError(f"{metadata_file} is corrupt: format_version must be an int, got {shown(version)}")
     if version < FORMAT_VERSION:
-        raise TfmqError(f"{metadata_file} has format version {version}, whose metadata carries no checksum; "
-                        f"this tfmq reads version {FORMAT_VERSION}: quantize the model again")
+        why = _OLDER_FORMATS.get(version, "it is not a format this tfmq knows")
+        raise TfmqError(f"{metadata_file} has format version {version} ({why}); this tfmq reads version "
+                        f"{FORMAT_VERSION}: quantize the model again")
     if version > FORMAT_VERSION:
         raise TfmqError(f"{metadata_file} has format version {version}, this tfmq reads {FORMAT_VERSION}: "
                         "upgrade tfmq")
@@ -253,52 +211,44 @@ def _parsed_metadata(metadata_file: Path) -> dict:
 
 def _check_structure(metadata: dict) -> None:
     """Raise ValueError naming the first key of a wrong type or value."""
-    missing = [key for key in _STANDARD_KEYS if key not in metadata]
-    _expect(not missing, f"{', '.join(missing)} missing")
-    _expect(isinstance(metadata["quant_config"], dict), "quant_config must be an object")
-    try:
-        config = QuantConfig.from_dict(metadata["quant_config"])
-    except (ValueError, TypeError) as exc:  # TypeError: a value of a type the checks cannot even inspect
-        raise ValueError(f"quant_config: {exc}") from exc
-    base = metadata["base_model"]
-    _expect(isinstance(base, dict), f"base_model must be an object, got {_shown(base)}")
-    for key in ("source", "fingerprint", "class"):
-        _expect(isinstance(base.get(key), str), f"base_model.{key} must be a string, got {_shown(base.get(key))}")
-    _expect(isinstance(base.get("config", ""), str),
-            f"base_model.config must be a string, got {_shown(base.get('config'))}")
-    _expect(isinstance(metadata["weights_sha256"], str), "weights_sha256 must be a string")
-    _expect(_is_int(metadata["weights_bytes"]), "weights_bytes must be an int")
-    schedule = metadata["timestep_schedule"]
-    _expect(schedule is None or (isinstance(schedule, list) and all(map(_is_int, schedule))),
-            f"timestep_schedule must be a list of ints or null, got {_shown(schedule)}")
+    missing = [key for key in _KEYS if key not in metadata]
+    expect(not missing, f"{', '.join(missing)} missing")
+    unknown = sorted(set(metadata) - set(_KEYS))
+    expect(not unknown, f"unknown key(s) {', '.join(unknown)}")
+    Provenance.from_dict(metadata["provenance"])
+    manifest = ModelManifest.from_dict(metadata["manifest"])
+    expect(isinstance(metadata["weights_sha256"], str), "weights_sha256 must be a string")
+    expect(is_int(metadata["weights_bytes"]), "weights_bytes must be an int")
     packed_weights = metadata["packed_weights"]
-    _expect(isinstance(packed_weights, dict), f"packed_weights must be an object, got {_shown(packed_weights)}")
+    expect(isinstance(packed_weights, dict), f"packed_weights must be an object, got {shown(packed_weights)}")
     for name, packed in packed_weights.items():
-        entry = f"packed_weights[{_shown(name)}]"
-        _expect(isinstance(packed, dict) and set(packed) == {"bits", "shape"},
-                f"{entry} must be an object of bits and shape, got {_shown(packed)}")
+        entry = f"packed_weights[{shown(name)}]"
+        expect(isinstance(packed, dict) and set(packed) == {"bits", "shape"},
+               f"{entry} must be an object of bits and shape, got {shown(packed)}")
         bits, shape = packed["bits"], packed["shape"]
-        _expect(_is_int(bits) and bits in WEIGHT_BITS,
-                f"{entry}.bits must be an int in {WEIGHT_BITS.start}..{WEIGHT_BITS.stop - 1}, got {_shown(bits)}")
-        _expect(bits == config.w_bits, f"{entry} has {bits} bits, quant_config.w_bits says {config.w_bits}")
-        _expect(isinstance(shape, list) and len(shape) > 0 and all(_is_int(size) and size > 0 for size in shape),
-                f"{entry}.shape must be a list of positive ints, got {_shown(shape)}")
-    if config.fsc_scope != "none" or config.temporal_cache:
-        _expect(schedule is not None, "timestep_schedule is null, but the quant_config's per-timestep tables need it")
-    if config.temporal_cache:
-        cache = metadata.get("temporal_cache")
-        cached_blocks = cache.get("cached_blocks") if isinstance(cache, dict) else None
-        _expect(isinstance(cached_blocks, list) and all(isinstance(block, str) for block in cached_blocks),
-                "temporal_cache=True needs the list temporal_cache.cached_blocks")
+        expect(is_int(bits) and bits in WEIGHT_BITS,
+               f"{entry}.bits must be an int in {WEIGHT_BITS.start}..{WEIGHT_BITS.stop - 1}, got {shown(bits)}")
+        layer = manifest.plan.layers.get(name)
+        expect(layer is not None, f"{entry} is not a quantized layer of the manifest")
+        expect(bits == layer.w_bits, f"{entry} has {bits} bits, " + (
+            "but the manifest leaves the layer's weights in full precision" if layer.w_bits is None
+            else f"the manifest gives the layer {layer.w_bits}"))
+        expect(isinstance(shape, list) and len(shape) > 0 and all(is_int(size) and size > 0 for size in shape),
+               f"{entry}.shape must be a list of positive ints, got {shown(shape)}")
+    unpacked = [name for name, layer in manifest.plan.layers.items()
+                if layer.w_bits is not None and name not in packed_weights]
+    expect(not unpacked, f"no packed weight for the quantized layer {unpacked[0] if unpacked else ''}")
+    expect(manifest.temporal_caches is None or manifest.timestep_tables is not None,
+           "manifest.temporal_caches needs manifest.timestep_tables (their schedule)")
 
 
-def _check_packed_layers(packed_weights: dict, model: nn.Module, config: QuantConfig, path: Path) -> None:
+def _check_packed_layers(packed_weights: dict, model: nn.Module, path: Path) -> None:
     """Every packed weight is a quantized layer of `model` with its weight's shape, and every quantized layer's
-    weight is packed (none at all when the config keeps weights in full precision)."""
-    layers = {} if config.w_bits is None else dict(quant_layers(model))
+    weight of some bit width is packed."""
+    layers = {name: layer for name, layer in quant_layers(model) if layer.weight_quantizer.bits is not None}
     unknown = sorted(set(packed_weights) - set(layers))
     if unknown:
-        raise TfmqError(f"{path} is corrupt: packed weight {_shown(unknown[0])} is not a quantized layer of "
+        raise TfmqError(f"{path} is corrupt: packed weight {shown(unknown[0])} is not a quantized layer of "
                         f"{type(model).__name__}")
     unpacked = sorted(set(layers) - set(packed_weights))
     if unpacked:
@@ -306,7 +256,7 @@ def _check_packed_layers(packed_weights: dict, model: nn.Module, config: QuantCo
     for name, packed in packed_weights.items():
         shape = list(layers[name].weight.shape)
         if packed["shape"] != shape:
-            raise TfmqError(f"{path} is corrupt: packed weight {name} has shape {_shown(packed['shape'])}, the "
+            raise TfmqError(f"{path} is corrupt: packed weight {name} has shape {shown(packed['shape'])}, the "
                             f"base model's layer {shape}")
 
 
@@ -328,18 +278,3 @@ def _unpacked_weight(state: dict[str, torch.Tensor], name: str, bits: int, shape
     codes = unpack_codes(packed, bits, count).reshape(shape)
     channel_shape = (-1, *([1] * (len(shape) - 1)))
     return (codes.float() - zero_point.view(channel_shape)) * scale.view(channel_shape)
-
-
-def _expect(condition: bool, problem: str) -> None:
-    if not condition:
-        raise ValueError(problem)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _shown(value: object) -> str:
-    """A value as a message shows it: its repr, cut to one short line."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,15 +1,22 @@
-"""What to quantize and how: one frozen object that travels with a quantized model as JSON."""
+"""What to quantize and how: one frozen config type per method, which travels with a quantized model as JSON.
+
+`QuantConfig` holds what every method shares (bit widths, range inits, per-layer rules, FSC); each method
+subclasses it with its own fields and a name (`class RTNConfig(QuantConfig, method="rtn")`), and
+`tfmq.quantize` runs the handler registered for the config's type (`tfmq.quant.methods.registry`). The
+defaults of each type are what `tfmq quantize --method NAME` and the demo use.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from tfmq.errors import TfmqError
 
-METHODS = ("rtn", "qdiff", "tfmq")
 RANGE_INITS = ("mse", "minmax")
 WEIGHT_BITS = range(2, 9)
 ACTIVATION_BITS = range(4, 17)
@@ -17,11 +24,237 @@ SOFTMAX_BITS = range(2, 17)
 # Which activation quantizers get one row of parameters per sampling timestep (finite-set calibration):
 # none; those reading the Temporal Information Block's features (the paper); every one (the authors' scripts).
 FSC_SCOPES = ("none", "temporal", "all")
+INHERIT = "inherit"
+REGEX_PREFIX = "re:"
+# {method name: its config type}, filled by subclassing QuantConfig with `method=`.
+CONFIG_TYPES: dict[str, type[QuantConfig]] = {}
+
+
+def _check_bits(name: str, value: Any, allowed: range) -> None:
+    # bool is an int in Python: reject it explicitly so `w_bits=True` is not read as 1 bit.
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise TfmqError(f"{name} must be an int in {allowed.start}..{allowed.stop - 1} or None, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise TfmqError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TfmqError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_count(name: str, value: Any, minimum: int, *, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TfmqError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, *, allow_zero: bool = False, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        or value < 0 or (value == 0 and not allow_zero)
+    ):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise TfmqError(f"{name} must be a finite number {bound}{' or None' if optional else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Bit widths for the layers (Conv2d, Linear, attention) whose qualified name, or a parent's, matches
+    `pattern`: a glob (an exact name is one) or, after "re:", a regular expression matched in full.
+
+    A field left at "inherit" keeps the config's value; a later rule overrides an earlier one field by field.
+    A layer whose rules set both bit widths to None stays the original full-precision module.
+    """
+
+    pattern: str
+    w_bits: int | None | Literal["inherit"] = INHERIT
+    a_bits: int | None | Literal["inherit"] = INHERIT
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise TfmqError(f"a layer rule's pattern must be a non-empty string, got {self.pattern!r}")
+        if self.pattern.startswith(REGEX_PREFIX):
+            try:
+                re.compile(self.pattern[len(REGEX_PREFIX):])
+            except re.error as exc:
+                raise TfmqError(f"layer rule {self.pattern!r}: not a regular expression ({exc})") from exc
+        for name, allowed in (("w_bits", WEIGHT_BITS), ("a_bits", ACTIVATION_BITS)):
+            value = getattr(self, name)
+            if value != INHERIT:
+                _check_bits(f"layer rule {self.pattern!r}: {name}", value, allowed)
+
+    @classmethod
+    def full_precision(cls, pattern: str) -> LayerRule:
+        """The rule that leaves the matching layers unquantized."""
+        return cls(pattern, w_bits=None, a_bits=None)
+
+    def matches(self, name: str) -> bool:
+        parts = name.split(".")
+        prefixes = [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
+        if self.pattern.startswith(REGEX_PREFIX):
+            expression = re.compile(self.pattern[len(REGEX_PREFIX):])
+            return any(expression.fullmatch(prefix) for prefix in prefixes)
+        return any(fnmatch.fnmatchcase(prefix, self.pattern) for prefix in prefixes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The pattern and the fields it sets (inherited ones left out)."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if value != INHERIT}
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """What the rules give one layer: its bit widths, and whether it stays the original module."""
+
+    w_bits: int | None
+    a_bits: int | None
+    full_precision: bool
+
+
+def _layer_rules(value: Any) -> tuple[LayerRule, ...]:
+    """Rules from a sequence of LayerRule or their dicts (JSON gives lists of dicts)."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise TfmqError(f"layers must be a sequence of LayerRule, got {value!r}")
+    rules = []
+    for item in value:
+        if isinstance(item, dict):
+            unknown = sorted(set(item) - {"pattern", "w_bits", "a_bits"})
+            if unknown or "pattern" not in item:
+                raise TfmqError(f"a layer rule is an object of pattern, w_bits and a_bits; got {item!r}")
+            item = LayerRule(**item)
+        if not isinstance(item, LayerRule):
+            raise TfmqError(f"layers must be a sequence of LayerRule, got {value!r}")
+        rules.append(item)
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What every method shares; bit widths of None mean full precision. Use a method's subclass.
+
+    `layers`: per-layer rules (LayerRule), by default the first and last layer kept in full precision, as
+    the Q-Diffusion and TFMQ-DM papers do. Activation ranges are observed on `act_samples_per_step` samples
+    of every sampling step, run through the model `batch_size` at a time.
+
+    Finite-set calibration (FSC, `timestep_table`) gives the activation quantizers in `fsc_scope` one
+    range per sampling timestep (None: the method's default). Each step's range is initialised (by
+    `act_init`) on its first `fsc_init_samples` samples, then follows the batch min/max of all that step's
+    samples with momentum `fsc_momentum`, as the authors' scripts do; `fsc_momentum=None` instead takes the
+    range of everything the step saw: the paper's plain per-timestep calibration. FSC is only calibration,
+    so every method may use it.
+    """
+
+    method: ClassVar[str] = ""
+
+    w_bits: int | None = 4
+    a_bits: int | None = 8
+    weight_init: str = "mse"
+    act_init: str = "mse"
+    layers: tuple[LayerRule, ...] = (LayerRule.full_precision("conv_in"), LayerRule.full_precision("conv_out"))
+    quantize_attention: bool = True
+    softmax_bits: int | None = None
+    split_shortcut: bool = True
+    act_samples_per_step: int = 16
+    batch_size: int = 64
+    fsc_scope: str | None = None
+    fsc_momentum: float | None = 0.95
+    fsc_init_samples: int = 16
+
+    def __init_subclass__(cls, *, method: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is not None:
+            if not isinstance(method, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", method):
+                raise TfmqError(f"a method name is lower-case letters, digits, '-' or '_'; got {method!r}")
+            if method in CONFIG_TYPES and CONFIG_TYPES[method].__qualname__ != cls.__qualname__:
+                raise TfmqError(f"method {method!r} is already the name of {CONFIG_TYPES[method].__qualname__}")
+            cls.method = method
+            CONFIG_TYPES[method] = cls
+
+    def __post_init__(self) -> None:
+        if not type(self).method:
+            raise TfmqError(f"{type(self).__name__} names no method: use one of "
+                            f"{', '.join(t.__name__ for t in CONFIG_TYPES.values())}")
+        _check_bits("w_bits", self.w_bits, WEIGHT_BITS)
+        _check_bits("a_bits", self.a_bits, ACTIVATION_BITS)
+        _check_bits("softmax_bits", self.softmax_bits, SOFTMAX_BITS)
+        _check_choice("weight_init", self.weight_init, RANGE_INITS)
+        _check_choice("act_init", self.act_init, RANGE_INITS)
+        _check_flag("quantize_attention", self.quantize_attention)
+        _check_flag("split_shortcut", self.split_shortcut)
+        _check_count("act_samples_per_step", self.act_samples_per_step, 1, optional=False)
+        _check_count("batch_size", self.batch_size, 1, optional=False)
+        # A frozen config holds tuples (JSON gives lists), so it stays hashable and immutable.
+        object.__setattr__(self, "layers", _layer_rules(self.layers))
+        if self.fsc_scope is None:
+            object.__setattr__(self, "fsc_scope", self.default_fsc_scope())
+        _check_choice("fsc_scope", self.fsc_scope, FSC_SCOPES)
+        if self.fsc_scope != "none" and self.a_bits is None:
+            raise TfmqError(f"fsc_scope={self.fsc_scope!r} calibrates activation ranges, but a_bits is None")
+        momentum = self.fsc_momentum
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                     or not 0 <= momentum < 1):
+            raise TfmqError(f"fsc_momentum must be a number in [0, 1) or None, got {momentum!r}")
+        _check_count("fsc_init_samples", self.fsc_init_samples, 1, optional=False)
+
+    def default_fsc_scope(self) -> str:
+        """The FSC scope of `fsc_scope=None`."""
+        return "none"
+
+    def layer_bits(self, name: str) -> LayerBits:
+        """The bit widths of the layer (or attention) `name` under the rules, in order."""
+        w_bits, a_bits, matched = self.w_bits, self.a_bits, False
+        for rule in self.layers:
+            if rule.matches(name):
+                matched = True
+                w_bits = w_bits if rule.w_bits == INHERIT else rule.w_bits
+                a_bits = a_bits if rule.a_bits == INHERIT else rule.a_bits
+        return LayerBits(w_bits, a_bits, matched and w_bits is None and a_bits is None)
+
+    def summary(self) -> dict[str, Any]:
+        """The columns of a report row."""
+        return {"method": self.method, "W": self.w_bits or "fp", "A": self.a_bits or "fp", "preset": "-",
+                "FSC": self.fsc_scope}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values, the method's name first."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        values["layers"] = [rule.to_dict() for rule in self.layers]
+        return {"method": self.method, **values}
+
+    @staticmethod
+    def from_dict(values: dict[str, Any]) -> QuantConfig:
+        """Inverse of `to_dict`: the config type of `values["method"]`; missing keys take its defaults."""
+        return config_for(values.get("method"), {key: value for key, value in values.items() if key != "method"})
+
+
+def methods_with_field(name: str) -> list[str]:
+    """The methods whose config has the field `name`."""
+    return [method for method, kind in CONFIG_TYPES.items() if name in {field.name for field in dataclasses.fields(kind)}]
+
+
+def config_for(method: Any, fields: dict[str, Any]) -> QuantConfig:
+    """The config of method `method` with `fields`; a field of another method, or of none, is an error naming it."""
+    if method not in CONFIG_TYPES:
+        raise TfmqError(f"method must be one of {', '.join(CONFIG_TYPES)}; got {method!r}")
+    config_type = CONFIG_TYPES[method]
+    for name in fields:
+        if method not in (owners := methods_with_field(name)):
+            where = f"a setting of method {', '.join(owners)}" if owners else "not a setting of any method"
+            raise TfmqError(f"{name} is {where}, not of {method!r} ({config_type.__name__})")
+    return config_type(**fields)
 
 
 @dataclass(frozen=True)
 class ReconstructionSettings:
-    """How long and how fast each reconstruction unit is optimised (resolved from a QuantConfig).
+    """How long and how fast each reconstruction unit is optimised (resolved from a QDiffusionConfig).
 
     `weight_iters` AdaRound steps, then `act_iters` LSQ steps on the activation step sizes, each on
     random batches of `batch_size` cached calibration samples. Cached unit inputs and targets larger
@@ -40,9 +273,8 @@ class ReconstructionSettings:
 # on the rounding and 4e-5 on the step sizes). "fast": for a CPU, a hundredth of the steps, the rounding at
 # ten times the learning rate (V lives in logit space: 200 steps of 1e-2 can flip a decision). The step
 # sizes keep 4e-5: Adam moves every step by about lr whatever its size, and 50 steps of 4e-4 already
-# wreck a softmax step of 1/255 (measured on the tiny text UNet: its error doubled). "balanced": fast's
-# settings with ten times its rounding steps, the length at which the shipped models' W4A8 images came
-# 3-13 dB closer to FP than with "fast" (README, "Reconstruction length"), for 3-5x the time.
+# wreck a softmax step of 1/255. "balanced": fast's settings with ten times its rounding steps (README,
+# "Reconstruction length").
 RECON_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"weight_iters": 20_000, "act_iters": 5_000, "batch_size": 32, "weight_lr": 1e-3, "act_lr": 4e-5},
     "balanced": {"weight_iters": 2_000, "act_iters": 50, "batch_size": 32, "weight_lr": 1e-2, "act_lr": 4e-5},
@@ -50,129 +282,31 @@ RECON_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _check_bits(name: str, value: Any, allowed: range) -> None:
-    # bool is an int in Python: reject it explicitly so `w_bits=True` is not read as 1 bit.
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-        raise TfmqError(
-            f"{name} must be an int in {allowed.start}..{allowed.stop - 1} or None, got {value!r}"
-        )
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise TfmqError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TfmqError(f"{name} must be True or False, got {value!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_count(name: str, value: Any, minimum: int) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise TfmqError(f"{name} must be an int >= {minimum} or None, got {value!r}")
-
-
-def _check_number(name: str, value: Any, *, allow_zero: bool = False, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-        or value < 0 or (value == 0 and not allow_zero)
-    ):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise TfmqError(f"{name} must be a finite number {bound}{' or None' if optional else ''}, got {value!r}")
+@dataclass(frozen=True)
+class RTNConfig(QuantConfig, method="rtn"):
+    """Round-to-nearest: weights on their min-max or MSE grid, activation ranges from the calibration data."""
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    """A quantization recipe; bit widths of None mean full precision.
+class QDiffusionConfig(QuantConfig, method="qdiff"):
+    """Q-Diffusion: BRECQ block reconstruction on time-step-aware calibration data.
 
-    `keep_fp` holds glob patterns (fnmatch) over qualified module names; a module whose name, or the
-    name of one of its parents, matches is left in full precision. The default keeps the first and
-    last layer, as the Q-Diffusion and TFMQ-DM papers do.
-
-    Reconstruction (qdiff, tfmq): `recon_preset` ("paper", "balanced" or "fast", see RECON_PRESETS) gives
-    iteration counts, batch size and learning rates; each `recon_*` field that is not None overrides its
-    preset value. `reconstruction` holds the resolved values.
-
-    Finite-set calibration (FSC, `timestep_table`) gives the activation quantizers in `fsc_scope` one
-    range per sampling timestep. Each step's range is initialised (by `act_init`) on its first
-    `fsc_init_samples` samples, then follows the batch min/max of all that step's samples with momentum
-    `fsc_momentum`, as the authors' scripts do; `fsc_momentum=None` instead takes the range (by
-    `act_init`) of everything the step saw: the paper's plain per-timestep calibration. FSC is only
-    calibration, so every method may use it (rtn or qdiff with FSC isolate what the tables bring). With
-    scope "all" the tables replace every activation range, so reconstruction learns no activation
-    step (LSQ), as in the authors' scripts.
-
-    TFMQ only (other methods must leave them at their defaults): `tiar` reconstructs the Temporal
-    Information Block as one unit against the temporal features, before the other units (off: its
-    linears are learnt inside their blocks, as in qdiff). `temporal_cache` (journal version) replaces
-    each residual block's temporal feature by its full-precision value at every scheduled timestep,
-    quantized to `a_bits`, so the TIB leaves the sampling loop; `temporal_selection` measures per block
-    the error of that cache and of the TIB path and keeps the better one, so it needs `temporal_cache`.
+    `recon_preset` ("fast", "balanced" or "paper", see RECON_PRESETS) gives iteration counts, batch size and
+    learning rates; each `recon_*` field that is not None overrides its preset value. With FSC over every
+    activation (`fsc_scope="all"`) the tables replace the ranges LSQ would learn, so no LSQ step runs, as in
+    the authors' scripts.
     """
 
-    method: str = "tfmq"
-    w_bits: int | None = 4
-    a_bits: int | None = 8
-    weight_init: str = "mse"
-    act_init: str = "mse"
-    keep_fp: tuple[str, ...] = ("conv_in", "conv_out")
-    quantize_attention: bool = True
-    softmax_bits: int | None = None
-    split_shortcut: bool = True
-    recon_preset: str = "paper"
+    recon_preset: str = "fast"
     recon_weight_iters: int | None = None
     recon_act_iters: int | None = None
     recon_batch_size: int | None = None
     recon_weight_lr: float | None = None
     recon_act_lr: float | None = None
     memory_budget_mb: float = 2048.0
-    fsc_scope: str = "none"
-    fsc_momentum: float | None = 0.95
-    fsc_init_samples: int = 16
-    tiar: bool = True
-    temporal_cache: bool = False
-    temporal_selection: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, METHODS)
-        _check_bits("w_bits", self.w_bits, WEIGHT_BITS)
-        _check_bits("a_bits", self.a_bits, ACTIVATION_BITS)
-        _check_bits("softmax_bits", self.softmax_bits, SOFTMAX_BITS)
-        _check_choice("weight_init", self.weight_init, RANGE_INITS)
-        _check_choice("act_init", self.act_init, RANGE_INITS)
-        _check_flag("quantize_attention", self.quantize_attention)
-        _check_flag("split_shortcut", self.split_shortcut)
-        _check_choice("fsc_scope", self.fsc_scope, FSC_SCOPES)
-        if self.fsc_scope != "none" and self.a_bits is None:
-            raise TfmqError(f"fsc_scope={self.fsc_scope!r} calibrates activation ranges, but a_bits is None")
-        if self.fsc_momentum is not None and not (_is_number(self.fsc_momentum) and 0 <= self.fsc_momentum < 1):
-            raise TfmqError(f"fsc_momentum must be a number in [0, 1) or None, got {self.fsc_momentum!r}")
-        if isinstance(self.fsc_init_samples, bool) or not isinstance(self.fsc_init_samples, int) \
-                or self.fsc_init_samples < 1:
-            raise TfmqError(f"fsc_init_samples must be a positive int, got {self.fsc_init_samples!r}")
-        _check_flag("tiar", self.tiar)
-        _check_flag("temporal_cache", self.temporal_cache)
-        _check_flag("temporal_selection", self.temporal_selection)
-        if self.method != "tfmq":
-            changed = [f"{name}={value!r}" for name, value, default in (
-                ("tiar", self.tiar, True), ("temporal_cache", self.temporal_cache, False),
-                ("temporal_selection", self.temporal_selection, False)) if value != default]
-            if changed:
-                raise TfmqError(f"{', '.join(changed)} only apply to method 'tfmq', not {self.method!r}")
-        if self.temporal_selection and not self.temporal_cache:
-            raise TfmqError("temporal_selection=True chooses per block between the TIB path and the temporal "
-                             "cache: it needs temporal_cache=True")
+        super().__post_init__()
         _check_choice("recon_preset", self.recon_preset, tuple(RECON_PRESETS))
         _check_count("recon_weight_iters", self.recon_weight_iters, 0)
         _check_count("recon_act_iters", self.recon_act_iters, 0)
@@ -180,15 +314,6 @@ class QuantConfig:
         _check_number("recon_weight_lr", self.recon_weight_lr, optional=True)
         _check_number("recon_act_lr", self.recon_act_lr, optional=True)
         _check_number("memory_budget_mb", self.memory_budget_mb, allow_zero=True)
-        if isinstance(self.keep_fp, str) or not all(isinstance(p, str) for p in self.keep_fp):
-            raise TfmqError(f"keep_fp must be a sequence of glob patterns (str), got {self.keep_fp!r}")
-        # JSON gives lists; a frozen config must hold a tuple to stay hashable and immutable.
-        object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
-
-    @property
-    def attention_probs_bits(self) -> int | None:
-        """Bit width of the softmax output: its own setting, else the activation bit width."""
-        return self.a_bits if self.softmax_bits is None else self.softmax_bits
 
     @property
     def reconstruction(self) -> ReconstructionSettings:
@@ -199,22 +324,40 @@ class QuantConfig:
                     "act_lr": self.recon_act_lr}
         values = {key: preset[key] if value is None else value for key, value in explicit.items()}
         return ReconstructionSettings(
-            weight_iters=values["weight_iters"], act_iters=values["act_iters"], batch_size=values["batch_size"],
-            weight_lr=float(values["weight_lr"]), act_lr=float(values["act_lr"]),
-            memory_budget_mb=float(self.memory_budget_mb),
+            weight_iters=values["weight_iters"],
+            act_iters=0 if self.fsc_scope == "all" else values["act_iters"],
+            batch_size=values["batch_size"], weight_lr=float(values["weight_lr"]),
+            act_lr=float(values["act_lr"]), memory_budget_mb=float(self.memory_budget_mb),
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values (keep_fp as a list)."""
-        values = dataclasses.asdict(self)
-        values["keep_fp"] = list(self.keep_fp)
-        return values
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "preset": self.recon_preset}
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> QuantConfig:
-        """Inverse of `to_dict`; unknown keys are an error, missing keys take their defaults."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TfmqError(f"unknown QuantConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
+
+@dataclass(frozen=True)
+class TFMQConfig(QDiffusionConfig, method="tfmq"):
+    """TFMQ-DM: Q-Diffusion's reconstruction with the temporal features kept apart.
+
+    `tiar` reconstructs the Temporal Information Block as one unit against the temporal features, before the
+    other units (off: its linears are learnt inside their blocks, as in qdiff). FSC defaults to the temporal
+    scope when activations are quantized. `temporal_cache` (journal version) replaces each residual block's
+    temporal feature by its full-precision value at every scheduled timestep, quantized to `a_bits`, so the
+    TIB leaves the sampling loop; `temporal_selection` measures per block the error of that cache and of the
+    TIB path and keeps the better one, so it needs `temporal_cache`.
+    """
+
+    tiar: bool = True
+    temporal_cache: bool = False
+    temporal_selection: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_flag("tiar", self.tiar)
+        _check_flag("temporal_cache", self.temporal_cache)
+        _check_flag("temporal_selection", self.temporal_selection)
+        if self.temporal_selection and not self.temporal_cache:
+            raise TfmqError("temporal_selection=True chooses per block between the TIB path and the temporal "
+                            "cache: it needs temporal_cache=True")
+
+    def default_fsc_scope(self) -> str:
+        return "none" if self.a_bits is None else "temporal"

@@ -83,7 +83,7 @@ def attach_timestep_tables(
     if tables is None:
         tables = attach_timestep_schedule(model, schedule)
     for _, quantizer in chosen:
-        quantizer.enable_timestep_table(len(schedule))
+        quantizer.enable_timestep_table(len(schedule), tables.step_rows)
     tables.scope = scope
     return tables
 

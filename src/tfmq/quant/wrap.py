@@ -8,10 +8,10 @@ drops into a pipeline in place of the original.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,50 +24,106 @@ from tfmq.quant.nn.layers import QuantConv2d, QuantLayer, QuantLinear
 from tfmq.quant.nn.quantizer import UniformQuantizer
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one Conv2d/Linear is wrapped: its bit widths, and the input channel where a split shortcut's skip
+    tensor begins (None: one input quantizer)."""
+
+    w_bits: int | None
+    a_bits: int | None
+    split: int | None = None
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The bit widths of a quantizing attention processor: Q, K and V, and the softmax output."""
+
+    a_bits: int | None
+    probs_bits: int | None
+
+
+@dataclass(frozen=True)
+class WrappingPlan:
+    """Which modules of a model become quantized twins, by qualified name: what `quantize_model` builds from
+    a config, and what a checkpoint's manifest records so that loading builds the same without the config."""
+
+    layers: dict[str, LayerPlan]
+    attentions: dict[str, AttentionPlan]
+
+
 def quantize_model(
     model: nn.Module,
     config: QuantConfig,
     *,
     example_inputs: Mapping[str, Any] | None = None,
-    init_weight_ranges: bool = True,
 ) -> nn.Module:
     """A quantized copy of `model`; `model` itself is left as it was.
 
-    Every Conv2d/Linear outside `config.keep_fp` becomes a QuantConv2d/QuantLinear, every diffusers
-    `Attention` gets a QuantAttnProcessor (when `config.quantize_attention`), and the shortcut convs
-    of up-block resnets get split input quantizers (when `config.split_shortcut`).
-
-    Weight ranges are initialised at once (`config.weight_init`) unless `init_weight_ranges` is False,
-    which is for a copy about to load a saved state. Activation ranges need data: see
-    `observe_activations`. `example_inputs` are keyword arguments for one forward of `model`, used only
-    to find the split channels; diffusers UNets get one built from their config.
+    Every Conv2d/Linear that `config.layers` does not keep in full precision becomes a QuantConv2d/QuantLinear
+    with the bit widths the rules give it, every diffusers `Attention` gets a QuantAttnProcessor (when
+    `config.quantize_attention`), and the shortcut convs of up-block resnets get split input quantizers
+    (when `config.split_shortcut`). Weight ranges are initialised at once (`config.weight_init`);
+    activation ranges need data: see `observe_activations`. `example_inputs` are keyword arguments for one
+    forward of `model`, used only to find the split channels; diffusers UNets get one built from their config.
     """
-    if any(isinstance(module, QuantLayer) for module in model.modules()):
-        raise ValueError(f"{type(model).__name__} is already quantized: wrap its full-precision original")
+    _check_full_precision(model)
     quantized = copy.deepcopy(model)
-    # Everything that can be refused is checked before the example forward and the weight ranges.
-    attentions = _attentions_to_quantize(quantized, config) if config.quantize_attention else []
+    plan = wrapping_plan(quantized, config, example_inputs)
+    apply_wrapping_plan(quantized, plan, weight_init=config.weight_init, act_init=config.act_init)
+    return quantized
 
-    targets = layers_to_quantize(quantized, config)
-    splits = find_shortcut_splits(quantized, example_inputs) if config.split_shortcut else {}
-    for name, module in targets:
+
+def wrapping_plan(model: nn.Module, config: QuantConfig,
+                  example_inputs: Mapping[str, Any] | None = None) -> WrappingPlan:
+    """What `quantize_model` makes of `model` under `config`."""
+    # Everything that can be refused is checked before the example forward.
+    attentions = _attentions_to_quantize(model, config) if config.quantize_attention else []
+    targets = layers_to_quantize(model, config)
+    splits = find_shortcut_splits(model, example_inputs) if config.split_shortcut else {}
+    layers = {}
+    for name, _ in targets:
+        bits = config.layer_bits(name)
+        layers[name] = LayerPlan(bits.w_bits, bits.a_bits, splits.get(name))
+    attention_plans = {}
+    for name, _ in attentions:
+        a_bits = config.layer_bits(name).a_bits
+        attention_plans[name] = AttentionPlan(a_bits, a_bits if config.softmax_bits is None else config.softmax_bits)
+    return WrappingPlan(layers, attention_plans)
+
+
+def apply_wrapping_plan(model: nn.Module, plan: WrappingPlan, *, weight_init: str = "mse", act_init: str = "mse",
+                        init_weight_ranges: bool = True) -> None:
+    """Replace the modules of `plan` in `model` by their quantized twins, in place. `init_weight_ranges=False`
+    is for a model about to load a saved state."""
+    _check_full_precision(model)
+    for name, layer_plan in plan.layers.items():
+        module = _submodule(model, name)
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise ValueError(f"{name} is a {type(module).__name__}, not a Conv2d or Linear layer to quantize")
         twin_class = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        twin = twin_class(
-            module,
-            w_bits=config.w_bits,
-            a_bits=config.a_bits,
-            weight_init=config.weight_init,
-            act_init=config.act_init,
-            split=splits.get(name),
-        )
+        twin = twin_class(module, w_bits=layer_plan.w_bits, a_bits=layer_plan.a_bits, weight_init=weight_init,
+                          act_init=act_init, split=layer_plan.split)
         if init_weight_ranges:
             twin.weight_quantizer.init_range(twin.weight)
-        _replace_submodule(quantized, name, twin)
-
-    for attention in attentions:
-        processor = QuantAttnProcessor(config.a_bits, config.attention_probs_bits, config.act_init)
+        _replace_submodule(model, name, twin)
+    for name, attention_plan in plan.attentions.items():
+        attention = _submodule(model, name)
+        if not isinstance(attention, Attention):
+            raise ValueError(f"{name} is a {type(attention).__name__}, not a diffusers Attention")
+        processor = QuantAttnProcessor(attention_plan.a_bits, attention_plan.probs_bits, act_init)
         attention.set_processor(processor.to(attention.to_q.weight.device))
-    return quantized
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise ValueError(f"{name} is no module of {type(model).__name__}") from exc
+
+
+def _check_full_precision(model: nn.Module) -> None:
+    if any(isinstance(module, QuantLayer) for module in model.modules()):
+        raise ValueError(f"{type(model).__name__} is already quantized: wrap its full-precision original")
 
 
 def layers_to_quantize(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
@@ -76,19 +132,12 @@ def layers_to_quantize(model: nn.Module, config: QuantConfig) -> list[tuple[str,
     candidates = [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
-    targets = [(name, module) for name, module in candidates if not _kept_in_full_precision(name, config.keep_fp)]
+    targets = [(name, module) for name, module in candidates if not config.layer_bits(name).full_precision]
     if not targets:
-        raise ValueError(
-            f"{type(model).__name__} has no Conv2d or Linear layer to quantize outside keep_fp={config.keep_fp}"
-        )
+        patterns = [rule.pattern for rule in config.layers]
+        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize: the layer rules "
+                         f"{patterns} keep them all in full precision")
     return targets
-
-
-def _kept_in_full_precision(name: str, patterns: tuple[str, ...]) -> bool:
-    """True if `name` or one of its parents matches a keep_fp pattern (a kept block keeps its layers)."""
-    parts = name.split(".")
-    prefixes = [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
-    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
 
 
 def _replace_submodule(model: nn.Module, name: str, replacement: nn.Module) -> None:
@@ -96,17 +145,18 @@ def _replace_submodule(model: nn.Module, name: str, replacement: nn.Module) -> N
     setattr(model.get_submodule(parent_name), child_name, replacement)
 
 
-def _attentions_to_quantize(model: nn.Module, config: QuantConfig) -> list[Attention]:
-    """The diffusers Attention modules outside keep_fp; an error if one cannot take our processor."""
+def _attentions_to_quantize(model: nn.Module, config: QuantConfig) -> list[tuple[str, Attention]]:
+    """The diffusers Attention modules the layer rules do not keep in full precision; an error if one cannot
+    take our processor."""
     attentions = []
     for name, module in model.named_modules():
-        if isinstance(module, Attention) and not _kept_in_full_precision(name, config.keep_fp):
+        if isinstance(module, Attention) and not config.layer_bits(name).full_precision:
             reason = QuantAttnProcessor.unsupported_reason(module)
             if reason is not None:
                 raise ValueError(
                     f"cannot quantize the attention matmuls of {name}: {reason}; use quantize_attention=False"
                 )
-            attentions.append(module)
+            attentions.append((name, module))
     return attentions
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from tests.quant.tiny_unets import unet_inputs
-from tfmq.quant import QuantConfig, observe_activations, quantize_model
+from tfmq.quant.config import QuantConfig
+from tfmq.quant.wrap import observe_activations, quantize_model
 
 
 def input_batches(model: nn.Module, count: int, batch: int, seed: int) -> list[dict[str, torch.Tensor]]:

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from tfmq.quant import QuantConv2d, QuantLinear, UniformQuantizer
+from tfmq.quant.nn.layers import QuantConv2d, QuantLinear
+from tfmq.quant.nn.quantizer import UniformQuantizer
 from tfmq.quant.methods.adaround import (
     AdaRoundQuantizer,
     RoundingRegularizer,

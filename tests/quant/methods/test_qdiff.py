@@ -6,13 +6,15 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from tests.quant.methods.helpers import calibrated, input_batches, unit_outputs
-from tests.quant.tiny_unets import pixel_unet, text_unet
-from tfmq.quant import QuantConfig, quant_layers
+from tests.quant.tiny_unets import one_thread, pixel_unet, text_unet
+from tfmq.quant.config import QDiffusionConfig, RTNConfig
+from tfmq.quant.wrap import quant_layers
 from tfmq.quant.api import quantize
 from tfmq.quant.calibration import CalibrationSet
-from tfmq.quant.checkpoint import QuantizationInfo, load_quantized, model_fingerprint, save_quantized
+from tfmq.quant.checkpoint import load_quantized, save_quantized
 from tfmq.quant.methods.qdiff import reconstruct_qdiff
-from tfmq.quant.methods.reconstruction import unet_units
+from tfmq.quant.methods.units import unet_units
+from tfmq.quant.provenance import Provenance
 
 STEPS = 40
 
@@ -29,18 +31,17 @@ def calibration_set(unet: UNet2DModel, per_step: int, seed: int) -> CalibrationS
 @pytest.fixture(scope="module")
 def pixel_models() -> dict[str, nn.Module]:
     """A tiny UNet, quantized W3A8 by RTN and by qdiff (fast preset) on the same calibration data."""
-    torch.set_num_threads(1)
     unet = pixel_unet()
     calibration = calibration_set(unet, per_step=4, seed=0)
     models = {"fp": unet, "calibration": calibration}
-    for method in ("rtn", "qdiff"):
-        config = QuantConfig(method=method, w_bits=3, a_bits=8, recon_preset="fast")
-        models[method] = quantize(unet, config, calibration, progress=False)
+    with one_thread():
+        for method, config in (("rtn", RTNConfig(w_bits=3, a_bits=8)), ("qdiff", QDiffusionConfig(w_bits=3, a_bits=8))):
+            models[method] = quantize(unet, config, calibration, progress=False)
     return models
 
 
 def test_qdiff_reconstructs_every_unit_on_the_weight_steps(pixel_models: dict) -> None:
-    records = pixel_models["qdiff"].tfmq_info.extra["reconstruction"]
+    records = pixel_models["qdiff"].tfmq_info.method_results["reconstruction"]
     calibration = pixel_models["calibration"]
     names = [unit.name for unit in unet_units(pixel_models["qdiff"], pixel_models["fp"], {
         "sample": calibration.samples[:1], "timestep": calibration.timesteps[:1]})]
@@ -54,7 +55,7 @@ def test_every_unit_ends_closer_to_full_precision_than_round_to_nearest(pixel_mo
     unet, rtn, qdiff = pixel_models["fp"], pixel_models["rtn"], pixel_models["qdiff"]
     held_out = calibration_set(unet, per_step=2, seed=1)
     batches = held_out.batches(40)
-    names = [record["name"] for record in qdiff.tfmq_info.extra["reconstruction"]]
+    names = [record["name"] for record in qdiff.tfmq_info.method_results["reconstruction"]]
     reference = unit_outputs(unet, names, batches)
     errors = {
         method: {name: (output - reference[name]).pow(2).mean().item()
@@ -87,14 +88,13 @@ def test_qdiff_checkpoint_reloads_with_identical_outputs(pixel_models: dict, tmp
 def test_qdiff_on_a_text_conditioned_unet_saves_and_reloads(tmp_path) -> None:
     unet = text_unet()
     batches = input_batches(unet, 2, 16, seed=0)  # keyword inputs with encoder_hidden_states
-    config = QuantConfig(method="qdiff", w_bits=4, a_bits=8, recon_preset="fast",
-                         recon_weight_iters=40, recon_act_iters=10, recon_batch_size=16)
+    config = QDiffusionConfig(w_bits=4, a_bits=8, recon_preset="fast", recon_weight_iters=40, recon_act_iters=10, recon_batch_size=16)
     model = calibrated(unet, config, batches)
     results = reconstruct_qdiff(model, unet, batches, config, progress=False)
     assert "down_blocks.0.attentions.0" in [result.name for result in results]
     assert sum(result.mse_after for result in results) < sum(result.mse_before for result in results)
 
-    model.tfmq_info = QuantizationInfo(config, model_fingerprint(unet))
+    model.tfmq_info = Provenance.of(config, unet)
     reloaded = load_quantized(save_quantized(model, tmp_path / "text"), unet)
     held_out = input_batches(unet, 1, 2, seed=9)[0]
     with torch.no_grad():

@@ -12,19 +12,14 @@ from torch import nn
 
 from tests.quant.methods.helpers import calibrated, input_batches
 from tests.quant.tiny_unets import pixel_unet
-from tfmq.quant import QuantConfig, set_quant_state
-from tfmq.quant.config import ReconstructionSettings
-from tfmq.quant.methods.reconstruction import (
-    Call,
-    ReconstructionUnit,
-    capture,
-    reconstruct,
-    reconstruction_loss,
-    unet_units,
-)
+from tfmq.quant.config import QDiffusionConfig, QuantConfig, ReconstructionSettings, RTNConfig
+from tfmq.quant.wrap import set_quant_state
+from tfmq.quant.methods.capture import Call, capture
+from tfmq.quant.methods.reconstruction import reconstruct, reconstruction_loss
+from tfmq.quant.methods.units import ReconstructionUnit, unet_units
 
 UNet = UNet2DModel | UNet2DConditionModel
-W4A8 = QuantConfig(method="qdiff", w_bits=4, a_bits=8)
+W4A8 = QDiffusionConfig(w_bits=4, a_bits=8, recon_preset="paper")
 
 PIXEL_UNITS = [
     "time_embedding.linear_1", "time_embedding.linear_2",
@@ -58,7 +53,7 @@ def test_units_of_a_unet_are_its_blocks_in_forward_order() -> None:
 
 def test_quantized_first_and_last_layers_become_units_of_their_own(unet: UNet) -> None:
     batches = input_batches(unet, 1, 2, seed=0)
-    model = calibrated(unet, QuantConfig(keep_fp=()), batches)
+    model = calibrated(unet, RTNConfig(layers=()), batches)
     names = [unit.name for unit in unet_units(model, unet, batches[0])]
     assert names[-1] == "conv_out" and "conv_in" in names
     blocks = [model.get_submodule(name) for name in names]
@@ -121,7 +116,7 @@ def test_a_unit_may_have_several_targets_and_inputs_from_elsewhere() -> None:
     projection, learnt together against all the full-precision temporal features."""
     full_precision = pixel_unet()
     batches = input_batches(full_precision, 2, 16, seed=0)
-    model = calibrated(full_precision, QuantConfig(w_bits=3, a_bits=8), batches)
+    model = calibrated(full_precision, RTNConfig(w_bits=3, a_bits=8), batches)
     resnets = [name for name, module in model.named_modules() if isinstance(module, ResnetBlock2D)]
     projections = [model.get_submodule(f"{name}.time_emb_proj") for name in resnets]
 
@@ -164,12 +159,12 @@ def test_a_unit_the_forward_never_reaches_is_an_error() -> None:
 
 
 def test_settings_come_from_the_preset_unless_given() -> None:
-    paper = QuantConfig().reconstruction
+    paper = QDiffusionConfig(recon_preset="paper").reconstruction
     assert (paper.weight_iters, paper.act_iters, paper.batch_size) == (20_000, 5_000, 32)
     assert (paper.weight_lr, paper.act_lr) == (1e-3, 4e-5)
-    fast = QuantConfig(recon_preset="fast", recon_weight_iters=7, recon_act_lr=1e-4).reconstruction
+    fast = QDiffusionConfig(recon_preset="fast", recon_weight_iters=7, recon_act_lr=1e-4).reconstruction
     assert (fast.weight_iters, fast.act_iters, fast.act_lr) == (7, 50, 1e-4)
-    config = QuantConfig(recon_preset="fast", recon_batch_size=4, memory_budget_mb=0.5)
+    config = QDiffusionConfig(recon_preset="fast", recon_batch_size=4, memory_budget_mb=0.5)
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
@@ -180,4 +175,4 @@ def test_settings_come_from_the_preset_unless_given() -> None:
 )
 def test_bad_reconstruction_settings_are_refused_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
-        QuantConfig(**{field: value})
+        QDiffusionConfig(**{field: value})

@@ -13,14 +13,16 @@ from torch import nn
 
 from tests.quant.methods.helpers import unit_outputs
 from tests.quant.test_tib import EXPECTED_RESNETS, class_unet
-from tests.quant.tiny_unets import pixel_unet
+from tests.quant.tiny_unets import one_thread, pixel_unet
 from tfmq.errors import TfmqError
 from tfmq.models.architectures import fashion_ddpm_scheduler
-from tfmq.quant import QuantConfig, QuantLayer, quantize_model
+from tfmq.quant.config import LayerRule, QDiffusionConfig, RTNConfig, TFMQConfig
+from tfmq.quant.nn.layers import QuantLayer
+from tfmq.quant.wrap import quantize_model
 from tfmq.quant.api import quantize
 from tfmq.quant.calibration import CalibrationSet, collect_calibration
-from tfmq.quant.checkpoint import METADATA_FILE, QuantizationInfo, load_quantized, model_fingerprint, save_quantized
-from tfmq.quant.methods.rtn import calibrate_activation_ranges
+from tfmq.quant.checkpoint import METADATA_FILE, load_quantized, save_quantized
+from tfmq.quant.activation_ranges import calibrate_activation_ranges
 from tfmq.quant.methods.tfmq import (
     TIB_UNIT,
     block_units,
@@ -34,32 +36,34 @@ from tfmq.quant.methods.scheduled_lookup import (
     restore_projections,
     serve_caches_for_reconstruction,
 )
-from tfmq.quant.nn.temporal import SkippedTimestepEmbedding, TemporalFeatureCache, temporal_features_by_timestep
+from tfmq.quant.nn.step_table import StepTable
+from tfmq.quant.nn.temporal import SkippedTimestepEmbedding, temporal_features_by_timestep
 from tfmq.quant.tib import find_tib
 from tfmq.quant.timestep_table import table_quantizers
+from tfmq.quant.provenance import Provenance
+from tests.quant.test_checkpoint import assign, rewrite_metadata
 from tfmq.sampling import SamplerConfig
 
 STEPS = 20
 FAST = dict(recon_preset="fast")
 SHORT = dict(recon_preset="fast", recon_weight_iters=20, recon_act_iters=5)
-FULL_PIPELINE = QuantConfig(method="tfmq", w_bits=4, a_bits=8, fsc_scope="temporal", temporal_cache=True,
-                            temporal_selection=True, **FAST)
+FULL_PIPELINE = TFMQConfig(w_bits=4, a_bits=8, fsc_scope="temporal", temporal_cache=True, temporal_selection=True, **FAST)
 
 
 @pytest.fixture(scope="module")
 def calibration() -> CalibrationSet:
     """Real DDIM trajectories of the tiny UNet on the schedule diffusers' DDIMScheduler uses for 20 steps
     (uniform skipping = its default "leading" spacing), so the quantized UNet can run in DDIMPipeline."""
-    torch.set_num_threads(1)
-    return collect_calibration(pixel_unet(), fashion_ddpm_scheduler(), 4, SamplerConfig(steps=STEPS, skip_type="uniform"),
-                               interval_length=2, progress=False)
+    with one_thread():
+        return collect_calibration(pixel_unet(), fashion_ddpm_scheduler(), 4,
+                                   SamplerConfig(steps=STEPS, skip_type="uniform"), interval_length=2, progress=False)
 
 
 @pytest.fixture(scope="module")
 def full_pipeline(calibration: CalibrationSet) -> nn.Module:
     """TIAR + block reconstruction + FSC (temporal) + cache + selection, W4A8, fast preset."""
-    torch.set_num_threads(1)
-    return quantize(pixel_unet(), FULL_PIPELINE, calibration, progress=False)
+    with one_thread():
+        return quantize(pixel_unet(), FULL_PIPELINE, calibration, progress=False)
 
 
 def timestep_errors(model: nn.Module, reference: dict[str, torch.Tensor], schedule: torch.Tensor) -> torch.Tensor:
@@ -70,9 +74,9 @@ def timestep_errors(model: nn.Module, reference: dict[str, torch.Tensor], schedu
 
 def test_tiar_lowers_the_temporal_feature_error_at_every_timestep(calibration: CalibrationSet) -> None:
     unet = pixel_unet()
-    rtn = quantize(unet, QuantConfig(method="rtn", w_bits=3, a_bits=8), calibration, progress=False)
+    rtn = quantize(unet, RTNConfig(w_bits=3, a_bits=8), calibration, progress=False)
     tiar = copy.deepcopy(rtn)
-    result = reconstruct_tib(tiar, unet, calibration.schedule, QuantConfig(w_bits=3, a_bits=8, **FAST),
+    result = reconstruct_tib(tiar, unet, calibration.schedule, TFMQConfig(w_bits=3, a_bits=8, **FAST),
                              progress=False)
     assert (result.name, result.samples) == (TIB_UNIT, STEPS)  # every timestep of the schedule, once
     schedule = calibration.schedule
@@ -91,7 +95,7 @@ def test_tiar_lowers_the_temporal_feature_error_at_every_timestep(calibration: C
 
 def test_block_units_leave_the_tib_to_tiar(calibration: CalibrationSet) -> None:
     unet = pixel_unet()
-    model = quantize_model(unet, QuantConfig(w_bits=4, a_bits=8))
+    model = quantize_model(unet, RTNConfig(w_bits=4, a_bits=8))
     example = {"sample": calibration.samples[:1], "timestep": calibration.timesteps[:1]}
     units = {unit.name: unit for unit in block_units(model, unet, example)}
     tib = find_tib(model)
@@ -109,9 +113,9 @@ def test_block_units_leave_the_tib_to_tiar(calibration: CalibrationSet) -> None:
 
 def test_tfmq_records_tiar_then_the_blocks_and_calibrates_a_row_per_timestep(calibration: CalibrationSet) -> None:
     unet = pixel_unet()
-    model = quantize(unet, QuantConfig(method="tfmq", w_bits=4, a_bits=8, fsc_scope="temporal", **SHORT),
+    model = quantize(unet, TFMQConfig(w_bits=4, a_bits=8, fsc_scope="temporal", **SHORT),
                      calibration, progress=False)
-    records = model.tfmq_info.extra["reconstruction"]
+    records = model.tfmq_info.method_results["reconstruction"]
     assert records[0]["name"] == TIB_UNIT and records[0]["samples"] == STEPS
     assert records[0]["mse_after"] < records[0]["mse_before"]
     names = [record["name"] for record in records[1:]]
@@ -126,10 +130,10 @@ def test_tfmq_records_tiar_then_the_blocks_and_calibrates_a_row_per_timestep(cal
 
 def test_tfmq_without_tiar_and_fsc_is_qdiff(calibration: CalibrationSet) -> None:
     unet = pixel_unet()
-    qdiff = quantize(unet, QuantConfig(method="qdiff", w_bits=4, a_bits=8, **SHORT), calibration, progress=False)
-    tfmq = quantize(unet, QuantConfig(method="tfmq", tiar=False, w_bits=4, a_bits=8, **SHORT), calibration,
+    qdiff = quantize(unet, QDiffusionConfig(w_bits=4, a_bits=8, **SHORT), calibration, progress=False)
+    tfmq = quantize(unet, TFMQConfig(tiar=False, w_bits=4, a_bits=8, fsc_scope="none", **SHORT), calibration,
                     progress=False)
-    assert tfmq.tfmq_info.extra["reconstruction"][0]["name"] == "time_embedding.linear_1"  # a unit, as in qdiff
+    assert tfmq.tfmq_info.method_results["reconstruction"][0]["name"] == "time_embedding.linear_1"  # a unit, as in qdiff
     inputs = {"sample": torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5)),
               "timestep": torch.tensor([900, 450, 0])}
     with torch.no_grad():
@@ -161,7 +165,7 @@ def test_cached_features_are_the_full_precision_ones_within_8_bit_error(full_pip
 def test_a_cached_forward_calls_no_tib_layer_and_equals_the_tib_computed_one(full_pipeline: nn.Module) -> None:
     model = full_pipeline
     assert isinstance(model.time_embedding, SkippedTimestepEmbedding)
-    assert all(isinstance(model.get_submodule(f"{name}.time_emb_proj"), TemporalFeatureCache) for name in EXPECTED_RESNETS)
+    assert all(isinstance(model.get_submodule(f"{name}.time_emb_proj"), StepTable) for name in EXPECTED_RESNETS)
     inputs = {"sample": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)), "timestep": 450}
 
     def tib_calls(unet: nn.Module) -> tuple[list[str], torch.Tensor]:
@@ -199,7 +203,7 @@ def test_a_timestep_outside_the_schedule_is_an_error(full_pipeline: nn.Module) -
 def test_full_pipeline_records_saves_loads_identically_and_samples_in_ddim_pipeline(
     full_pipeline: nn.Module, calibration: CalibrationSet, tmp_path: Path
 ) -> None:
-    info = full_pipeline.tfmq_info.extra
+    info = full_pipeline.tfmq_info.method_results
     assert info["temporal_cache"]["cached_blocks"] == [name for name, entry in info["temporal_selection"].items()
                                                       if entry["choice"] == "cache"]
     stats = temporal_cache_stats(full_pipeline)
@@ -210,7 +214,8 @@ def test_full_pipeline_records_saves_loads_identically_and_samples_in_ddim_pipel
     assert full_pipeline.get_submodule("mid_block.resnets.0.time_emb_proj").codes.dtype == torch.uint8
 
     path = save_quantized(full_pipeline, tmp_path / "tfmq")
-    assert json.loads((path / METADATA_FILE).read_text())["temporal_selection"] == info["temporal_selection"]
+    assert json.loads((path / METADATA_FILE).read_text())["provenance"]["method_results"]["temporal_selection"] == \
+        info["temporal_selection"]
     reloaded = load_quantized(path, pixel_unet())
     assert reloaded.state_dict().keys() == full_pipeline.state_dict().keys()
     assert isinstance(reloaded.time_embedding, SkippedTimestepEmbedding)
@@ -235,8 +240,7 @@ def test_full_pipeline_records_saves_loads_identically_and_samples_in_ddim_pipel
 def test_selection_keeps_per_block_the_path_with_the_lower_error(calibration: CalibrationSet, tmp_path: Path) -> None:
     """With one block's temporal path in full precision, only that block keeps the TIB path."""
     unet = pixel_unet()
-    config = QuantConfig(method="tfmq", w_bits=4, a_bits=8, temporal_cache=True, temporal_selection=True,
-                         keep_fp=("conv_in", "conv_out", "time_embedding", "mid_block.resnets.0.time_emb_proj"))
+    config = TFMQConfig(w_bits=4, a_bits=8, temporal_cache=True, temporal_selection=True, layers=tuple(map(LayerRule.full_precision, ("conv_in", "conv_out", "time_embedding", "mid_block.resnets.0.time_emb_proj"))), recon_preset="paper", fsc_scope="none")
     model = quantize_model(unet, config)
     calibrate_activation_ranges(model, calibration.per_step(4), 64, progress=False)
     schedule = calibration.schedule
@@ -252,7 +256,7 @@ def test_selection_keeps_per_block_the_path_with_the_lower_error(calibration: Ca
         name = f"{resnet}.time_emb_proj"
         tib_error = (tib_path[name] - reference[name]).pow(2).mean().item()
         served_error = (served[name] - reference[name]).pow(2).mean().item()
-        cached = isinstance(model.get_submodule(name), TemporalFeatureCache)
+        cached = isinstance(model.get_submodule(name), StepTable)
         choices[resnet] = "cache" if cached else "tib"
         recorded = extra["temporal_selection"][resnet]
         assert recorded["choice"] == choices[resnet]
@@ -263,9 +267,9 @@ def test_selection_keeps_per_block_the_path_with_the_lower_error(calibration: Ca
     assert sorted(choices.values()).count("cache") == len(EXPECTED_RESNETS) - 1
     assert not isinstance(model.time_embedding, SkippedTimestepEmbedding)  # one block still reads it
 
-    model.tfmq_info = QuantizationInfo(config, model_fingerprint(unet), extra=extra)
+    model.tfmq_info = Provenance.of(config, unet, method_results=extra)
     reloaded = load_quantized(save_quantized(model, tmp_path / "selected"), unet)
-    assert {resnet: "cache" if isinstance(reloaded.get_submodule(f"{resnet}.time_emb_proj"), TemporalFeatureCache)
+    assert {resnet: "cache" if isinstance(reloaded.get_submodule(f"{resnet}.time_emb_proj"), StepTable)
             else "tib" for resnet in EXPECTED_RESNETS} == choices
     inputs = {"sample": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))}
     with torch.no_grad():
@@ -273,42 +277,43 @@ def test_selection_keeps_per_block_the_path_with_the_lower_error(calibration: Ca
             assert torch.equal(reloaded(timestep=timestep, **inputs).sample, model(timestep=timestep, **inputs).sample)
 
 
-def test_a_checkpoint_without_its_cached_blocks_is_refused(full_pipeline: nn.Module, tmp_path: Path) -> None:
+def test_a_checkpoint_whose_manifest_lost_its_caches_is_refused(full_pipeline: nn.Module, tmp_path: Path) -> None:
     path = save_quantized(full_pipeline, tmp_path / "tfmq")
-    metadata = json.loads((path / METADATA_FILE).read_text())
-    del metadata["temporal_cache"]
-    (path / METADATA_FILE).write_text(json.dumps(metadata))
-    with pytest.raises(TfmqError, match="cached_blocks"):
+    blocks = json.loads((path / METADATA_FILE).read_text())["manifest"]["temporal_caches"]["blocks"]
+    assert sorted(blocks) == sorted(full_pipeline.tfmq_info.method_results["temporal_cache"]["cached_blocks"])
+    rewrite_metadata(path, assign("manifest.temporal_caches", None), resign=True)  # a forger's consistent edit
+    with pytest.raises(TfmqError, match="does not match the model: missing .*unexpected .*time_emb_proj.codes"):
         load_quantized(path, pixel_unet())
 
 
 def test_a_class_conditional_unet_has_no_temporal_cache(calibration: CalibrationSet) -> None:
     unet = class_unet()
-    model = quantize_model(unet, QuantConfig(a_bits=None, weight_init="minmax"))
-    config = QuantConfig(a_bits=None, temporal_cache=True)
+    model = quantize_model(unet, RTNConfig(a_bits=None, weight_init="minmax"))
+    config = TFMQConfig(a_bits=None, temporal_cache=True)
     with pytest.raises(ValueError, match="class-conditional"):
         maintain_temporal_features(model, unet, calibration.schedule, config)
-    assert not any(isinstance(module, TemporalFeatureCache) for module in model.modules())
+    assert not any(isinstance(module, StepTable) for module in model.modules())
 
 
-def test_tiar_respects_keep_fp(calibration: CalibrationSet) -> None:
+def test_tiar_respects_full_precision_layer_rules(calibration: CalibrationSet) -> None:
     unet = pixel_unet()
-    config = QuantConfig(w_bits=4, a_bits=None, weight_init="minmax", recon_preset="fast", recon_weight_iters=10,
-                         keep_fp=("conv_in", "conv_out", "time_embedding.linear_1"))
+    config = TFMQConfig(w_bits=4, a_bits=None, weight_init="minmax", recon_preset="fast", recon_weight_iters=10,
+                        layers=tuple(map(LayerRule.full_precision, ("conv_in", "conv_out", "time_embedding.linear_1"))))
     model = quantize_model(unet, config)
     before = model.time_embedding.linear_1.weight.clone()
     result = reconstruct_tib(model, unet, calibration.schedule, config, progress=False)
     assert result is not None
     assert not isinstance(model.time_embedding.linear_1, QuantLayer)
     assert torch.equal(model.time_embedding.linear_1.weight, before)
-    everything_fp = QuantConfig(w_bits=4, a_bits=None, weight_init="minmax",
-                                keep_fp=("conv_in", "conv_out", "time_embedding", "*time_emb_proj"))
+    everything_fp = TFMQConfig(w_bits=4, a_bits=None, weight_init="minmax", recon_preset="paper",
+                               layers=tuple(map(LayerRule.full_precision,
+                                                ("conv_in", "conv_out", "time_embedding", "*time_emb_proj"))))
     assert reconstruct_tib(quantize_model(unet, everything_fp), unet, calibration.schedule, everything_fp,
                            progress=False) is None
 
 
 def test_blocks_read_the_cache_row_of_each_sample_during_reconstruction(calibration: CalibrationSet) -> None:
-    model = quantize_model(pixel_unet(), QuantConfig(method="tfmq", w_bits=4, a_bits=None))
+    model = quantize_model(pixel_unet(), TFMQConfig(w_bits=4, a_bits=None, recon_preset="paper", fsc_scope="none"))
     schedule = calibration.schedule
     caches = cached_temporal_features(pixel_unet(), schedule, 8)
     block = EXPECTED_RESNETS[0]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tfmq.quant import UniformQuantizer
+from tfmq.quant.nn.quantizer import UniformQuantizer
 from tfmq.quant.nn.quantizer import MSE_ERROR_POWER, OBSERVED_SAMPLE_SIZE
 
 

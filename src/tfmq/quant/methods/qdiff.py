@@ -3,26 +3,40 @@
 Every resnet, attention / transformer block, sampler and stray layer is reconstructed in forward order
 against the full-precision model: AdaRound for its weights, then LSQ for its activation step sizes,
 one set of activation parameters shared by all timesteps. The temporal path of a resnet (its
-`time_emb_proj`) is learnt with the block, against the block's output. Activation ranges must be
-initialised before (`rtn.calibrate_activation_ranges`, or `observe_activations` for conditional UNets).
+`time_emb_proj`) is learnt with the block, against the block's output. FSC tables, where the config asks
+for them, are calibrated on the reconstructed model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from tfmq.quant.config import QuantConfig
-from tfmq.quant.methods.reconstruction import ModelInputs, UnitResult, reconstruct, unet_units
+from tfmq.quant.config import QDiffusionConfig
+from tfmq.quant.methods.capture import ModelInputs
+from tfmq.quant.methods.reconstruction import UnitResult, reconstruct
+from tfmq.quant.methods.registry import MethodInputs, register_method
+from tfmq.quant.methods.units import unet_units
+
+
+@register_method(QDiffusionConfig)
+def quantize_qdiff(model: nn.Module, inputs: MethodInputs) -> dict[str, Any]:
+    config = inputs.config
+    results = reconstruct_qdiff(model, inputs.full_precision, inputs.weight_batches(), config,
+                                progress=inputs.progress)
+    inputs.calibrate_timestep_tables(model)
+    return reconstruction_record(results, config)
 
 
 def reconstruct_qdiff(
     model: nn.Module,
     full_precision: nn.Module,
     inputs: Sequence[ModelInputs],
-    config: QuantConfig,
+    config: QDiffusionConfig,
     *,
     progress: bool = True,
     cache_dir: str | Path | None = None,
@@ -32,10 +46,16 @@ def reconstruct_qdiff(
     `inputs` are keyword inputs of UNet forwards (`sample`, `timestep`, and `encoder_hidden_states` for
     text UNets): the weight-reconstruction subset of the calibration data, every `interval_length`-th
     sampling step. Iterations, batch size, learning rates and the cache budget come from
-    `config.reconstruction`.
+    `config.reconstruction`. Activation ranges must be initialised before.
     """
     if not inputs:
         raise ValueError("qdiff reconstruction needs calibration inputs; got none")
     units = unet_units(model, full_precision, inputs[0])
     return reconstruct(model, full_precision, units, inputs, config.reconstruction,
                        progress=progress, cache_dir=cache_dir)
+
+
+def reconstruction_record(results: Sequence[UnitResult], config: QDiffusionConfig) -> dict[str, Any]:
+    """What a reconstruction leaves in the provenance: each unit's losses and the settings it ran with."""
+    return {"reconstruction": [result.to_dict() for result in results],
+            "reconstruction_settings": dataclasses.asdict(config.reconstruction)}

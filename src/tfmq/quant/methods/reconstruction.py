@@ -10,100 +10,33 @@ to replay the quantized unit from those inputs, and which layers (AdaRound) and 
 3. learns the step sizes of its activation quantizers (LSQ, cosine-decayed Adam);
 each time minimising the squared error between the replayed unit's output and the target.
 
-`unet_units` splits a diffusers UNet into the units of BRECQ; a method with other needs (TFMQ's temporal
-information block: inputs are the time embedding, targets are every resnet's temporal feature) builds its
-own `ReconstructionUnit`s and passes them to the same loop.
+The units are `tfmq.quant.methods.units` (`unet_units` splits a diffusers UNet into BRECQ's), and step 1 is
+`tfmq.quant.methods.capture`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import Attention
-from diffusers.models.downsampling import Downsample2D
-from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
-from diffusers.models.upsampling import Upsample2D
 from torch import nn
 from tqdm import tqdm
 
 from tfmq.quant.config import ReconstructionSettings
 from tfmq.quant.methods.adaround import RoundingRegularizer, adaptive_rounding
+from tfmq.quant.methods.capture import Call, ModelInputs, capture, output_tensors
 from tfmq.quant.methods.unit_cache import UnitCache
-from tfmq.quant.nn.layers import QuantLayer
+from tfmq.quant.methods.units import ReconstructionUnit
 from tfmq.quant.nn.quantizer import UniformQuantizer
-from tfmq.quant.wrap import activation_quantizers, quant_layers, quantizers
 
-# The blocks of BRECQ in a diffusers UNet; quantized layers outside all of them are units of their own.
-BLOCK_TYPES: tuple[type[nn.Module], ...] = (
-    ResnetBlock2D, ResnetBlockCondNorm2D, Transformer2DModel, Attention, Downsample2D, Upsample2D,
-)
 # The unit's error is reported (not trained) on this many of its cached samples, before and after.
 REPORT_SAMPLES = 256
-
-ModelInputs = Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Call:
-    """The arguments of one call of a module, as a forward pre-hook sees them.
-
-    In a cached call template, batched tensors are `_Slot`s naming their cached rows: `filled` puts
-    the rows of a batch back in their place.
-    """
-
-    args: tuple
-    kwargs: dict
-
-    def filled(self, rows: Mapping[str, torch.Tensor]) -> Call:
-        def fill(value: Any) -> Any:
-            return rows[value.key] if isinstance(value, _Slot) else value
-
-        return Call(tuple(fill(value) for value in self.args), {k: fill(v) for k, v in self.kwargs.items()})
-
-
-@dataclass(frozen=True)
-class ReconstructionUnit:
-    """What to reconstruct together, from which inputs, against which targets.
-
-    `inputs_from`: modules of the quantized model; the arguments of their (single) call in a model
-    forward are the unit's inputs. `targets_from`: modules of the full-precision model; their outputs
-    (flattened to a tuple of tensors) are the targets. `forward(*calls)` replays the quantized unit from
-    one `Call` per `inputs_from` module and returns what is compared with the targets, in their order.
-    `layers` get AdaRound, the `scale` of `activation_quantizers` gets LSQ; either may be empty.
-    """
-
-    name: str
-    inputs_from: tuple[nn.Module, ...]
-    targets_from: tuple[nn.Module, ...]
-    forward: Callable[..., Any]
-    layers: tuple[QuantLayer, ...]
-    activation_quantizers: tuple[UniformQuantizer, ...]
-
-    @classmethod
-    def block(cls, name: str, model: nn.Module, full_precision: nn.Module) -> ReconstructionUnit:
-        """The submodule `name` of `model` against the same-named submodule of `full_precision`,
-        learning every quantized layer and activation quantizer inside it."""
-        module = model.get_submodule(name)
-
-        def replay(call: Call) -> Any:
-            return module(*call.args, **call.kwargs)
-
-        return cls(
-            name=name,
-            inputs_from=(module,),
-            targets_from=(full_precision.get_submodule(name),),
-            forward=replay,
-            layers=tuple(layer for _, layer in quant_layers(module)),
-            activation_quantizers=tuple(quantizer for _, quantizer in activation_quantizers(module)),
-        )
 
 
 @dataclass(frozen=True)
@@ -120,221 +53,6 @@ class UnitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Units of a diffusers UNet
-
-
-def unet_units(model: nn.Module, full_precision: nn.Module, example_inputs: ModelInputs) -> list[ReconstructionUnit]:
-    """The BRECQ units of a wrapped UNet, in the order one forward of `example_inputs` reaches them.
-
-    Units: every outermost ResnetBlock2D, attention / Transformer2DModel and down/up-sampler, and each
-    quantized layer that lies in none of them (e.g. the time-embedding linears; conv_in and conv_out
-    when they are quantized). Modules with nothing quantized, or that the forward never calls, are
-    left out. The resnets' `time_emb_proj` belongs to its block, as in Q-Diffusion.
-    """
-    names = _unit_names(model)
-    order = _call_order(full_precision, names, example_inputs)
-    return [ReconstructionUnit.block(name, model, full_precision) for name in order]
-
-
-def _unit_names(model: nn.Module) -> list[str]:
-    names: list[str] = []
-    covered: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in covered):
-            continue
-        if isinstance(module, BLOCK_TYPES):
-            covered.append(name)
-            if any(quantizer.bits is not None for _, quantizer in quantizers(module)):
-                names.append(name)
-        elif isinstance(module, QuantLayer):
-            covered.append(name)
-            names.append(name)
-    return names
-
-
-def _call_order(model: nn.Module, names: Sequence[str], inputs: ModelInputs) -> list[str]:
-    """`names` sorted by when one forward of `model` first calls them (registration order differs:
-    diffusers registers a block's attentions before the resnets that run first)."""
-    order: list[str] = []
-    handles = []
-    for name in names:
-        def record(module: nn.Module, args: tuple, name: str = name) -> None:
-            if name not in order:
-                order.append(name)
-        handles.append(model.get_submodule(name).register_forward_pre_hook(record))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order
-
-
-# ----------------------------------------------------------------------------------------------------
-# Capturing a unit's inputs and targets
-
-
-class _Captured(Exception):
-    """Raised by a hook to end a forward once everything the unit needs has been recorded."""
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """Where a batched tensor goes when a call is rebuilt from cached rows."""
-
-    key: str
-
-
-def _tensors(output: Any) -> tuple[torch.Tensor, ...]:
-    """The tensors of a module output (a tensor, a tuple, a diffusers output object), in order."""
-    if isinstance(output, torch.Tensor):
-        return (output,)
-    if isinstance(output, Mapping):
-        output = tuple(output.values())
-    if isinstance(output, (tuple, list)):
-        return tuple(tensor for item in output for tensor in _tensors(item))
-    return ()
-
-
-def _batch_size(inputs: ModelInputs) -> int:
-    for value in inputs.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    raise ValueError("model inputs must hold at least one batched tensor (e.g. `sample`)")
-
-
-def _template(call: Call, prefix: str, batch: int) -> tuple[Call, dict[str, torch.Tensor]]:
-    """Split a call into a template (batched tensors replaced by slots) and its batched tensors.
-
-    A tensor argument is batched when its first dimension is the model's batch size; everything else
-    (None, flags, sizes) is static and must be the same in every calibration batch.
-    """
-    rows: dict[str, torch.Tensor] = {}
-
-    def slot(key: str, value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            rows[key] = value
-            return _Slot(key)
-        return value
-
-    args = tuple(slot(f"{prefix}.arg{index}", value) for index, value in enumerate(call.args))
-    kwargs = {name: slot(f"{prefix}.{name}", value) for name, value in call.kwargs.items()}
-    return Call(args, kwargs), rows
-
-
-def _same_static(first: Any, other: Any) -> bool:
-    if isinstance(first, torch.Tensor) or isinstance(other, torch.Tensor):
-        return (
-            isinstance(first, torch.Tensor) and isinstance(other, torch.Tensor)
-            and first.shape == other.shape and torch.equal(first, other)
-        )
-    try:
-        return bool(first == other)
-    except Exception:  # objects without a usable ==: trust they are the same
-        return True
-
-
-def _check_same_template(unit: str, first: Call, other: Call) -> None:
-    pairs = list(zip(first.args, other.args)) + [(first.kwargs.get(k), v) for k, v in other.kwargs.items()]
-    if (
-        len(first.args) != len(other.args) or first.kwargs.keys() != other.kwargs.keys()
-        or not all(_same_static(a, b) for a, b in pairs)
-    ):
-        raise ValueError(
-            f"unit {unit}: a non-batched argument changes between calibration batches; "
-            "give every batch the same static arguments"
-        )
-
-
-def _record_calls(modules: Sequence[nn.Module], calls: list[Call | None]) -> list[Any]:
-    """Pre-hooks that fill `calls` and stop the forward once every module has been called."""
-    def hook_for(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if calls[index] is not None:
-                raise ValueError(f"{type(module).__name__} is called more than once per forward: cannot capture it")
-            calls[index] = Call(args, dict(kwargs))
-            if all(call is not None for call in calls):
-                raise _Captured
-        return hook
-
-    return [module.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, module in enumerate(modules)]
-
-
-def _record_outputs(modules: Sequence[nn.Module], outputs: list[Any]) -> list[Any]:
-    """Forward hooks that fill `outputs` and stop the forward once every module has returned."""
-    def hook_for(index: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if outputs[index] is not None:
-                raise ValueError(f"{type(module).__name__} is called more than once per forward: cannot capture it")
-            outputs[index] = _tensors(output)
-            if all(output is not None for output in outputs):
-                raise _Captured
-        return hook
-
-    return [module.register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]
-
-
-def _run_until_captured(model: nn.Module, inputs: ModelInputs, register: Callable[[], list[Any]]) -> None:
-    handles = register()
-    try:
-        model(**inputs)
-    except _Captured:
-        return
-    finally:
-        for handle in handles:
-            handle.remove()
-    raise ValueError("the forward ended before reaching every module of the unit")
-
-
-@torch.no_grad()
-def capture(
-    unit: ReconstructionUnit,
-    model: nn.Module,
-    full_precision: nn.Module,
-    inputs: Sequence[ModelInputs],
-    budget_bytes: float,
-    directory: str | Path | None = None,
-) -> tuple[UnitCache, list[Call]]:
-    """The unit's inputs (from `model` as it is now) and targets (from `full_precision`) over `inputs`,
-    cached per sample, with the call templates that turn cached rows back into the unit's arguments.
-
-    Each forward stops as soon as the unit's modules have been reached.
-    """
-    cache = UnitCache(sum(_batch_size(batch) for batch in inputs), budget_bytes, directory)
-    templates: list[Call] = []
-    try:
-        for batch in inputs:
-            size = _batch_size(batch)
-            calls: list[Call | None] = [None] * len(unit.inputs_from)
-            _run_until_captured(model, batch, lambda: _record_calls(unit.inputs_from, calls))
-            outputs: list[Any] = [None] * len(unit.targets_from)
-            _run_until_captured(full_precision, batch, lambda: _record_outputs(unit.targets_from, outputs))
-
-            rows: dict[str, torch.Tensor] = {}
-            batch_templates = []
-            for index, call in enumerate(calls):
-                template, call_rows = _template(call, f"input{index}", size)
-                batch_templates.append(template)
-                rows.update(call_rows)
-            targets = [tensor for output in outputs for tensor in output]
-            if not targets or any(target.dim() == 0 or target.shape[0] != size for target in targets):
-                raise ValueError(f"unit {unit.name}: its targets must be tensors with the batch dimension first")
-            rows.update({f"target{index}": target for index, target in enumerate(targets)})
-
-            if templates:
-                for first, other in zip(templates, batch_templates):
-                    _check_same_template(unit.name, first, other)
-            else:
-                templates = batch_templates
-            cache.append(rows)
-    except BaseException:
-        cache.close()
-        raise
-    return cache, templates
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,7 +91,7 @@ class _UnitData:
     def loss(self, indices: torch.Tensor) -> torch.Tensor:
         rows = self.cache.rows(indices)
         calls = [template.filled(rows) for template in self.templates]
-        outputs = _tensors(self.unit.forward(*calls))
+        outputs = output_tensors(self.unit.forward(*calls))
         return reconstruction_loss(outputs, [rows[key] for key in self.target_keys])
 
     @torch.no_grad()
@@ -384,7 +102,7 @@ class _UnitData:
         for start in range(0, count, batch_size):
             rows = self.cache.rows(torch.arange(start, min(start + batch_size, count)))
             calls = [template.filled(rows) for template in self.templates]
-            outputs = _tensors(self.unit.forward(*calls))
+            outputs = output_tensors(self.unit.forward(*calls))
             for output, key in zip(outputs, self.target_keys):
                 total += (output - rows[key]).pow(2).sum().item()
                 elements += output.numel()

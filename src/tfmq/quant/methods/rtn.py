@@ -1,24 +1,17 @@
-"""Round-to-nearest PTQ: weights rounded on a min-max or MSE grid, activation ranges from calibration data."""
+"""Round-to-nearest PTQ: nothing is learnt. The weights keep their min-max or MSE grid and the activations
+the ranges observed on the calibration data; FSC tables where the config asks for them."""
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import nn
-from tqdm import tqdm
 
-from tfmq.quant.calibration import CalibrationSet
-from tfmq.quant.wrap import observe_activations, set_quant_state
+from tfmq.quant.config import RTNConfig
+from tfmq.quant.methods.registry import MethodInputs, register_method
 
 
-@torch.no_grad()
-def calibrate_activation_ranges(
-    model: nn.Module, calibration: CalibrationSet, batch_size: int, progress: bool = True
-) -> None:
-    """Observe every activation quantizer's inputs over `calibration`, with weights already quantized
-    (the activations the deployed model will see), then fix each range by its init method."""
-    set_quant_state(model, weight=True, act=False)
-    batches = calibration.batches(batch_size)
-    with observe_activations(model):
-        for inputs in tqdm(batches, desc="activation ranges", unit="batch", disable=not progress):
-            model(**inputs)
-    set_quant_state(model, weight=True, act=True)
+@register_method(RTNConfig)
+def quantize_rtn(model: nn.Module, inputs: MethodInputs) -> dict[str, Any]:
+    inputs.calibrate_timestep_tables(model)
+    return {}

@@ -1,7 +1,8 @@
 """The temporal feature caches served to the residual blocks while they are reconstructed.
 
-Reconstruction replays blocks without the UNet, on batches that mix timesteps, so the row of each sample is
-found from the time embedding it carries: matched against the embeddings of the schedule.
+Reconstruction replays blocks without the UNet, on batches that mix timesteps, so no UNet call selects a
+row: the row of each sample is found from the time embedding it carries, matched against the embeddings of
+the schedule, and handed to the block's cache (a `StepTable`) as data.
 """
 
 from __future__ import annotations
@@ -12,24 +13,22 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from tfmq.quant.nn.temporal import TemporalFeatureCache
+from tfmq.quant.nn.step_table import StepTable
 from tfmq.quant.tib import find_tib
 
 
 class ScheduledFeatureLookup(nn.Module):
-    """Stands in for a cached block's `time_emb_proj` while the blocks are reconstructed: serves each sample
-    the cache row of its own timestep, found by matching the embedding it receives against the embeddings
-    of the schedule. Reconstruction mixes timesteps in a batch and calls blocks without the UNet, so the
-    per-call row selection of `TemporalFeatureCache` cannot serve it."""
+    """Stands in for a cached block's `time_emb_proj` while the blocks are reconstructed: finds the row of
+    each sample by matching the embedding it receives against `keys` (what the projection receives at every
+    timestep of the schedule) and serves the cache at those rows, one per sample."""
 
-    def __init__(self, keys: torch.Tensor, cache: TemporalFeatureCache, projection: nn.Module) -> None:
+    def __init__(self, keys: torch.Tensor, cache: StepTable, projection: nn.Module) -> None:
         super().__init__()
         if keys.dim() != 2 or len(keys) != len(cache.codes):
             raise ValueError(f"a feature lookup needs one key per cached timestep; got {tuple(keys.shape)} keys "
                              f"for {len(cache.codes)} rows")
         keys = keys.detach().float().clone()
         self.register_buffer("keys", keys)
-        self.register_buffer("table", cache.values())
         # An embedding matches a key when it lies far closer to it than to any other (stored unit inputs
         # may have been rounded); the keys of distinct timesteps lie far apart.
         apart = torch.cdist(keys, keys) + torch.diag(torch.full((len(keys),), float("inf")))
@@ -41,18 +40,21 @@ class ScheduledFeatureLookup(nn.Module):
     def out_features(self) -> int:
         return self.cache.out_features
 
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+    def rows_of(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The step index of each sample of `embedding` (batch, width), int64 (batch,)."""
         distances = torch.cdist(embedding.detach().float(), self.keys)
         nearest, rows = distances.min(dim=1)
         if bool((nearest > self.tolerance).any()):
             raise ValueError("a temporal feature lookup received an embedding of no scheduled timestep")
-        return self.table[rows].to(embedding.dtype)
+        return rows
 
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.cache(embedding, self.rows_of(embedding))
 
 
 @torch.no_grad()
 def serve_caches_for_reconstruction(
-    model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, TemporalFeatureCache]
+    model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, StepTable]
 ) -> None:
     """Make each block of `caches` read its cache through a `ScheduledFeatureLookup`, keyed by what its
     `time_emb_proj` receives at every timestep of `schedule`. Changes `model` in place until

@@ -1,5 +1,5 @@
 """TFMQ-DM: block reconstruction that keeps the temporal features apart, and the journal version's
-temporal-feature cache.
+temporal-feature cache. `quantize_tfmq` is the whole recipe, in the order of the authors' scripts.
 
 - TIAR (`reconstruct_tib`): the Temporal Information Block (`tib`) is reconstructed first, as one unit:
   AdaRound on all its linears jointly, against every residual block's full-precision temporal feature,
@@ -9,7 +9,7 @@ temporal-feature cache.
 - FSC is per-timestep activation calibration: `timestep_table.calibrate_timestep_tables`.
 - Cache-based maintenance (`maintain_temporal_features`): each block's temporal feature is computed in full
   precision for every scheduled timestep, quantized per timestep, and served from a table
-  (`tfmq.quant.nn.temporal.TemporalFeatureCache`) by the same timestep-row selection as FSC. When every
+  (`tfmq.quant.nn.temporal.StepTable`) by the same timestep-row selection as FSC. When every
   block reads a cache the time MLP is skipped too (`SkippedTimestepEmbedding`): the TIB leaves the
   sampling loop.
 - Disturbance-aware selection: per block, the cache is used only where its error against the
@@ -19,32 +19,32 @@ temporal-feature cache.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tfmq.quant.config import QuantConfig
-from tfmq.quant.methods.qdiff import reconstruct_qdiff
-from tfmq.quant.methods.reconstruction import Call, ModelInputs, ReconstructionUnit, UnitResult, reconstruct, unet_units
+from tfmq.errors import TfmqError
+from tfmq.quant.calibration import CalibrationSet
+from tfmq.quant.config import TFMQConfig
+from tfmq.quant.methods.capture import Call, ModelInputs
+from tfmq.quant.methods.qdiff import reconstruct_qdiff, reconstruction_record
+from tfmq.quant.methods.reconstruction import UnitResult, reconstruct
+from tfmq.quant.methods.registry import MethodInputs, register_method
 from tfmq.quant.methods.scheduled_lookup import restore_projections, serve_caches_for_reconstruction
+from tfmq.quant.methods.units import ReconstructionUnit, unet_units
 from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.nn.quantizer import quantize_codes, range_to_scale_zero_point
-from tfmq.quant.nn.temporal import (
-    TemporalFeatureCache,
-    cache_code_dtype,
-    install_temporal_cache,
-    temporal_features_by_timestep,
-)
+from tfmq.quant.nn.step_table import StepTable
+from tfmq.quant.nn.temporal import cache_code_dtype, install_temporal_cache, temporal_features_by_timestep
 from tfmq.quant.tib import TemporalInformationBlock, find_tib
 from tfmq.quant.wrap import quantizers
 
 TIB_UNIT = "temporal_information_block"
 # {residual block: its cache} and the selection's JSON entries, as `choose_temporal_caches` returns them.
-ChosenCaches = tuple[dict[str, TemporalFeatureCache], dict[str, Any]]
+ChosenCaches = tuple[dict[str, StepTable], dict[str, Any]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def reconstruct_tib(
     model: nn.Module,
     full_precision: nn.Module,
     timesteps: torch.Tensor,
-    config: QuantConfig,
+    config: TFMQConfig,
     *,
     class_labels: torch.Tensor | None = None,
     batch_size: int = 64,
@@ -140,63 +140,72 @@ def block_units(model: nn.Module, full_precision: nn.Module, example_inputs: Mod
     return units
 
 
-def reconstruct_tfmq(
-    model: nn.Module,
-    full_precision: nn.Module,
-    inputs: Sequence[ModelInputs],
-    timesteps: torch.Tensor,
-    config: QuantConfig,
-    *,
-    progress: bool = True,
-    cache_dir: str | Path | None = None,
-    class_labels: torch.Tensor | None = None,
-) -> tuple[list[UnitResult], ChosenCaches | None]:
-    """TIAR on `timesteps` (the whole schedule; for class-conditional UNets paired with `class_labels`,
-    one per timestep), then the other units on `inputs` (the weight-reconstruction
-    subset of the calibration data, UNet keyword inputs), in forward order. With `config.tiar` off this is
-    qdiff's reconstruction. Activation ranges must be initialised before, as for qdiff.
+@register_method(TFMQConfig)
+def quantize_tfmq(model: nn.Module, inputs: MethodInputs) -> dict[str, Any]:
+    """TIAR on the whole schedule, then the other units on the weight steps, in forward order; FSC; then,
+    with `temporal_cache`, the caches installed.
 
-    With `config.temporal_cache` (and TIAR) the caches are chosen once the TIB is final and the blocks are
-    reconstructed reading them, so they learn on the features sampling will give them, not on the TIB
-    path's; returns them for `maintain_temporal_features` (None otherwise: chosen there)."""
-    if not inputs:
-        raise ValueError("tfmq reconstruction needs calibration inputs; got none")
-    if not config.tiar:
-        return reconstruct_qdiff(model, full_precision, inputs, config, progress=progress, cache_dir=cache_dir), None
-    tib_result = reconstruct_tib(model, full_precision, timesteps, config, class_labels=class_labels,
-                                 progress=progress)
+    With TIAR the caches are chosen once the TIB is final and the blocks are reconstructed reading them,
+    so they learn on the features sampling will give them, not on the TIB path's. Without TIAR the blocks
+    are reconstructed as in Q-Diffusion, and the caches are chosen after FSC.
+    """
+    config, full_precision, calibration = inputs.config, inputs.full_precision, inputs.calibration
+    if config.temporal_cache and "class_labels" in calibration.conditions:
+        raise TfmqError("a temporal feature cache per (timestep, class) is not supported: a class-conditional "
+                        "model's temporal features depend on the label; use temporal_cache=False")
+    batches = inputs.weight_batches()
     chosen = None
+    if config.tiar:
+        timesteps, labels = temporal_inputs(calibration)
+        tib_result = reconstruct_tib(model, full_precision, timesteps, config, class_labels=labels,
+                                     progress=inputs.progress)
+        if config.temporal_cache:
+            chosen = choose_temporal_caches(model, full_precision, calibration.schedule, config)
+            serve_caches_for_reconstruction(model, calibration.schedule, chosen[0])
+        try:
+            results = reconstruct(model, full_precision, block_units(model, full_precision, batches[0]), batches,
+                                  config.reconstruction, progress=inputs.progress)
+        finally:
+            restore_projections(model)
+        results = ([] if tib_result is None else [tib_result]) + results
+    else:
+        results = reconstruct_qdiff(model, full_precision, batches, config, progress=inputs.progress)
+    inputs.calibrate_timestep_tables(model)
+    record = reconstruction_record(results, config)
     if config.temporal_cache:
-        chosen = choose_temporal_caches(model, full_precision, timesteps, config)
-        serve_caches_for_reconstruction(model, timesteps, chosen[0])
-    units = block_units(model, full_precision, inputs[0])
-    try:
-        results = reconstruct(model, full_precision, units, inputs, config.reconstruction,
-                              progress=progress, cache_dir=cache_dir)
-    finally:
-        restore_projections(model)
-    return ([] if tib_result is None else [tib_result]) + results, chosen
+        record.update(maintain_temporal_features(model, full_precision, calibration.schedule, config, chosen))
+    return record
+
+
+def temporal_inputs(calibration: CalibrationSet) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the TIB is reconstructed on: every scheduled timestep, or for a class-conditional model every
+    (timestep, label) pair of the calibration data (the unconditional branch's null label included)."""
+    labels = calibration.conditions.get("class_labels")
+    if labels is None:
+        return calibration.schedule, None
+    pairs = torch.stack([calibration.timesteps.long(), labels.long()], dim=1).unique(dim=0)
+    return pairs[:, 0], pairs[:, 1]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Cache-based maintenance and disturbance-aware selection
 
 
-def quantize_rows(features: torch.Tensor, bits: int | None) -> TemporalFeatureCache:
+def quantize_rows(features: torch.Tensor, bits: int | None) -> StepTable:
     """A cache of `features` (timesteps, channels), each row quantized to `bits` on the min-max grid of that
     row alone; `bits=None` keeps the values."""
     if bits is None:
-        return TemporalFeatureCache(features, torch.ones(len(features)), torch.zeros(len(features)))
+        return StepTable(features, torch.ones(len(features)), torch.zeros(len(features)))
     low, high = features.min(dim=1, keepdim=True).values, features.max(dim=1, keepdim=True).values
     scale, zero_point = range_to_scale_zero_point(low, high, bits)
     codes = quantize_codes(features, scale, zero_point, bits).to(cache_code_dtype(bits))
-    return TemporalFeatureCache(codes, scale.flatten(), zero_point.flatten())
+    return StepTable(codes, scale.flatten(), zero_point.flatten())
 
 
 @torch.no_grad()
 def cached_temporal_features(
     full_precision: nn.Module, schedule: torch.Tensor, bits: int | None
-) -> dict[str, TemporalFeatureCache]:
+) -> dict[str, StepTable]:
     """{residual block: its cache}: the full-precision temporal feature of every block at every timestep of
     `schedule`, each row quantized to `bits` on its own range."""
     tib = find_tib(full_precision)
@@ -209,7 +218,7 @@ def cached_temporal_features(
 
 @torch.no_grad()
 def temporal_path_errors(
-    model: nn.Module, full_precision: nn.Module, schedule: torch.Tensor, cached: Mapping[str, TemporalFeatureCache]
+    model: nn.Module, full_precision: nn.Module, schedule: torch.Tensor, cached: Mapping[str, StepTable]
 ) -> dict[str, dict[str, Any]]:
     """Per residual block, the mean squared error over all timesteps of `schedule` against the full-precision
     temporal feature of the TIB path (the quantized model's TIB, with its timestep rows if it has tables)
@@ -228,7 +237,7 @@ def temporal_path_errors(
 
 
 def choose_temporal_caches(
-    model: nn.Module, full_precision: nn.Module, schedule: torch.Tensor, config: QuantConfig
+    model: nn.Module, full_precision: nn.Module, schedule: torch.Tensor, config: TFMQConfig
 ) -> ChosenCaches:
     """{residual block: its cache} for every block, or with `config.temporal_selection` only where the
     cache's error is not above the TIB path's (of `model` as it is now), and the selection's JSON entries."""
@@ -245,7 +254,7 @@ def maintain_temporal_features(
     model: nn.Module,
     full_precision: nn.Module,
     schedule: torch.Tensor,
-    config: QuantConfig,
+    config: TFMQConfig,
     chosen: ChosenCaches | None = None,
 ) -> dict[str, Any]:
     """The journal version's maintenance on the reconstructed (and FSC-calibrated) `model`: install the
@@ -276,7 +285,7 @@ class TemporalCacheStats:
 
 
 def temporal_cache_stats(model: nn.Module) -> TemporalCacheStats:
-    caches = [module for module in model.modules() if isinstance(module, TemporalFeatureCache)]
+    caches = [module for module in model.modules() if isinstance(module, StepTable)]
     return TemporalCacheStats(
         blocks=len(caches),
         steps=len(caches[0].codes) if caches else 0,

@@ -1,13 +1,13 @@
-"""What lives inside a quantized model: quantizers, quantized layers, and the per-timestep tables and
-caches with their row selection. Imports no calibration, method, CLI or progress-bar code, so loading and
+"""What lives inside a quantized model: quantizers, quantized layers, the per-timestep tables and caches,
+and the rows they are read at. Imports no calibration, method, CLI or progress-bar code, so loading and
 exporting a saved model need none."""
 
 from tfmq.quant.nn.attention import QuantAttnProcessor
 from tfmq.quant.nn.layers import QuantConv2d, QuantLayer, QuantLinear
 from tfmq.quant.nn.quantizer import UniformQuantizer
+from tfmq.quant.nn.step_table import StepRows, StepTable
 from tfmq.quant.nn.temporal import (
     SkippedTimestepEmbedding,
-    TemporalFeatureCache,
     TimestepTables,
     attach_timestep_schedule,
     install_temporal_cache,
@@ -23,7 +23,8 @@ __all__ = [
     "QuantLayer",
     "QuantLinear",
     "SkippedTimestepEmbedding",
-    "TemporalFeatureCache",
+    "StepRows",
+    "StepTable",
     "TimestepTables",
     "UniformQuantizer",
     "attach_timestep_schedule",

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tfmq.quant.config import RANGE_INITS
+from tfmq.quant.nn.step_table import StepRows, selected_rows
 
 QUANTIZER_BITS = range(2, 17)
 # Clipping candidates of the MSE search: the observed range shrunk by 1 - i * MSE_SHRINK_STEP,
@@ -120,10 +121,10 @@ class UniformQuantizer(nn.Module):
     `bits=None` makes the quantizer the identity (full precision).
 
     A per-tensor quantizer can carry a timestep table instead (finite-set calibration, see
-    `tfmq.quant.timestep_table`; `tfmq.quant.nn.temporal` selects the row): one step and zero point per
-    sampling timestep, buffers `table_scale`, `table_zero_point` and `table_initialized`, of which the
-    row `timestep_row` is used. The shared `scale` is then not used; a table without a selected row is
-    an error, never a fallback to it.
+    `tfmq.quant.timestep_table`): one step and zero point per sampling timestep, buffers `table_scale`,
+    `table_zero_point` and `table_initialized`, read at the row that the model's `step_rows` holds for the
+    call (`tfmq.quant.nn.step_table`). The shared `scale` is then not used; a table without a selected row
+    is an error, never a fallback to it.
     """
 
     def __init__(self, bits: int | None, *, channels: int | None = None, init: str = "mse") -> None:
@@ -145,7 +146,7 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("table_scale", None)
         self.register_buffer("table_zero_point", None)
         self.register_buffer("table_initialized", None)
-        self.timestep_row: int | None = None
+        self.step_rows: StepRows | None = None
 
     @property
     def per_channel(self) -> bool:
@@ -164,8 +165,9 @@ class UniformQuantizer(nn.Module):
         table = f", timestep_rows={len(self.table_scale)}" if self.has_timestep_table else ""
         return f"bits={self.bits}, {granularity}, init={self.init}, enabled={self.enabled}{table}"
 
-    def enable_timestep_table(self, rows: int) -> None:
-        """Give this quantizer `rows` ranges, one per sampling timestep, all still uncalibrated."""
+    def enable_timestep_table(self, rows: int, step_rows: StepRows) -> None:
+        """Give this quantizer `rows` ranges, one per sampling timestep, all still uncalibrated, read at the
+        rows of `step_rows` (the model's)."""
         if self.per_channel:
             raise ValueError("timestep tables are for per-tensor activation quantizers, this one is per channel")
         if self.bits is None:
@@ -178,7 +180,7 @@ class UniformQuantizer(nn.Module):
         self.table_scale = torch.ones(rows, device=device)
         self.table_zero_point = torch.zeros(rows, device=device)
         self.table_initialized = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.timestep_row = None
+        self.step_rows = step_rows
 
     def set_table_range(self, row: int, low: torch.Tensor, high: torch.Tensor) -> None:
         """Fix the grid of timestep row `row` to cover [low, high]."""
@@ -263,18 +265,17 @@ class UniformQuantizer(nn.Module):
         return self._broadcast(self.scale.clamp_min(MIN_SCALE), like), self._broadcast(self.zero_point, like)
 
     def _table_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        row = self.timestep_row
-        if row is None:
+        rows = selected_rows(self.step_rows, self)
+        if rows.numel() != 1:
+            raise ValueError(f"UniformQuantizer({self.extra_repr()}) has a timestep table: all samples of a "
+                             f"batch must share one timestep, got {rows.numel()} rows")
+        rows = rows.reshape(1)
+        if not bool(self.table_initialized[rows].all()):
             raise RuntimeError(
-                f"UniformQuantizer({self.extra_repr()}) has a timestep table but no timestep is selected: "
-                "call the model with its timestep, or use tfmq.quant.nn.selected_timestep(model, t)"
-            )
-        if not bool(self.table_initialized[row]):
-            raise RuntimeError(
-                f"UniformQuantizer({self.extra_repr()}) has no range for timestep row {row}: "
+                f"UniformQuantizer({self.extra_repr()}) has no range for timestep row {int(rows)}: "
                 "calibrate_timestep_tables has not calibrated it"
             )
-        return self.table_scale[row : row + 1].clamp_min(MIN_SCALE), self.table_zero_point[row : row + 1]
+        return self.table_scale[rows].clamp_min(MIN_SCALE), self.table_zero_point[rows]
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         if self._observation is not None:

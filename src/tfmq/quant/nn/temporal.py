@@ -1,19 +1,20 @@
-"""The modules a quantized UNet carries to serve each call from per-timestep tables, and the row selection
-they share.
+"""The modules a quantized UNet carries to serve each call from per-timestep tables, and how a UNet call
+selects their row.
 
 A sampler visits a finite, known list of timesteps (the schedule). Tables indexed by it (the FSC tables of
 activation quantizers, see `tfmq.quant.timestep_table`, and the temporal feature caches) hold one row per
-scheduled timestep, and the UNet picks the row of the timestep it is called with, so the quantized UNet
-stays a drop-in for diffusers pipelines (`unet(sample, t)`):
+scheduled timestep and read the row of the call from the model's `StepRows` (`tfmq.quant.nn.step_table`),
+so the quantized UNet stays a drop-in for diffusers pipelines (`unet(sample, t)`):
 
-- `attach_timestep_schedule` adds a `timestep_tables` submodule (the schedule, a buffer); a forward
-  pre-hook on the UNet turns the `timestep` argument into a row for every table, and a forward hook puts
-  the previous row back after the call.
+- `attach_timestep_schedule` adds a `timestep_tables` submodule (the schedule, a buffer, and the model's
+  `StepRows`); a forward pre-hook on the UNet turns the `timestep` argument into the row of the call, and
+  a forward hook puts the previous one back after it. Nothing else is written: the tables read the row.
 - The row is the position of t in the schedule, looked up by value. A timestep outside the schedule, or a
   batch mixing timesteps, is an error, never a fallback.
-- `TemporalFeatureCache` stands in for a residual block's `time_emb_proj`; when every block reads one,
-  `SkippedTimestepEmbedding` stands in for the time MLP. `install_temporal_cache` puts them in place,
-  `restore_temporal_cache` rebuilds them empty from a checkpoint's metadata, ready for its state.
+- A temporal feature cache (a `StepTable` quantized per row) stands in for a residual block's
+  `time_emb_proj`; when every block reads one, `SkippedTimestepEmbedding` stands in for the time MLP.
+  `install_temporal_cache` puts them in place, `restore_temporal_cache` rebuilds them empty from a
+  checkpoint's metadata, ready for its state.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from diffusers.models.normalization import AdaGroupNorm
 from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
 from torch import nn
 
-from tfmq.quant.nn.quantizer import UniformQuantizer
+from tfmq.quant.nn.step_table import StepRows, StepTable
 from tfmq.quant.tib import TemporalInformationBlock, find_tib
 
 TABLES_NAME = "timestep_tables"
@@ -40,46 +41,9 @@ SCHEDULE_KEY = f"{TABLES_NAME}.schedule"
 _KNOWN_FORWARDS = (UNet2DModel.forward, UNet2DConditionModel.forward)
 
 
-class TemporalFeatureCache(nn.Module):
-    """Stands in for a residual block's `time_emb_proj`: its output at every scheduled timestep, computed
-    ahead and quantized, one row per timestep of the schedule.
-
-    Buffers (saved with the model): `codes` (timesteps, channels), integers on each row's own grid
-    `scale` / `zero_point` (one per row); full-precision values are stored as float codes on the grid
-    (1, 0). The row is selected like the quantizers' tables, from the timestep of the UNet call; the
-    input (the time embedding) is read only for its batch size and dtype.
-    """
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        super().__init__()
-        if codes.dim() != 2 or scale.shape != (len(codes),) or zero_point.shape != (len(codes),):
-            raise ValueError(f"a temporal feature cache is codes (timesteps, channels) with one scale and zero point "
-                             f"per timestep; got {tuple(codes.shape)}, {tuple(scale.shape)}, {tuple(zero_point.shape)}")
-        self.register_buffer("codes", codes.detach().clone())
-        self.register_buffer("scale", scale.detach().float().clone())
-        self.register_buffer("zero_point", zero_point.detach().float().clone())
-        self.timestep_row: int | None = None
-
-    @property
-    def out_features(self) -> int:
-        return self.codes.shape[1]
-
-    def extra_repr(self) -> str:
-        return f"timestep_rows={self.codes.shape[0]}, out_features={self.out_features}, codes={self.codes.dtype}"
-
-    def values(self) -> torch.Tensor:
-        """The whole table, dequantized: (timesteps, channels), as `forward` serves it row by row."""
-        return (self.codes.float() - self.zero_point[:, None]) * self.scale[:, None]
-
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        row = self.timestep_row
-        if row is None:
-            raise RuntimeError(
-                f"TemporalFeatureCache({self.extra_repr()}) has no timestep selected: call the model with its "
-                "timestep, or use tfmq.quant.nn.selected_timestep(model, t)"
-            )
-        values = (self.codes[row].float() - self.zero_point[row]) * self.scale[row]
-        return values.to(embedding.dtype).expand(embedding.shape[0], -1)
+# A residual block's temporal feature at every scheduled timestep, computed ahead and quantized per row
+# (full-precision values are float codes on the grid (1, 0)): the step table that methods and checkpoints
+# build and look for under this name.
 
 
 class SkippedTimestepEmbedding(TimestepEmbedding):
@@ -99,12 +63,13 @@ class SkippedTimestepEmbedding(TimestepEmbedding):
 
 
 class TimestepTables(nn.Module):
-    """The schedule a model's timestep tables are indexed by, and the row in use.
+    """The schedule a model's timestep tables are indexed by, and the rows they serve.
 
     Lives in the UNet as the submodule `timestep_tables`; its `schedule` buffer (int64, the sampler's
-    timesteps in sampling order) is saved with the model's state. The row is state of the moment,
-    not saved: None outside a UNet call or `selected_timestep`. `scope` is the FSC scope of the
-    quantizer tables, "none" when only temporal feature caches use the rows.
+    timesteps in sampling order) is saved with the model's state. `step_rows` is shared by every table of
+    the model and holds the row of the call in progress, not saved: None outside a UNet call or
+    `selected_timestep`. `scope` is the FSC scope of the quantizer tables, "none" when only temporal
+    feature caches use the rows.
     """
 
     def __init__(self, schedule: torch.Tensor, scope: str, timestep_position: int) -> None:
@@ -112,8 +77,7 @@ class TimestepTables(nn.Module):
         self.register_buffer("schedule", schedule)
         self.scope = scope
         self.timestep_position = timestep_position  # index of `timestep` among the forward's arguments
-        self.current_row: int | None = None
-        self._rows_before_calls: list[int | None] = []
+        self.step_rows = StepRows()
 
     def extra_repr(self) -> str:
         return f"scope={self.scope}, steps={len(self.schedule)}"
@@ -139,14 +103,9 @@ class TimestepTables(nn.Module):
             )
         return int(matches[0])
 
-    def select(self, model: nn.Module, row: int | None) -> None:
-        """Make `row` the current one of every timestep table and feature cache in `model` (None: no row)."""
-        # Runs twice per UNet call: walks modules without building their names.
-        for module in model.modules():
-            if (isinstance(module, UniformQuantizer) and module.has_timestep_table) \
-                    or isinstance(module, TemporalFeatureCache):
-                module.timestep_row = row
-        self.current_row = row
+    def rows_of(self, timestep: torch.Tensor | int | float) -> torch.Tensor:
+        """The row of `timestep` as the tables take it: one row (0-d int64) for the whole batch."""
+        return torch.tensor(self.row_of(timestep), device=self.schedule.device)
 
 
 def timestep_tables(model: nn.Module) -> TimestepTables | None:
@@ -196,22 +155,24 @@ def _select_row_before_call(model: nn.Module, args: tuple, kwargs: dict) -> None
     tables = timestep_tables(model)
     if tables is None:
         return
-    # Saved first: the after-call hook runs even when this one raises.
-    tables._rows_before_calls.append(tables.current_row)
-    if "timestep" in kwargs:
-        timestep = kwargs["timestep"]
-    elif len(args) > tables.timestep_position:
-        timestep = args[tables.timestep_position]
-    else:
-        raise ValueError(f"{type(model).__name__} was called without a timestep: its activation tables "
-                         "need one to pick their row")
-    tables.select(model, tables.row_of(timestep))
+    rows = None
+    try:
+        if "timestep" in kwargs:
+            timestep = kwargs["timestep"]
+        elif len(args) > tables.timestep_position:
+            timestep = args[tables.timestep_position]
+        else:
+            raise ValueError(f"{type(model).__name__} was called without a timestep: its activation tables "
+                             "need one to pick their row")
+        rows = tables.rows_of(timestep)
+    finally:  # entered even on an error (no row then): the after-call hook runs anyway and leaves
+        tables.step_rows.enter(rows)
 
 
 def _restore_row_after_call(model: nn.Module, args: tuple, output: object) -> None:
     tables = timestep_tables(model)
-    if tables is not None and tables._rows_before_calls:
-        tables.select(model, tables._rows_before_calls.pop())
+    if tables is not None:
+        tables.step_rows.leave()
 
 
 @contextmanager
@@ -221,13 +182,9 @@ def selected_timestep(model: nn.Module, timestep: torch.Tensor | int | float) ->
     tables = timestep_tables(model)
     if tables is None:
         raise ValueError(f"{type(model).__name__} carries no timestep tables")
-    previous = tables.current_row
-    row = tables.row_of(timestep)
-    tables.select(model, row)
-    try:
-        yield row
-    finally:
-        tables.select(model, previous)
+    rows = tables.rows_of(timestep)
+    with tables.step_rows.serving(rows):
+        yield int(rows)
 
 
 def temporal_features_by_timestep(
@@ -259,7 +216,7 @@ def _time_embedding_unread(model: nn.Module, tib: TemporalInformationBlock) -> b
     if type(model).forward not in _KNOWN_FORWARDS or tib.class_embedding is not None:
         return False
     for module in model.modules():
-        if isinstance(module, ResnetBlock2D) and not isinstance(module.time_emb_proj, TemporalFeatureCache):
+        if isinstance(module, ResnetBlock2D) and not isinstance(module.time_emb_proj, StepTable):
             return False  # reads the embedding, projected or (without time_emb_proj) as it is
         if isinstance(module, (ResnetBlockCondNorm2D, AdaGroupNorm)):
             return False
@@ -276,7 +233,7 @@ def cache_code_dtype(bits: int | None) -> torch.dtype:
 
 
 def install_temporal_cache(
-    model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, TemporalFeatureCache]
+    model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, StepTable]
 ) -> bool:
     """Make `caches` ({residual block: its cache}) the `time_emb_proj` of their blocks, serving the row of
     `schedule` of each call; skip the time MLP when no block reads it any more. Returns whether it was
@@ -289,7 +246,7 @@ def install_temporal_cache(
     schedule = torch.as_tensor(schedule).cpu()
     tables = timestep_tables(model)
     if tables is None:
-        attach_timestep_schedule(model, schedule)
+        tables = attach_timestep_schedule(model, schedule)
     elif not torch.equal(tables.schedule.cpu(), schedule.to(tables.schedule.dtype)):
         raise ValueError(f"{type(model).__name__}'s timestep tables serve another schedule than the cache's")
     device = next(model.parameters()).device
@@ -298,6 +255,7 @@ def install_temporal_cache(
         expected = (len(schedule), block.time_emb_proj.out_features)
         if tuple(cache.codes.shape) != expected:
             raise ValueError(f"the cache of {resnet} has shape {tuple(cache.codes.shape)}, expected {expected}")
+        cache.step_rows = tables.step_rows
         block.time_emb_proj = cache.to(device)
     skipped = _time_embedding_unread(model, tib)
     if skipped and not isinstance(model.get_submodule(tib.time_embedding), SkippedTimestepEmbedding):
@@ -305,9 +263,10 @@ def install_temporal_cache(
     return skipped
 
 
-def restore_temporal_cache(model: nn.Module, schedule: torch.Tensor, blocks: Sequence[str], bits: int | None) -> bool:
-    """Empty caches (right shapes and dtypes) for `blocks`, ready for `load_state_dict`: what
-    `install_temporal_cache` built, rebuilt from a checkpoint's list of cached blocks and `a_bits`."""
+def restore_temporal_cache(model: nn.Module, schedule: torch.Tensor, blocks: Sequence[str],
+                           code_dtype: torch.dtype) -> bool:
+    """Empty caches (right shapes, codes of `code_dtype`) for `blocks`, ready for `load_state_dict`: what
+    `install_temporal_cache` built, rebuilt from a checkpoint's manifest."""
     caches = {}
     for block in blocks:
         try:
@@ -315,6 +274,5 @@ def restore_temporal_cache(model: nn.Module, schedule: torch.Tensor, blocks: Seq
         except AttributeError as exc:
             raise ValueError(f"{block} is not a residual block with a time_emb_proj") from exc
         steps = len(schedule)
-        caches[block] = TemporalFeatureCache(torch.zeros(steps, width, dtype=cache_code_dtype(bits)),
-                                             torch.ones(steps), torch.zeros(steps))
+        caches[block] = StepTable(torch.zeros(steps, width, dtype=code_dtype), torch.ones(steps), torch.zeros(steps))
     return install_temporal_cache(model, schedule, caches)

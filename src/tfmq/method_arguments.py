@@ -1,0 +1,99 @@
+"""The flags of `tfmq quantize` that make its config: each flag sets one config field and only when given,
+so what is not given is the config type's default (one set of defaults for the CLI, the demo and Python),
+and a flag of another method is a one-line error naming the flag."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+
+from tfmq.arguments import bit_width, finite_non_negative
+from tfmq.errors import TfmqError
+from tfmq.quant.config import (
+    CONFIG_TYPES,
+    FSC_SCOPES,
+    RANGE_INITS,
+    RECON_PRESETS,
+    LayerRule,
+    QuantConfig,
+    methods_with_field,
+)
+
+_BITS = r"(\d+|fp|none)"
+_LAYER_SPEC = re.compile(rf"(?:w{_BITS})?(?:a{_BITS})?")
+# argparse destination -> (config field, flag as the user typed it, value for the config)
+_FLAG_FIELDS = {
+    "w_bits": ("w_bits", "--w-bits", None), "a_bits": ("a_bits", "--a-bits", None),
+    "weight_init": ("weight_init", "--weight-init", None), "act_init": ("act_init", "--act-init", None),
+    "no_attention_quant": ("quantize_attention", "--no-attention-quant", False),
+    "fsc_scope": ("fsc_scope", "--fsc-scope", None), "preset": ("recon_preset", "--preset", None),
+    "memory_budget_mb": ("memory_budget_mb", "--memory-budget-mb", None),
+    "no_tiar": ("tiar", "--no-tiar", False), "temporal_cache": ("temporal_cache", "--temporal-cache", None),
+    "temporal_selection": ("temporal_selection", "--temporal-selection", None),
+}
+
+
+def layer_rule(text: str) -> LayerRule:
+    """PATTERN=SPEC: SPEC is `fp` (full precision) or weight and/or activation bits, e.g. `w8`, `a16`, `w8a8`."""
+    pattern, _, spec = text.rpartition("=")
+    match = _LAYER_SPEC.fullmatch(spec.lower())
+    if not pattern or not spec or (spec.lower() != "fp" and match is None):
+        raise argparse.ArgumentTypeError(f"a layer rule is PATTERN=fp or PATTERN=w<bits>a<bits> (e.g. "
+                                         f"'time_embedding*=w8'), got {text!r}")
+    try:
+        if spec.lower() == "fp":
+            return LayerRule.full_precision(pattern)
+        w_text, a_text = match.groups()
+        fields = {name: bit_width(value) for name, value in (("w_bits", w_text), ("a_bits", a_text)) if value}
+        return LayerRule(pattern, **fields)
+    except TfmqError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The method, bit widths and method settings; their defaults are the config types'."""
+    given = {"default": argparse.SUPPRESS}
+    parser.add_argument("--method", choices=sorted(CONFIG_TYPES), default="rtn")
+    parser.add_argument("--w-bits", type=bit_width, help="weight bits 2..8, or none (default 4; paper: --wq)",
+                        **given)
+    parser.add_argument("--a-bits", type=bit_width, **given,
+                        help="activation bits 4..16, or none (default 8; paper: --aq; --use_aq off = none)")
+    parser.add_argument("--preset", choices=list(RECON_PRESETS), **given,
+                        help="reconstruction length (qdiff, tfmq): 'fast' (default; 200 rounding steps a block) "
+                             "suits a CPU (minutes); 'balanced' (2k) is closer to FP for 3-5x the time; 'paper' "
+                             "is the authors' 20k (hours on a CPU)")
+    parser.add_argument("--fsc-scope", choices=list(FSC_SCOPES), **given,
+                        help="per-timestep activation ranges (FSC): for the temporal features, for every "
+                             "activation, or none (default: temporal for tfmq, none otherwise)")
+    parser.add_argument("--no-tiar", action="store_true", help="tfmq: reconstruct the TIB inside its blocks", **given)
+    parser.add_argument("--temporal-cache", action="store_true", **given,
+                        help="tfmq (journal): cache the quantized temporal features of every scheduled timestep")
+    parser.add_argument("--temporal-selection", action="store_true", **given,
+                        help="tfmq (journal): per block, keep the TIB path or the cache, whichever errs less")
+    parser.add_argument("--memory-budget-mb", type=finite_non_negative, **given,
+                        help="qdiff, tfmq: reconstruction caches beyond this go to disk (default 2048)")
+    parser.add_argument("--weight-init", choices=list(RANGE_INITS), **given, help="weight grid (default mse)")
+    parser.add_argument("--act-init", choices=list(RANGE_INITS), **given, help="activation ranges (default mse)")
+    parser.add_argument("--layer", type=layer_rule, action="append", default=[], metavar="PATTERN=SPEC",
+                        help="per-layer bits by module-name glob (or re:REGEX), after the default rules that keep "
+                             "conv_in and conv_out in fp: e.g. 'conv_in=w8a8', 'time_embedding=w8', "
+                             "'*.time_emb_proj=w8', 'mid_block=fp' (repeat for several; the last match wins)")
+    parser.add_argument("--no-attention-quant", action="store_true", help="leave the attention matmuls in fp",
+                        **given)
+
+
+def config_from_arguments(args: argparse.Namespace) -> QuantConfig:
+    """The config of `--method` with the fields of the flags given."""
+    config_type = CONFIG_TYPES[args.method]
+    known = {field.name: field for field in dataclasses.fields(config_type)}
+    fields = {}
+    for destination, (name, flag, fixed) in _FLAG_FIELDS.items():
+        if destination not in args:
+            continue
+        if name not in known:
+            raise TfmqError(f"{flag} applies to method {', '.join(methods_with_field(name))}, not {args.method}")
+        fields[name] = getattr(args, destination) if fixed is None else fixed
+    if args.layer:
+        fields["layers"] = (*known["layers"].default, *args.layer)
+    return config_type(**fields)
