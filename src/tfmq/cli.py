@@ -278,7 +278,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         calibration = CalibrationSet.load(args.calib_load)
         calibration.check_made_for(model.unet, sampler, _guidance_scale(args, model))
     else:
-        settings = CalibrationSettings(args.calib_samples, sampler, args.interval_length, args.seed, args.batch_size)
+        given = {field: getattr(args, field) for field in ("num_samples", "interval_length") if field in args}
+        settings = CalibrationSettings(sampler=sampler, seed=args.seed, batch_size=args.batch_size, **given)
         calibration = calibrate(model, settings, conditioning_for, progress=not args.quiet)
         if args.calib_save is not None:
             calibration.save(args.calib_save)
@@ -297,7 +298,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from tfmq.report import format_table
 
     _output_folder(args, args.out, DEMO_KIND)
-    settings = DemoSettings(num_images=args.num, steps=args.steps, seed=args.seed)
+    settings = DemoSettings(**{field: getattr(args, field) for field in ("num_images", "steps", "seed") if field in args})
     summary = run_demo(args.out, settings, progress=not args.quiet, overwrite=args.overwrite)
     print(format_table(summary["rows"], ["model", "fid", "sfid", "is", "fid_to_fp", "psnr_to_fp", "ssim_to_fp"]))
     print(f"weights {summary['fp32_unet_mb']:.2f} MB fp32 -> {summary['quantized_file_mb']:.2f} MB; "
@@ -397,10 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="shipped model name, diffusers-layout folder, or single-file checkpoint")
     add_model_config_argument(quantize)
     add_method_arguments(quantize)
-    quantize.add_argument("--calib-samples", type=positive, default=64,
-                          help="calibration trajectories (seeds); every step of each is recorded")
-    quantize.add_argument("--interval-length", type=positive, default=5,
-                          help="weight reconstruction uses every n-th sampling step (paper: --interval_length)")
+    quantize.add_argument("--calib-samples", dest="num_samples", type=positive, default=argparse.SUPPRESS,
+                          help="calibration trajectories (seeds; default 64); every step of each is recorded")
+    quantize.add_argument("--interval-length", type=positive, default=argparse.SUPPRESS,
+                          help="weight reconstruction uses every n-th sampling step (default 5; paper: "
+                               "--interval_length)")
     quantize.add_argument("--calib-save", type=Path, default=None,
                           help="save the calibration set (paper: --cali_save_path)")
     quantize.add_argument("--calib-load", type=Path, default=None,
@@ -414,9 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="quantize the shipped model with TFMQ W4A8 and compare it with FP")
     demo.add_argument("--out", type=Path, default=Path("tfmq-demo"), help="output folder (written whole when done)")
     add_overwrite_argument(demo)
-    demo.add_argument("--num", type=positive, default=256, help="images per model (same seeds)")
-    demo.add_argument("--steps", type=positive, default=100)
-    demo.add_argument("--seed", type=non_negative, default=0)
+    demo.add_argument("--num", dest="num_images", type=positive, default=argparse.SUPPRESS,
+                      help="images per model (same seeds; default 256)")
+    demo.add_argument("--steps", type=positive, default=argparse.SUPPRESS, help="DDIM steps (default 100)")
+    demo.add_argument("--seed", type=non_negative, default=argparse.SUPPRESS, help="default 0")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
