@@ -181,7 +181,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from tfmq.export import OnnxUNet
-    from tfmq.export.timing import time_steps
+    from tfmq.export.timing import time_engines
     from tfmq.files import owned_json, stamped, write_json
     from tfmq.report import format_table
 
@@ -195,22 +195,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         engine = OnnxUNet(path, threads=args.threads)
         engines[f"onnxruntime {engine.info.format} {path.name}"] = engine
         files[path.name] = path.stat().st_size
-    schedules = [engine.info.schedule for engine in engines.values() if getattr(engine, "info", None)
-                 and engine.info.schedule]
-    timestep = int(schedules[0][len(schedules[0]) // 2]) if schedules else 500
-    config = model.unet.config
-    # one step of the model as sampling calls it: a calibration prompt's conditional branch
-    conditioning = model.conditioning(1, prompts=model.calibration_prompts())
-    rows = []
-    for batch in args.batch:
-        inputs = {"sample": torch.randn(batch, config.in_channels, config.sample_size, config.sample_size),
-                  "timestep": timestep}
-        if conditioning is not None:
-            inputs.update({key: value[:1].expand(batch, *value.shape[1:]) for key, value in
-                           conditioning.per_image.items()})
-        seconds = time_steps(engines, inputs, args.repeats)
-        rows += [{"engine": name, "batch": batch, "ms_per_step": value * 1000,
-                  "speedup_vs_torch_fp32": seconds["torch fp32"] / value} for name, value in seconds.items()]
+    timestep, rows = time_engines(model, engines, args.batch, args.repeats)
     print(format_table(rows, ("engine", "batch", "ms_per_step", "speedup_vs_torch_fp32")))
     fp32_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
     for name, size in files.items():

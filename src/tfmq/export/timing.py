@@ -6,7 +6,8 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -31,3 +32,27 @@ def time_steps(engines: Mapping[str, Engine], inputs: Mapping[str, object], repe
                     engine(**inputs)
                     timings[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in timings.items()}
+
+
+def time_engines(model: Any, engines: Mapping[str, Engine], batches: Sequence[int],
+                 repeats: int) -> tuple[int, list[dict[str, Any]]]:
+    """One step of `model` (a `DiffusionModel`) as sampling calls it, timed on every engine at each batch size:
+    the timestep (the middle of an exported schedule, else 500) and a row per engine and batch, with its speedup
+    over the engine named "torch fp32"."""
+    schedules = [engine.info.schedule for engine in engines.values() if getattr(engine, "info", None)
+                 and engine.info.schedule]
+    timestep = int(schedules[0][len(schedules[0]) // 2]) if schedules else 500
+    config = model.unet.config
+    # a calibration prompt's conditional branch, for a conditional model
+    conditioning = model.conditioning(1, prompts=model.calibration_prompts())
+    rows = []
+    for batch in batches:
+        inputs = {"sample": torch.randn(batch, config.in_channels, config.sample_size, config.sample_size),
+                  "timestep": timestep}
+        if conditioning is not None:
+            inputs.update({key: value[:1].expand(batch, *value.shape[1:]) for key, value in
+                           conditioning.per_image.items()})
+        seconds = time_steps(engines, inputs, repeats)
+        rows += [{"engine": name, "batch": batch, "ms_per_step": value * 1000,
+                  "speedup_vs_torch_fp32": seconds["torch fp32"] / value} for name, value in seconds.items()]
+    return timestep, rows
