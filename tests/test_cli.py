@@ -150,6 +150,7 @@ def test_tampered_quantized_checkpoint(capsys, tmp_path, tiny_model_folder):
 def test_quantize_with_block_reconstruction(capsys, tmp_path, tiny_model_folder):
     code, out, _ = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--method", "qdiff", "--preset", "fast")
     assert code == 0 and "qdiff" in out and "fast" in out and "--preset balanced" in out
+    assert not (tmp_path / "q.tfmq-checkpoints").exists()  # the run's unit checkpoints go once it is saved
     metadata = json.loads((tmp_path / "q" / "quantization.json").read_text())
     assert metadata["provenance"]["quant_config"]["recon_preset"] == "fast" and metadata["provenance"]["method_results"]["reconstruction"]
 

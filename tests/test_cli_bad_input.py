@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tfmq.cli import main
 from tfmq.files import PREVIOUS_TAG, STAGING_TAG
@@ -48,6 +49,8 @@ TABLE = {
         ("--engine onnxruntime --onnx {missing}", "does not exist"),
         ("--engine onnxruntime --onnx {user_file}", "ONNX"),
         ("--sampler euler", "invalid choice"),
+        ("--device cuda:x", "device must be"),
+        *([("--device cuda", "no CUDA GPU"), ("--device cuda:1", "no CUDA GPU")] if not torch.cuda.is_available() else []),
     ],
     "quantize": [
         ("--w-bits 1", "w_bits"),
@@ -62,6 +65,9 @@ TABLE = {
         ("--calib-load {user_file}", "calibration"),
         ("--calib-save {empty}", "is a folder"),
         ("--calib-save {user_file}", "not written by tfmq"),
+        ("--out {blocked} --method tfmq", "blocked.tfmq-checkpoints exists and it was not written by tfmq"),
+        ("--device tpu", "device must be"),
+        ("--dtype float64", "invalid choice"),
         ("--layer *=fp", "keep them all in full precision"),
         ("--layer conv_in=w1", "w_bits"),
         ("--layer conv_in", "a layer rule is PATTERN=fp"),
@@ -125,7 +131,9 @@ def place(tmp_path_factory) -> dict[str, Path]:
     """A folder of bad inputs: missing paths, a user's file and folder, broken configs, non-images."""
     root = tmp_path_factory.mktemp("bad_input")
     paths = {name: root / name for name in ("missing", "user_file", "user_folder", "empty", "list_config",
-                                            "binary_config", "not_images", "images", "new")}
+                                            "binary_config", "not_images", "images", "new", "blocked")}
+    (root / "blocked.tfmq-checkpoints").mkdir()
+    (root / "blocked.tfmq-checkpoints" / "notes.txt").write_text("keep\n")
     paths["user_file"].write_text("a user's notes\n")
     paths["user_folder"].mkdir()
     (paths["user_folder"] / "notes.txt").write_text("keep\n")

@@ -78,6 +78,15 @@ def add_model_config_argument(parser: argparse.ArgumentParser) -> None:
                              "text_encoder/, tokenizer/, scheduler/; no weights)")
 
 
+def add_device_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N, or auto (the first GPU if there is one; default)")
+    if dtype:
+        parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                            help="the UNet's dtype (default float32, or the one a --quantized folder records); "
+                                 "quantizer grids stay float32")
+
+
 def one_line(message: str) -> str:
     return " ".join(message.split())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from tfmq.arguments import (
     DEFAULT_GUIDANCE_SCALE,
     Parser,
+    add_device_arguments,
     add_model_config_argument,
     add_overwrite_argument,
     add_sampler_arguments,
@@ -86,12 +88,17 @@ def _conditioning(args: argparse.Namespace, model, num_images: int, prompts: lis
 def _base_model(args: argparse.Namespace, recorded: dict | None = None):
     """--model (a single-file checkpoint with --model-config), else the base model a quantized folder or an
     exported graph recorded, else fashion-ddpm."""
+    from tfmq.devices import resolve_device, resolve_dtype
     from tfmq.models.loading import load_model
 
+    device = resolve_device(getattr(args, "device", "cpu"))  # before loading: a missing GPU fails at once
+    dtype = resolve_dtype(getattr(args, "dtype", None) or (recorded or {}).get("dtype"))
     if args.model is not None:
-        return load_model(args.model, config=args.model_config)
-    recorded = recorded or {"source": "fashion-ddpm"}
-    return load_model(recorded["source"], config=args.model_config or recorded.get("config") or None)
+        model = load_model(args.model, config=args.model_config)
+    else:
+        recorded = recorded or {"source": "fashion-ddpm"}
+        model = load_model(recorded["source"], config=args.model_config or recorded.get("config") or None)
+    return model.to(device, dtype)
 
 
 def _load_unet(args: argparse.Namespace):
@@ -106,6 +113,7 @@ def _load_unet(args: argparse.Namespace):
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
+    from tfmq import distributed
     from tfmq.images import save_image_folder
     from tfmq.models.loading import cycled
     from tfmq.sampling import check_sample, sample
@@ -116,12 +124,17 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         model, unet, source = _load_engine(args, config)
     else:
         model, unet, source = _load_unet(args)
+    if distributed.is_active():  # each rank read its own files
+        from tfmq.quant.provenance import model_fingerprint
+
+        distributed.check_same_on_all_ranks(source if args.engine == "onnxruntime" else model_fingerprint(unet),
+                                            "the model")
     check_sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size)  # before encoding prompts
     prompts = _prompts(args)
     conditioning = _conditioning(args, model, args.num, prompts)
     started = time.perf_counter()
-    images = sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size, not args.quiet,
-                    conditioning=conditioning, decoder=model.decoder)
+    images = sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size,
+                    not args.quiet and distributed.is_main(), conditioning=conditioning, decoder=model.decoder)
     seconds = time.perf_counter() - started
     metadata = {"model": source, "seed": args.seed, "sampler": config.to_dict(), "seconds": round(seconds, 2)}
     if conditioning is not None:
@@ -130,8 +143,9 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             metadata["class_labels"] = conditioning.per_image["class_labels"].tolist()
         else:
             metadata["prompts"] = cycled(prompts, args.num)
-    out = save_image_folder(images, args.out, metadata, overwrite=args.overwrite, protected=_input_paths(args))
-    print(f"{len(images)} images in {seconds:.1f} s -> {out} (grid: {out / 'grid.png'})")
+    if distributed.is_main():  # every rank holds the images; one writes them
+        out = save_image_folder(images, args.out, metadata, overwrite=args.overwrite, protected=_input_paths(args))
+        print(f"{len(images)} images in {seconds:.1f} s -> {out} (grid: {out / 'grid.png'})")
 
 
 def _load_engine(args: argparse.Namespace, config):
@@ -235,8 +249,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    from tfmq.files import owned_safetensors
-    from tfmq.pipeline import CalibrationSettings, calibrate, quantize_and_save
+    from tfmq import distributed
+    from tfmq.files import check_output_folder, owned_safetensors
+    from tfmq.pipeline import CalibrationSettings, calibrate, checkpoint_folder, quantize_and_save
+    from tfmq.quant.config import QDiffusionConfig
+    from tfmq.quant.methods.resume import RESUME_KIND, finished_units
     from tfmq.quant.calibration import CalibrationSet
     from tfmq.method_arguments import config_from_arguments
     from tfmq.quant.wrap import layers_to_quantize
@@ -245,9 +262,15 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
     config = config_from_arguments(args)
     _output_folder(args, args.out, CHECKPOINT_KIND)
+    check_output_folder(checkpoint_folder(args.out), RESUME_KIND)  # absent, or the checkpoints of a run
     _output_file(args, args.calib_save, owned_safetensors)
     sampler = _sampler_config(args)
     model = _base_model(args)
+    if distributed.is_active():  # each rank read its own files
+        from tfmq.quant.provenance import model_fingerprint
+
+        distributed.check_same_on_all_ranks(model_fingerprint(model.unet), "the model")
+    progress = not args.quiet and distributed.is_main()
     # what would fail after the calibration work fails now: the step count, layer rules that keep everything
     sampling_timesteps(model.scheduler, sampler)
     try:
@@ -265,11 +288,18 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     else:
         given = {field: getattr(args, field) for field in ("num_samples", "interval_length") if field in args}
         settings = CalibrationSettings(sampler=sampler, seed=args.seed, batch_size=args.batch_size, **given)
-        calibration = calibrate(model, settings, conditioning_for, progress=not args.quiet)
-        if args.calib_save is not None:
+        calibration = calibrate(model, settings, conditioning_for, progress=progress)
+        if args.calib_save is not None and distributed.is_main():  # every rank holds the whole set
             calibration.save(args.calib_save)
+    resumable = not args.no_resume and isinstance(config, QDiffusionConfig)  # the methods that reconstruct
+    finished = finished_units(checkpoint_folder(args.out)) if resumable else 0
+    if finished and distributed.is_main():
+        print(f"continuing from {finished} finished reconstruction units in {checkpoint_folder(args.out)}",
+              file=sys.stderr)
     _, report = quantize_and_save(model, config, calibration, args.out, conditioning_for=conditioning_for,
-                                  overwrite=args.overwrite, progress=not args.quiet)
+                                  overwrite=args.overwrite, progress=progress, resumable=resumable)
+    if report is None:  # another rank saved the model and reports
+        return
     print(format_table([report.row()]))
     out = report.out
     print(f"quantized model -> {out}")
@@ -335,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="shipped model name, diffusers-layout folder or single-file checkpoint (default "
                              "fashion-ddpm, or the base model recorded in --quantized)")
     add_model_config_argument(sample)
+    add_device_arguments(sample)
     sample.add_argument("--quantized", type=Path, default=None, help="a folder written by `tfmq quantize`")
     sample.add_argument("--num", type=positive, default=64, help="number of images")
     sample.add_argument("--out", type=Path, required=True, help="output folder (written whole when done)")
@@ -369,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "graphs, same process, as ratios")
     bench.add_argument("--model", default=None, help="base model (default fashion-ddpm, or --quantized's)")
     add_model_config_argument(bench)
+    add_device_arguments(bench, dtype=False)
     bench.add_argument("--quantized", type=Path, default=None, help="also time the fake-quant model of this folder")
     bench.add_argument("--onnx", type=Path, nargs="*", default=[], help="graphs written by `tfmq export`")
     bench.add_argument("--batch", type=positive, nargs="+", default=[1, 64])
@@ -382,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--model", default="fashion-ddpm",
                           help="shipped model name, diffusers-layout folder, or single-file checkpoint")
     add_model_config_argument(quantize)
+    add_device_arguments(quantize)
     add_method_arguments(quantize)
     quantize.add_argument("--calib-samples", dest="num_samples", type=positive, default=argparse.SUPPRESS,
                           help="calibration trajectories (seeds; default 64); every step of each is recorded")
@@ -395,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", type=Path, required=True, help="output folder (written whole when done)")
     add_overwrite_argument(quantize)
     quantize.add_argument("--quiet", action="store_true", help="no progress bars")
+    quantize.add_argument("--no-resume", action="store_true",
+                          help="keep no per-unit checkpoints (default: qdiff/tfmq checkpoint each reconstruction "
+                               "unit in OUT.tfmq-checkpoints, and the same command continues an interrupted run)")
     add_sampler_arguments(quantize)
     quantize.set_defaults(func=_cmd_quantize)
 
@@ -455,7 +491,17 @@ def main(argv: list[str] | None = None) -> int:
         # must be set before torch starts its thread pool (the CLI imports torch lazily)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        args.func(args)
+        with contextlib.ExitStack() as stack:
+            if os.environ.get("WORLD_SIZE", "1") != "1":  # one of several processes started by torchrun
+                if args.command not in ("sample", "quantize"):
+                    raise TfmqError(f"tfmq {args.command} runs in one process: start it without torchrun")
+                from tfmq import distributed
+
+                device = stack.enter_context(distributed.process_group(args.device))
+                distributed.check_same_on_all_ranks({key: value for key, value in vars(args).items() if key != "func"},
+                                                    "the command line")
+                args.device = str(device)  # --device cuda: this rank's GPU
+            args.func(args)
     except TfmqError as exc:
         print(f"tfmq: error: {one_line(str(exc))}", file=sys.stderr)
         return 2

@@ -237,6 +237,29 @@ def atomic_directory(path: str | Path, *, kind: str = "output", overwrite: bool 
         raise
 
 
+def remove_output_folder(path: str | Path, kind: str) -> bool:
+    """Delete a tfmq output folder of `kind` holding nothing but what tfmq wrote; anything else stays.
+    Returns whether it was deleted."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir() or _owned_folder(path, kind) is not None:
+        return False
+    shutil.rmtree(path)
+    return True
+
+
+def start_output_folder(path: str | Path, kind: str) -> Path:
+    """Make an empty tfmq output folder of `kind` that grows file by file (`add_to_output_folder`), such as
+    a run's checkpoints; the caller has checked the path (`check_output_folder`)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _chmod_default(path, directory=True)
+        _write_marker(path, kind)
+    except OSError as exc:
+        raise TfmqError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
 def add_to_output_folder(folder: Path, name: str) -> None:
     """Record in a tfmq output folder's marker that tfmq also wrote `name` there (e.g. eval's metrics.json),
     so the folder stays replaceable. A folder without a marker is left as it is."""

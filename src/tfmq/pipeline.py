@@ -11,16 +11,19 @@ from typing import Any
 
 from torch import nn
 
+from tfmq import distributed
 from tfmq.models.loading import DiffusionModel
 from tfmq.quant.api import quantize, relative_output_error
 from tfmq.quant.calibration import CalibrationSet, collect_calibration
 from tfmq.quant.checkpoint import WEIGHTS_FILE, save_quantized
 from tfmq.quant.config import QuantConfig
+from tfmq.quant.methods.resume import remove_checkpoints
 from tfmq.sampling import Conditioning, SamplerConfig
 
 # The held-out error: this many trajectories of the next seed, every `HELD_OUT_INTERVAL`-th step of each.
 HELD_OUT_TRAJECTORIES = 8
 HELD_OUT_INTERVAL = 10
+CHECKPOINTS_SUFFIX = ".tfmq-checkpoints"
 # One condition per trajectory (None for an unconditional model): how many conditions -> conditioning.
 ConditioningFor = Callable[[int], "Conditioning | None"]
 
@@ -69,20 +72,35 @@ def calibrate(model: DiffusionModel, settings: CalibrationSettings, conditioning
                                conditioning_for(settings.num_samples))
 
 
+def checkpoint_folder(out: str | Path) -> Path:
+    """Where the per-unit checkpoints of a quantization to `out` go while it runs: beside it."""
+    out = Path(out)
+    return out.with_name(out.name + CHECKPOINTS_SUFFIX)
+
+
 def quantize_and_save(
     model: DiffusionModel, config: QuantConfig, calibration: CalibrationSet, out: str | Path, *,
-    conditioning_for: ConditioningFor, overwrite: bool = False, progress: bool = True,
-) -> tuple[nn.Module, QuantizationReport]:
+    conditioning_for: ConditioningFor, overwrite: bool = False, progress: bool = True, resumable: bool = False,
+) -> tuple[nn.Module, QuantizationReport | None]:
     """Quantize `model.unet` on `calibration`, save it to `out`, and measure its relative output error on
-    held-out trajectories (the next seed, `conditioning_for` them)."""
+    held-out trajectories (the next seed, `conditioning_for` them). `resumable`: checkpoint every
+    reconstruction unit in `checkpoint_folder(out)`, continue from there if an earlier run was interrupted,
+    and delete the folder once the model is saved. Under a process group (`tfmq.distributed`) every rank
+    quantizes, only the main one saves and reports: the others get None for the report."""
+    checkpoints = checkpoint_folder(out) if resumable else None
     quantized = quantize(model.unet, config, calibration, source=model.source,
-                         config_folder=model.reference.get("config", ""), progress=progress)
-    folder = save_quantized(quantized, out, overwrite=overwrite)
+                         config_folder=model.reference.get("config", ""), progress=progress,
+                         checkpoint_dir=checkpoints)
+    folder = save_quantized(quantized, out, overwrite=overwrite) if distributed.is_main() else None
+    if checkpoints is not None and folder is not None:
+        remove_checkpoints(checkpoints)
     recorded = quantized.tfmq_info.calibration
     provenance = calibration.provenance
     held_out = collect_calibration(model.unet, model.scheduler, HELD_OUT_TRAJECTORIES, provenance.sampler,
                                    HELD_OUT_INTERVAL, provenance.seed + 1, progress=False,
-                                   conditioning=conditioning_for(HELD_OUT_TRAJECTORIES))
+                                   conditioning=conditioning_for(HELD_OUT_TRAJECTORIES))  # by every rank
+    if folder is None:
+        return quantized, None
     report = QuantizationReport(
         out=folder, config=config, calibration_samples=len(calibration),
         collect_seconds=provenance.collect_seconds or 0.0, quantize_seconds=recorded["quantize_seconds"],

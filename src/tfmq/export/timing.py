@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from tfmq.devices import module_device, module_dtype
+
 # An engine: anything called like a diffusers UNet with keyword inputs.
 Engine = Callable[..., object]
 
@@ -26,10 +28,15 @@ def time_steps(engines: Mapping[str, Engine], inputs: Mapping[str, object], repe
     with torch.no_grad():
         for _ in range(rounds):
             for name, engine in engines.items():
-                engine(**inputs)
+                device, dtype = module_device(engine), module_dtype(engine)
+                engine_inputs = {key: value.to(device, dtype if value.is_floating_point() else value.dtype)
+                                 if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+                engine(**engine_inputs)
                 for _ in range(repeats):
                     started = time.perf_counter()
-                    engine(**inputs)
+                    engine(**engine_inputs)
+                    if device.type == "cuda":  # the call returns once queued: wait for the kernels
+                        torch.cuda.synchronize(device)
                     timings[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in timings.items()}
 

@@ -23,6 +23,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
+from tfmq.devices import module_device, module_dtype
 from tfmq.errors import TfmqError
 from tfmq.sampling.guidance import Conditioning
 
@@ -63,6 +64,15 @@ class DiffusionModel:
             reference["config"] = str(self.config_folder.resolve())
         return reference
 
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> DiffusionModel:
+        """Move the UNet (cast to `dtype` if given) and the networks around it to `device`, in place. The
+        autoencoder and text encoder keep their dtype: they run once per image, not once per step."""
+        self.unet.to(device=device, dtype=dtype)
+        for component in self.components.values():
+            if isinstance(component, nn.Module):
+                component.to(device)
+        return self
+
     def calibration_prompts(self) -> list[str] | None:
         """The prompts a text-conditional model folder suggests for calibration (`calibration_prompts.txt`),
         used when the user gives none."""
@@ -96,6 +106,7 @@ class DiffusionModel:
         """Images in [-1, 1] from the sampler's latents, as the diffusers pipelines decode them."""
         autoencoder = self.autoencoder
         with torch.no_grad():
+            latents = latents.to(module_device(autoencoder), module_dtype(autoencoder))
             return autoencoder.decode(latents / autoencoder.config.scaling_factor).sample.clamp(-1.0, 1.0)
 
     @property
@@ -109,7 +120,8 @@ class DiffusionModel:
         tokenizer = self.components["tokenizer"]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        return self.components["text_encoder"](ids)[0]
+        encoder = self.components["text_encoder"]
+        return encoder(ids.to(module_device(encoder)))[0]
 
     def conditioning(
         self, num_images: int, *, prompts: list[str] | None = None, labels: list[int] | None = None,
@@ -136,8 +148,8 @@ class DiffusionModel:
         bad = [label for label in labels if not 0 <= label < self.num_classes]
         if bad:
             raise TfmqError(f"class labels {bad} out of range: {self.source} draws classes 0..{self.num_classes - 1}")
-        chosen = torch.as_tensor(cycled(labels, num_images))
-        return Conditioning({"class_labels": chosen}, {"class_labels": torch.tensor([self.num_classes])},
+        chosen = torch.as_tensor(cycled(labels, num_images), device="cpu")
+        return Conditioning({"class_labels": chosen}, {"class_labels": torch.tensor([self.num_classes], device="cpu")},
                             guidance_scale)
 
     def pipeline(self, unet: nn.Module | None = None):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from tfmq.devices import module_device, on_device
 from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.wrap import observe_activations, set_quant_state
 
@@ -18,7 +19,8 @@ def calibrate_activation_ranges(
     (the activations the deployed model will see), then fix each range by its init method."""
     set_quant_state(model, weight=True, act=False)
     batches = calibration.batches(batch_size)
+    device = module_device(model)
     with observe_activations(model):
         for inputs in tqdm(batches, desc="activation ranges", unit="batch", disable=not progress):
-            model(**inputs)
+            model(**on_device(inputs, device))
     set_quant_state(model, weight=True, act=True)

@@ -5,24 +5,28 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 import tfmq.quant.methods  # noqa: F401  (registers the built-in methods)
+from tfmq import distributed
+from tfmq.devices import module_device, resolve_device
 from tfmq.errors import TfmqError
 from tfmq.quant.activation_ranges import calibrate_activation_ranges
 from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.config import QuantConfig
 from tfmq.quant.methods.registry import MethodInputs, handler_for
-from tfmq.quant.provenance import Provenance
+from tfmq.quant.methods.resume import UnitCheckpoints
+from tfmq.quant.provenance import Provenance, model_fingerprint
 from tfmq.quant.wrap import quantize_model
 
 
 def quantize(
     unet: nn.Module, config: QuantConfig, calibration: CalibrationSet, *, source: str = "", config_folder: str = "",
-    progress: bool = True,
+    progress: bool = True, device: str | torch.device | None = None, checkpoint_dir: str | Path | None = None,
 ) -> nn.Module:
     """A quantized copy of `unet` calibrated by the method of `config`'s type; `unet` stays full precision.
 
@@ -33,10 +37,21 @@ def quantize(
     its `Provenance` as `tfmq_info` (`source` and `config_folder`: where the base model was loaded from),
     which `save_quantized` writes beside the model. With timestep tables or caches it must be called with the
     timesteps of `calibration.schedule`: sample with the schedule the calibration data was recorded on.
+
+    Everything runs where `unet` is, in its dtype (float16 and bfloat16 too; the quantizers' grids are float32);
+    `device` ("cuda", "cuda:1", "auto", ...) moves `unet` there first, in place. The calibration set stays in
+    host memory, a batch at a time going to the device.
+
+    With `checkpoint_dir` every reconstruction unit is checkpointed there as it finishes, and a call with the
+    same arguments after an interruption continues from the last finished unit to the same model, bit for bit
+    (`tfmq.quant.methods.resume`); the folder stays until the caller deletes it (`quantize_and_save` does once
+    the model is saved). A folder of another config, model or calibration set is an error.
     """
     if not isinstance(config, QuantConfig):
         raise TfmqError(f"config must be a method's QuantConfig (RTNConfig, TFMQConfig, ...), got {config!r}")
     handler = handler_for(config)
+    if device is not None:
+        unet.to(resolve_device(device))
     if len(calibration) == 0:
         raise TfmqError("the calibration set is empty")
     started = time.perf_counter()
@@ -45,11 +60,19 @@ def quantize(
         if config.a_bits is not None:
             activation_data = calibration.per_step(config.act_samples_per_step)
             calibrate_activation_ranges(model, activation_data, config.batch_size, progress)
-        results = handler(model, MethodInputs(unet, config, calibration, progress))
+        checkpoints = None if checkpoint_dir is None else UnitCheckpoints.open(
+            checkpoint_dir, run_identity(config, unet, calibration), writer=distributed.is_main())
+        results = handler(model, MethodInputs(unet, config, calibration, progress, checkpoints))
     model.tfmq_info = Provenance.of(config, unet, source=source, config_folder=config_folder,
                                     calibration=calibration_record(calibration, time.perf_counter() - started),
                                     method_results=results)
     return model.eval()
+
+
+def run_identity(config: QuantConfig, unet: nn.Module, calibration: CalibrationSet) -> dict[str, Any]:
+    """What makes two quantize calls the same run: checkpoints of one are never mixed into another."""
+    return {"quant_config": config.to_dict(), "base_model": model_fingerprint(unet),
+            "calibration": calibration.digest()}
 
 
 def calibration_record(calibration: CalibrationSet, quantize_seconds: float) -> dict[str, Any]:
@@ -68,9 +91,9 @@ def relative_output_error(quantized: nn.Module, full_precision: nn.Module, held_
     """||eps_q - eps_fp|| / ||eps_fp|| over `held_out` (UNet inputs the calibration never saw), called one
     timestep at a time as a sampler calls it (per-timestep tables select their row by it)."""
     error_sq = reference_sq = 0.0
-    for inputs in held_out.timestep_groups():
-        reference = full_precision(**inputs).sample
-        error_sq += (quantized(**inputs).sample - reference).pow(2).sum().item()
+    for inputs in held_out.timestep_groups(module_device(quantized)):
+        reference = full_precision(**inputs).sample.float()
+        error_sq += (quantized(**inputs).sample.float() - reference).pow(2).sum().item()
         reference_sq += reference.pow(2).sum().item()
     return (error_sq / reference_sq) ** 0.5
 

@@ -23,6 +23,7 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 
+from tfmq import distributed
 from tfmq.errors import TfmqError
 from tfmq.files import WRITTEN_BY, write_bytes_atomic
 from tfmq.sampling import Conditioning, SamplerConfig, distinct_timesteps, sample, sampling_timesteps
@@ -79,7 +80,7 @@ class CalibrationSet:
                               self.interval_length, {key: value[keep] for key, value in self.conditions.items()})
 
     def at_steps(self, step_indices: torch.Tensor | list[int]) -> CalibrationSet:
-        return self._subset(torch.isin(self.step_indices, torch.as_tensor(step_indices)))
+        return self._subset(torch.isin(self.step_indices, torch.as_tensor(step_indices, device=self.step_indices.device)))
 
     def for_weights(self) -> CalibrationSet:
         """Every `interval_length`-th sampling step: the data of weight reconstruction."""
@@ -87,25 +88,27 @@ class CalibrationSet:
 
     def per_step(self, count: int) -> CalibrationSet:
         """At most `count` samples of every sampling step (the first trajectories): a balanced subset."""
-        keep = torch.zeros(len(self), dtype=torch.bool)
+        keep = torch.zeros(len(self), dtype=torch.bool, device=self.step_indices.device)
         for step in self.step_indices.unique():
             keep[(self.step_indices == step).nonzero().flatten()[:count]] = True
         return self._subset(keep)
 
-    def inputs(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        """UNet keyword inputs of samples `indices`."""
-        return {"sample": self.samples[indices], "timestep": self.timesteps[indices],
-                **{key: value[indices] for key, value in self.conditions.items()}}
+    def inputs(self, indices: torch.Tensor, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """UNet keyword inputs of samples `indices`, on `device` (default: where the set is)."""
+        inputs = {"sample": self.samples[indices], "timestep": self.timesteps[indices],
+                  **{key: value[indices] for key, value in self.conditions.items()}}
+        return inputs if device is None else {key: value.to(device) for key, value in inputs.items()}
 
-    def timestep_groups(self) -> Iterator[dict[str, torch.Tensor]]:
+    def timestep_groups(self, device: torch.device | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """UNet keyword inputs of one timestep at a time: how a sampler calls the UNet, and all that a model
         with per-timestep tables accepts."""
         for timestep in self.timesteps.unique():
-            yield self.inputs((self.timesteps == timestep).nonzero().flatten())
+            yield self.inputs((self.timesteps == timestep).nonzero().flatten(), device)
 
     def batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """The whole set as UNet keyword inputs, `batch_size` samples at a time, in order."""
-        return [self.inputs(chunk) for chunk in torch.arange(len(self)).split(batch_size)]
+        """The whole set as UNet keyword inputs, `batch_size` samples at a time, in order (where the set is:
+        `tfmq.devices.on_device` moves a batch where the model runs when it is used)."""
+        return [self.inputs(chunk) for chunk in torch.arange(len(self), device=self.samples.device).split(batch_size)]
 
     def check_made_for(self, unet: torch.nn.Module, sampler: SamplerConfig, guidance_scale: float = 1.0) -> None:
         """Refuse a set recorded for another model, sampler or guidance scale: its x_t are not the inputs this
@@ -127,8 +130,7 @@ class CalibrationSet:
             raise TfmqError(f"calibration set was recorded with another model (fingerprint "
                             f"{recorded.model_fingerprint[:12]}, not {fingerprint[:12]})")
 
-    def save(self, path: str | Path) -> None:
-        """Write the set atomically (its folder made if missing), with its provenance and their digest."""
+    def _saved_form(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = {"samples": self.samples, "timesteps": self.timesteps, "step_indices": self.step_indices,
                    "schedule": self.schedule,
                    **{CONDITION_PREFIX + key: value for key, value in self.conditions.items()}}
@@ -136,6 +138,15 @@ class CalibrationSet:
         metadata = {"interval_length": str(self.interval_length)}
         if self.provenance is not None:
             metadata["provenance"] = json.dumps(self.provenance.to_dict(), sort_keys=True)
+        return tensors, metadata
+
+    def digest(self) -> str:
+        """SHA-256 of the set's tensors and provenance: its identity (what a saved set's digest is)."""
+        return _digest(*self._saved_form())
+
+    def save(self, path: str | Path) -> None:
+        """Write the set atomically (its folder made if missing), with its provenance and their digest."""
+        tensors, metadata = self._saved_form()
         metadata.update(digest=_digest(tensors, metadata), written_by=WRITTEN_BY)
 
         write_bytes_atomic(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
@@ -179,27 +190,40 @@ def collect_calibration(
     progress: bool = True, conditioning: Conditioning | None = None,
 ) -> CalibrationSet:
     """Run the full-precision sampler from `num_samples` seeds (with `conditioning`, one condition per
-    trajectory) and keep the UNet input of every step, both branches when guided."""
+    trajectory) and keep the UNet input of every step, both branches when guided.
+
+    Under a process group each rank samples its share of the trajectories and every rank gets the whole
+    set, the same bits as one process records."""
     from tfmq.quant.provenance import model_fingerprint  # provenance imports modules that import this one
 
     check_count("number of calibration samples", num_samples)
     check_count("interval_length", interval_length)
     check_count("seed", seed, minimum=0)
+    fingerprint = model_fingerprint(unet)
+    distributed.check_same_on_all_ranks(fingerprint, "the model")
     started = time.perf_counter()
     records: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
-    schedule = torch.as_tensor(distinct_timesteps(sampling_timesteps(scheduler, config)))
+    schedule = torch.as_tensor(distinct_timesteps(sampling_timesteps(scheduler, config)), device="cpu")
     position = {int(t): index for index, t in enumerate(schedule.tolist())}
 
     def record(step_index: int, t: int, x: torch.Tensor, conditions: dict[str, torch.Tensor]) -> None:
-        records.append((position[t], x.clone(), {key: value.clone() for key, value in conditions.items()}))
+        # kept in host memory, as the UNet saw them (its dtype): batches go to the model's device when used
+        records.append((position[t], x.to("cpu", copy=True),
+                        {key: value.to("cpu", copy=True) for key, value in conditions.items()}))
 
     sample(unet, scheduler, num_samples, CALIBRATION_SEED_OFFSET + seed, config, batch_size, progress,
            observer=record, conditioning=conditioning)
-    samples = torch.cat([x for _, x, _ in records])
-    step_indices = torch.cat([torch.full((len(x),), index) for index, x, _ in records])
+    # this rank's records, in the order of its UNet calls; the ranks' batches in rank order are one process's
+    mine = {} if not records else {
+        "samples": torch.cat([x for _, x, _ in records]),
+        "step_indices": torch.cat([torch.full((len(x),), index, device="cpu") for index, x, _ in records]),
+        **{CONDITION_PREFIX + key: torch.cat([kwargs[key] for _, _, kwargs in records]) for key in records[0][2]},
+    }
+    recorded = distributed.gather_rows(mine)
+    samples, step_indices = recorded.pop("samples"), recorded.pop("step_indices")
     order = torch.argsort(step_indices, stable=True)  # grouped by step, trajectories in seed order
-    conditions = {key: torch.cat([kwargs[key] for _, _, kwargs in records])[order] for key in records[0][2]}
-    provenance = CalibrationProvenance(model_fingerprint(unet), config, num_samples, seed,
+    conditions = {key[len(CONDITION_PREFIX):]: value[order] for key, value in recorded.items()}
+    provenance = CalibrationProvenance(fingerprint, config, num_samples, seed,
                                        1.0 if conditioning is None else conditioning.guidance_scale,
                                        round(time.perf_counter() - started, 2))
     return CalibrationSet(samples[order], schedule[step_indices][order], step_indices[order], schedule,

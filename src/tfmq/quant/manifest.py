@@ -80,7 +80,7 @@ class ModelManifest:
         apply_wrapping_plan(model, self.plan, init_weight_ranges=False)
         tables = self.timestep_tables
         if tables is not None and tables.scope != "none":
-            attach_timestep_tables(model, torch.tensor(tables.schedule), tables.scope)
+            attach_timestep_tables(model, torch.tensor(tables.schedule, device="cpu"), tables.scope)
             attached = tuple(name for name, _ in table_quantizers(model))
             if attached != tables.quantizers:
                 raise ValueError(f"scope {tables.scope!r} gives this model's quantizers {len(attached)} tables, the "
@@ -89,7 +89,7 @@ class ModelManifest:
         if caches is not None:
             if tables is None:
                 raise ValueError("temporal caches need the timestep tables' schedule")
-            skipped = restore_temporal_cache(model, torch.tensor(tables.schedule), caches.blocks,
+            skipped = restore_temporal_cache(model, torch.tensor(tables.schedule, device="cpu"), caches.blocks,
                                              _CACHE_DTYPES[caches.code_dtype])
             if skipped != caches.time_embedding_skipped:
                 raise ValueError("the time embedding is skipped in one of the model and its manifest, not the other")

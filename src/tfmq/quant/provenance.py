@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tfmq.devices import DTYPES, dtype_name, module_dtype
 from tfmq.errors import TfmqError
 from tfmq.quant.config import CONFIG_TYPES, QuantConfig
 
@@ -32,23 +33,28 @@ def model_fingerprint(model: nn.Module) -> str:
 @dataclass(frozen=True)
 class BaseModel:
     """The full-precision model a quantized one was made from: where it was loaded from, its fingerprint, its
-    class, and for a single-file checkpoint the config folder it loads with."""
+    class, for a single-file checkpoint the config folder it loads with, and the dtype it ran in (the
+    quantized model runs in it too; its quantizers' grids are float32 whatever it is)."""
 
     source: str
     fingerprint: str
     class_name: str
     config_folder: str = ""
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, str]:
         return {"source": self.source, "fingerprint": self.fingerprint, "class": self.class_name,
-                "config": self.config_folder}
+                "config": self.config_folder, "dtype": self.dtype}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BaseModel:
         for key in ("source", "fingerprint", "class", "config"):
             if not isinstance(values.get(key), str):
                 raise ValueError(f"base_model.{key} must be a string, got {values.get(key)!r}")
-        return cls(values["source"], values["fingerprint"], values["class"], values["config"])
+        dtype = values.get("dtype", "float32")  # the checkpoints written before half precision was handled
+        if dtype not in DTYPES:
+            raise ValueError(f"base_model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return cls(values["source"], values["fingerprint"], values["class"], values["config"], dtype)
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,8 @@ class Provenance:
     def of(cls, config: QuantConfig, base: nn.Module, *, source: str = "", config_folder: str = "",
            calibration: dict[str, Any] | None = None, method_results: dict[str, Any] | None = None) -> Provenance:
         """The record of `config` applied to `base` (fingerprinted now)."""
-        identity = BaseModel(source, model_fingerprint(base), type(base).__name__, config_folder)
+        identity = BaseModel(source, model_fingerprint(base), type(base).__name__, config_folder,
+                             dtype_name(module_dtype(base)))
         return cls(config, identity, calibration, dict(method_results or {}))
 
     @property

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from tfmq.devices import module_device
 from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.config import FSC_SCOPES
 from tfmq.quant.nn.layers import QuantLayer
@@ -180,14 +181,14 @@ def calibrate_timestep_tables(
     labels = calibration.conditions.get("class_labels")
     if tib is not None and tib.class_embedding is not None and labels is None:
         raise ValueError(f"{model_class} is class-conditional: the calibration set needs class_labels")
-    device = next(model.parameters()).device
+    device = module_device(model)
 
     def run(indices: torch.Tensor) -> None:
         if tib is not None:
             tib.temporal_features(calibration.timesteps[indices].to(device),
                                   None if labels is None else labels[indices].to(device))
         else:
-            model(**{key: value.to(device) for key, value in calibration.inputs(indices).items()})
+            model(**calibration.inputs(indices, device))
 
     named = list(table_quantizers(model))
     quantizers = [quantizer for _, quantizer in named]

@@ -110,8 +110,8 @@ def apply_wrapping_plan(model: nn.Module, plan: WrappingPlan, *, weight_init: st
         attention = _submodule(model, name)
         if not isinstance(attention, Attention):
             raise ValueError(f"{name} is a {type(attention).__name__}, not a diffusers Attention")
-        processor = QuantAttnProcessor(attention_plan.a_bits, attention_plan.probs_bits, act_init)
-        attention.set_processor(processor.to(attention.to_q.weight.device))
+        attention.set_processor(QuantAttnProcessor(attention_plan.a_bits, attention_plan.probs_bits, act_init,
+                                                   device=attention.to_q.weight.device))
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -229,14 +229,15 @@ def _example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     size = config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
     reference = next(model.parameters())
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(reference.device).manual_seed(0)
+    where = {"device": reference.device, "dtype": reference.dtype}
     inputs = {
-        "sample": torch.randn(1, config.in_channels, height, width, generator=generator).to(reference),
+        "sample": torch.randn(1, config.in_channels, height, width, generator=generator, **where),
         "timestep": torch.tensor([1], device=reference.device),
     }
     if config.get("cross_attention_dim") is not None:
         width = config.get("encoder_hid_dim") or config.cross_attention_dim
-        inputs["encoder_hidden_states"] = torch.randn(1, 1, width, generator=generator).to(reference)
+        inputs["encoder_hidden_states"] = torch.randn(1, 1, width, generator=generator, **where)
     if config.get("num_class_embeds") is not None:
         inputs["class_labels"] = torch.zeros(1, dtype=torch.long, device=reference.device)
     return inputs

@@ -43,8 +43,17 @@ class Conditioning:
 
     def of_images(self, indices: range | list[int]) -> Conditioning:
         """The conditioning of images `indices` (a batch)."""
-        positions = torch.as_tensor(list(indices))
+        positions = torch.as_tensor(list(indices), device="cpu")
         return Conditioning({key: value[positions] for key, value in self.per_image.items()}, self.unconditional,
+                            self.guidance_scale)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
+        """The same conditioning where the UNet runs: floating inputs in its dtype, labels as they are."""
+        def moved(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {key: value.to(device, dtype if value.is_floating_point() else value.dtype)
+                    for key, value in inputs.items()}
+
+        return Conditioning(moved(self.per_image), None if self.unconditional is None else moved(self.unconditional),
                             self.guidance_scale)
 
     def unet_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -21,4 +21,4 @@ def image_generators(seed: int, indices: range | list[int]) -> list[torch.Genera
 
 def draw(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
     """A batch of standard normal tensors, row i from generator i."""
-    return torch.stack([torch.randn(shape, generator=generator) for generator in generators])
+    return torch.stack([torch.randn(shape, generator=generator, device=generator.device) for generator in generators])

@@ -15,6 +15,8 @@ import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from tqdm import tqdm
 
+from tfmq import distributed
+from tfmq.devices import module_device, module_dtype
 from tfmq.errors import TfmqError
 from tfmq.sampling.guidance import Conditioning
 from tfmq.sampling.noise import draw, image_generators
@@ -117,7 +119,7 @@ def _ddim_step(
     """One step of the DDIM update (Song et al. 2021, eq. 12) between two arbitrary timesteps."""
     alphas_cumprod = scheduler.alphas_cumprod
     alpha = alphas_cumprod[t]
-    alpha_prev = alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0)
+    alpha_prev = alphas_cumprod[t_prev] if t_prev >= 0 else alphas_cumprod.new_tensor(1.0)
     x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
     if scheduler.config.clip_sample:
         limit = scheduler.config.clip_sample_range
@@ -125,7 +127,7 @@ def _ddim_step(
     sigma = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)).sqrt()
     x_prev = alpha_prev.sqrt() * x0 + (1 - alpha_prev - sigma**2).clamp(min=0).sqrt() * eps
     if eta > 0:
-        x_prev = x_prev + sigma * draw(generators, tuple(x.shape[1:]))
+        x_prev = x_prev + sigma * draw(generators, tuple(x.shape[1:])).to(x.device)
     return x_prev
 
 
@@ -136,16 +138,17 @@ def sample_batch(
 ) -> torch.Tensor:
     """Sample images `indices` of `seed` (with `conditioning` of these images); returns images in [-1, 1]."""
     generators = image_generators(seed, indices)
-    x = draw(generators, _sample_shape(unet))
-    conditioning = conditioning or Conditioning({})
+    device, dtype = module_device(unet), module_dtype(unet)
+    x = draw(generators, _sample_shape(unet)).to(device)  # the sampler's state stays float32
+    conditioning = (conditioning or Conditioning({})).to(device, dtype)
     stepper = None if config.name == "ddim" else _diffusers_sampler(scheduler, config)
     timesteps = sampling_timesteps(scheduler, config) if stepper is None else _visited(stepper)
     for step_index, t in enumerate(timesteps.tolist()):
-        sample_input, kwargs = conditioning.unet_inputs(x)
+        sample_input, kwargs = conditioning.unet_inputs(x.to(dtype))
         if observer is not None:
             observer(step_index, t, sample_input, kwargs)
-        timestep = torch.full((len(sample_input),), t, dtype=torch.long)
-        eps = conditioning.combine(unet(sample_input, timestep, **kwargs).sample)
+        timestep = torch.full((len(sample_input),), t, dtype=torch.long, device=device)
+        eps = conditioning.combine(unet(sample_input, timestep, **kwargs).sample).float()
         if stepper is not None:
             extra = {"generator": generators} if config.name == "ddpm" else {}
             x = stepper.step(eps, t, x, **extra).prev_sample
@@ -154,7 +157,7 @@ def sample_batch(
             x = _ddim_step(scheduler, x, eps, t, t_prev, config.eta, generators)
     if decoder is not None:
         x = decoder(x)
-    return x.clamp(-1.0, 1.0)
+    return x.clamp(-1.0, 1.0).float().cpu()
 
 
 def _sample_shape(unet: torch.nn.Module) -> tuple[int, int, int]:
@@ -215,20 +218,30 @@ def sample(
     config: SamplerConfig = SamplerConfig(), batch_size: int = 64, progress: bool = True,
     observer: StepObserver | None = None, conditioning: Conditioning | None = None, decoder: Decoder | None = None,
 ) -> torch.Tensor:
-    """Sample `num_images` images; image i depends only on (seed, i) and its condition, not on batch size."""
+    """Sample `num_images` images; image i depends only on (seed, i) and its condition, not on batch size.
+
+    Under a process group (`tfmq.distributed`, every rank calling with the same arguments) each rank samples
+    its share of the batches and every rank returns all the images: whole batches, so each image is computed
+    as one process computes it. `observer` then sees this rank's batches only.
+    """
     check_sample(unet, scheduler, num_images, seed, config, batch_size)
     if conditioning is not None and conditioning.per_image and len(conditioning) != num_images:
         raise TfmqError(f"{len(conditioning)} conditions for {num_images} images: give one per image")
+    distributed.check_same_on_all_ranks({"num_images": num_images, "seed": seed, "sampler": config.to_dict(),
+                                         "batch_size": batch_size}, "the images to sample")
     shape = _sample_shape(unet)
+    batches = [range(start, min(start + batch_size, num_images)) for start in range(0, num_images, batch_size)]
+    share = distributed.shard(len(batches))
+    mine = batches[share.start:share.stop]
     images = None
-    batches = (range(start, min(start + batch_size, num_images)) for start in range(0, num_images, batch_size))
-    for indices in tqdm(batches, desc=f"{config.name} {config.steps} steps", unit="batch", disable=not progress,
-                        total=math.ceil(num_images / batch_size)):
+    for indices in tqdm(mine, desc=f"{config.name} {config.steps} steps", unit="batch", disable=not progress):
         batch_conditioning = None if conditioning is None else conditioning.of_images(indices)
         batch = sample_batch(unet, scheduler, config, seed, indices, observer, batch_conditioning, decoder)
         if images is None:
             if batch.shape[1:] != shape:  # a decoder's images can be larger than its latents
                 _check_memory(num_images, tuple(batch.shape[1:]))
-            images = torch.empty((num_images, *batch.shape[1:]), dtype=batch.dtype)
-        images[indices.start:indices.stop] = batch
-    return images
+            rows = sum(len(each) for each in mine)
+            images = torch.empty((rows, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
+        start = indices.start - mine[0].start
+        images[start:start + len(indices)] = batch
+    return distributed.gather_rows({} if images is None else {"images": images})["images"]

@@ -49,9 +49,9 @@ class AdaRoundQuantizer(UniformQuantizer):
     """
 
     def __init__(self, base: UniformQuantizer, weight: torch.Tensor) -> None:
-        if not base.per_channel or base.bits is None or not bool(base.initialized):
+        if not base.per_channel or base.bits is None or not base.has_range():
             raise ValueError("AdaRound needs a weight quantizer with bits and its range set")
-        super().__init__(base.bits, channels=base.channels, init=base.init)
+        super().__init__(base.bits, channels=base.channels, init=base.init, device=base.scale.device)
         self.scale = base.scale
         self.zero_point = base.zero_point
         self.initialized = base.initialized
@@ -59,7 +59,7 @@ class AdaRoundQuantizer(UniformQuantizer):
         self.base = [base]  # a list: not a submodule, so `quantizers(model)` does not count it twice
         self.soft = True
         with torch.no_grad():
-            scaled = weight.detach() / self._grid(weight)[0]
+            scaled = weight.detach().float() / self._grid(weight)[0]
             self.rounding = nn.Parameter(inverse_rectified_sigmoid(scaled - torch.floor(scaled)))
 
     def offsets(self) -> torch.Tensor:
@@ -70,7 +70,7 @@ class AdaRoundQuantizer(UniformQuantizer):
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """floor(W/s) + h(V) + z, clamped to the grid (integers in hard mode)."""
         scale, zero_point = self._grid(weight)
-        floor = torch.floor(weight.detach() / scale)
+        floor = torch.floor(weight.detach().float() / scale)
         return torch.clamp(floor + self.offsets() + zero_point, 0, 2**self.bits - 1)
 
     def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ class AdaRoundQuantizer(UniformQuantizer):
         return (self.codes(weight) - zero_point) * scale
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.dequantized(weight) if self.enabled else weight
+        return self.dequantized(weight).to(weight.dtype) if self.enabled else weight
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", adaround={'soft' if self.soft else 'hard'}"
@@ -89,7 +89,7 @@ def attach(layer: QuantLayer) -> AdaRoundQuantizer:
     """Switch `layer` to learnt rounding, V initialised so that W^ = W inside the grid."""
     if isinstance(layer.weight_quantizer, AdaRoundQuantizer):
         raise ValueError("this layer is already in AdaRound mode")
-    rounding = AdaRoundQuantizer(layer.weight_quantizer, layer.weight).to(layer.weight.device)
+    rounding = AdaRoundQuantizer(layer.weight_quantizer, layer.weight)
     layer.weight_quantizer = rounding
     return rounding
 

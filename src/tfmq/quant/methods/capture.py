@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tfmq.devices import module_device, on_device
 from tfmq.quant.methods.unit_cache import UnitCache
 
 if TYPE_CHECKING:
@@ -66,6 +67,28 @@ def batch_size(inputs: ModelInputs) -> int:
     raise ValueError("model inputs must hold at least one batched tensor (e.g. `sample`)")
 
 
+def _batched(value: Any, batch: int) -> bool:
+    """Whether `value` holds one row per sample of a batch of `batch`."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+
+
+def inputs_of_samples(inputs: Sequence[ModelInputs], samples: range) -> list[ModelInputs]:
+    """The model inputs of `samples` (positions over all of `inputs`' batches in order), in the same batches
+    cut to them, those with none left out: what a rank captures of a unit's data."""
+    selected: list[ModelInputs] = []
+    offset = 0
+    for batch in inputs:
+        size = batch_size(batch)
+        start, stop = max(samples.start - offset, 0), min(samples.stop - offset, size)
+        if (start, stop) == (0, size):
+            selected.append(batch)
+        elif start < stop:
+            selected.append({key: value[start:stop] if _batched(value, size) else value
+                             for key, value in batch.items()})
+        offset += size
+    return selected
+
+
 def _template(call: Call, prefix: str, batch: int) -> tuple[Call, dict[str, torch.Tensor]]:
     """Split a call into a template (batched tensors replaced by slots) and its batched tensors.
 
@@ -75,7 +98,7 @@ def _template(call: Call, prefix: str, batch: int) -> tuple[Call, dict[str, torc
     rows: dict[str, torch.Tensor] = {}
 
     def slot(key: str, value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        if _batched(value, batch):
             rows[key] = value
             return _Slot(key)
         return value
@@ -140,7 +163,7 @@ def _record_outputs(modules: Sequence[nn.Module], outputs: list[Any]) -> list[An
 def _run_until_captured(model: nn.Module, inputs: ModelInputs, register: Callable[[], list[Any]]) -> None:
     handles = register()
     try:
-        model(**inputs)
+        model(**on_device(inputs, module_device(model)))
     except _Captured:
         return
     finally:

@@ -20,6 +20,7 @@ from tfmq.quant.config import QDiffusionConfig
 from tfmq.quant.methods.capture import ModelInputs
 from tfmq.quant.methods.reconstruction import UnitResult, reconstruct
 from tfmq.quant.methods.registry import MethodInputs, register_method
+from tfmq.quant.methods.resume import UnitCheckpoints
 from tfmq.quant.methods.units import unet_units
 
 
@@ -27,7 +28,7 @@ from tfmq.quant.methods.units import unet_units
 def quantize_qdiff(model: nn.Module, inputs: MethodInputs) -> dict[str, Any]:
     config = inputs.config
     results = reconstruct_qdiff(model, inputs.full_precision, inputs.weight_batches(), config,
-                                progress=inputs.progress)
+                                progress=inputs.progress, checkpoints=inputs.checkpoints)
     inputs.calibrate_timestep_tables(model)
     return reconstruction_record(results, config)
 
@@ -40,6 +41,7 @@ def reconstruct_qdiff(
     *,
     progress: bool = True,
     cache_dir: str | Path | None = None,
+    checkpoints: UnitCheckpoints | None = None,
 ) -> list[UnitResult]:
     """Reconstruct the wrapped UNet `model` unit by unit against `full_precision` (its original).
 
@@ -52,7 +54,7 @@ def reconstruct_qdiff(
         raise ValueError("qdiff reconstruction needs calibration inputs; got none")
     units = unet_units(model, full_precision, inputs[0])
     return reconstruct(model, full_precision, units, inputs, config.reconstruction,
-                       progress=progress, cache_dir=cache_dir)
+                       progress=progress, cache_dir=cache_dir, checkpoints=checkpoints)
 
 
 def reconstruction_record(results: Sequence[UnitResult], config: QDiffusionConfig) -> dict[str, Any]:

@@ -17,8 +17,10 @@ The units are `tfmq.quant.methods.units` (`unet_units` splits a diffusers UNet i
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +30,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from tfmq import distributed
 from tfmq.quant.config import ReconstructionSettings
 from tfmq.quant.methods.adaround import RoundingRegularizer, adaptive_rounding
-from tfmq.quant.methods.capture import Call, ModelInputs, capture, output_tensors
+from tfmq.quant.methods.capture import Call, ModelInputs, batch_size, capture, inputs_of_samples, output_tensors
 from tfmq.quant.methods.unit_cache import UnitCache
+from tfmq.quant.methods.resume import UnitCheckpoints
 from tfmq.quant.methods.units import ReconstructionUnit
 from tfmq.quant.nn.quantizer import UniformQuantizer
 
@@ -70,43 +74,79 @@ def reconstruction_loss(outputs: Sequence[torch.Tensor], targets: Sequence[torch
     for output, target in zip(outputs, targets):
         if output.shape != target.shape:
             raise ValueError(f"unit output of shape {tuple(output.shape)} against a target of {tuple(target.shape)}")
-        error = (output - target).pow(2)
+        error = (output.float() - target.float()).pow(2)  # a half-precision model's error in float32
         total = total + (error.sum(dim=1) if error.dim() > 1 else error).mean()
     return total
 
 
 class _UnitData:
-    """Random batches of a captured unit, and its output replayed from them."""
+    """Random batches of a captured unit, and its output replayed from them.
 
-    def __init__(self, unit: ReconstructionUnit, cache: UnitCache, templates: list[Call], seed: int) -> None:
+    Batches are drawn from all `total` samples by the same seeded generator on every rank; this rank's
+    cache holds the samples `held` (all of them with one process) and it computes their share of each batch.
+    """
+
+    def __init__(self, unit: ReconstructionUnit, cache: UnitCache, templates: list[Call], seed: int,
+                 total: int, held: range) -> None:
         self.unit = unit
         self.cache = cache
         self.templates = templates
         self.target_keys = sorted((key for key in cache.keys if key.startswith("target")), key=lambda k: int(k[6:]))
         self.generator = torch.Generator().manual_seed(seed)
+        self.total = total
+        self.held = held
 
     def random_indices(self, batch_size: int) -> torch.Tensor:
-        return torch.randperm(self.cache.num_samples, generator=self.generator)[:batch_size]
+        return torch.randperm(self.total, generator=self.generator, device="cpu")[:batch_size]
 
-    def loss(self, indices: torch.Tensor) -> torch.Tensor:
-        rows = self.cache.rows(indices)
+    def loss(self, indices: torch.Tensor) -> torch.Tensor | None:
+        """This rank's share of the loss of the batch `indices`, None if it holds none of them: the shares
+        of all ranks add up to the batch's loss, so their summed gradients are the batch's gradient."""
+        local = indices[(indices >= self.held.start) & (indices < self.held.stop)] - self.held.start
+        if len(local) == 0:
+            return None
+        rows = self.cache.rows(local)
         calls = [template.filled(rows) for template in self.templates]
         outputs = output_tensors(self.unit.forward(*calls))
-        return reconstruction_loss(outputs, [rows[key] for key in self.target_keys])
+        loss = reconstruction_loss(outputs, [rows[key] for key in self.target_keys])
+        return loss if len(local) == len(indices) else loss * (len(local) / len(indices))
 
     @torch.no_grad()
     def mse(self, batch_size: int) -> float:
-        """Mean squared error per element on the first REPORT_SAMPLES samples."""
-        count = min(self.cache.num_samples, REPORT_SAMPLES)
+        """Mean squared error per element on the first REPORT_SAMPLES samples (of all ranks)."""
+        count = min(len(self.held), max(min(self.total, REPORT_SAMPLES) - self.held.start, 0))  # of them here
         total, elements = 0.0, 0
         for start in range(0, count, batch_size):
-            rows = self.cache.rows(torch.arange(start, min(start + batch_size, count)))
+            rows = self.cache.rows(torch.arange(start, min(start + batch_size, count), device="cpu"))
             calls = [template.filled(rows) for template in self.templates]
             outputs = output_tensors(self.unit.forward(*calls))
             for output, key in zip(outputs, self.target_keys):
-                total += (output - rows[key]).pow(2).sum().item()
+                total += (output.float() - rows[key].float()).pow(2).sum().item()
                 elements += output.numel()
+        total, elements = distributed.sum_over_ranks(torch.tensor([total, elements], dtype=torch.float64, device="cpu")).tolist()
         return total / max(elements, 1)
+
+
+def _sum(terms: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
+    """The sum of the terms that are there (None if none is)."""
+    present = [term for term in terms if term is not None]
+    return functools.reduce(operator.add, present) if present else None
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor | None) -> None:
+    """One optimizer step on the gradient of the whole batch: this rank's share of the loss (None: no
+    sample of the batch here), its gradients summed over the ranks."""
+    optimizer.zero_grad(set_to_none=True)
+    if loss is not None:
+        loss.backward()
+    distributed.all_reduce_gradients(parameter for group in optimizer.param_groups for parameter in group["params"])
+    optimizer.step()
+
+
+def _batch_loss(share: torch.Tensor | None) -> float:
+    """The loss of the whole batch from the ranks' shares (every rank calls it at the same iteration)."""
+    value = torch.zeros((), dtype=torch.float64, device="cpu") if share is None else share.detach().double().cpu()
+    return distributed.sum_over_ranks(value).item()
 
 
 @contextmanager
@@ -131,13 +171,12 @@ def _learn_rounding(data: _UnitData, settings: ReconstructionSettings, bar: tqdm
         optimizer = torch.optim.Adam([rounding.rounding for rounding in roundings], lr=settings.weight_lr)
         for iteration in range(settings.weight_iters):
             reconstruction = data.loss(data.random_indices(settings.batch_size))
-            loss = reconstruction + regularizer(roundings, iteration)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            # the regulariser counts once, on the main rank: the ranks' gradients are summed
+            regularization = regularizer(roundings, iteration) if distributed.is_main() else None
+            _step(optimizer, _sum([reconstruction, regularization]))
             bar.update()
             if iteration % 50 == 0:
-                bar.set_postfix(phase="weights", loss=f"{reconstruction.item():.3g}")
+                bar.set_postfix(phase="weights", loss=f"{_batch_loss(reconstruction):.3g}")
 
 
 def _learn_step_sizes(data: _UnitData, settings: ReconstructionSettings, bar: tqdm) -> None:
@@ -152,13 +191,11 @@ def _learn_step_sizes(data: _UnitData, settings: ReconstructionSettings, bar: tq
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.act_iters, eta_min=0.0)
         for iteration in range(settings.act_iters):
             loss = data.loss(data.random_indices(settings.batch_size))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _step(optimizer, loss)
             schedule.step()
             bar.update()
             if iteration % 50 == 0:
-                bar.set_postfix(phase="activations", loss=f"{loss.item():.3g}")
+                bar.set_postfix(phase="activations", loss=f"{_batch_loss(loss):.3g}")
     finally:
         for step in steps:
             step.requires_grad_(False)
@@ -193,31 +230,51 @@ def reconstruct(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     seed: int = 0,
+    checkpoints: UnitCheckpoints | None = None,
 ) -> list[UnitResult]:
     """Reconstruct `units` of `model` in order against `full_precision`, over the model inputs `inputs`
     (keyword arguments of one forward each). Changes `model` in place: hardened weights, learnt step sizes.
 
     Batches are drawn with a generator seeded by `seed`, so a run is reproducible. Caches beyond
     `settings.memory_budget_mb` go to a temporary folder under `cache_dir` (the system's by default).
+
+    With `checkpoints` each unit is checkpointed when done, and a unit an earlier run finished is loaded
+    from its checkpoint instead of being reconstructed again (`tfmq.quant.methods.resume`).
+
+    Under a process group every rank calls it with the same arguments; each captures and caches its shard
+    of the samples (the budget is per rank), computes its share of every batch, and the gradients are summed
+    before each step, so every rank learns the same parameters as one process, up to float rounding.
     """
     if not inputs:
         raise ValueError("reconstruction needs calibration inputs; got none")
+    num_samples = sum(batch_size(batch) for batch in inputs)
+    distributed.check_same_on_all_ranks({"settings": dataclasses.asdict(settings), "seed": seed,
+                                         "samples": num_samples, "units": [unit.name for unit in units]},
+                                        "the reconstruction")
+    held = distributed.shard(num_samples)
+    held_inputs = inputs_of_samples(inputs, held)
     budget_bytes = settings.memory_budget_mb * 2**20
     results = []
     with _frozen(model, full_precision), tqdm(units, desc="reconstruction", unit="unit", disable=not progress) as bar:
         for unit in bar:
             bar.set_postfix(unit=unit.name)
-            started = time.perf_counter()
-            cache, templates = capture(unit, model, full_precision, inputs, budget_bytes, cache_dir)
-            with cache:
-                data = _UnitData(unit, cache, templates, seed)
-                before = data.mse(settings.batch_size)
-                total = settings.weight_iters + settings.act_iters
-                with tqdm(total=total, desc=unit.name, leave=False, disable=not progress) as unit_bar:
-                    _learn_rounding(data, settings, unit_bar)
-                    _learn_step_sizes(data, settings, unit_bar)
-                after = data.mse(settings.batch_size)
-            results.append(UnitResult(unit.name, cache.num_samples, before, after, cache.on_disk,
-                                      round(time.perf_counter() - started, 3)))
+
+            def reconstruct_unit(unit: ReconstructionUnit = unit) -> dict[str, Any]:
+                started = time.perf_counter()
+                cache, templates = capture(unit, model, full_precision, held_inputs, budget_bytes, cache_dir)
+                with cache:
+                    data = _UnitData(unit, cache, templates, seed, num_samples, held)
+                    before = data.mse(settings.batch_size)
+                    total = settings.weight_iters + settings.act_iters
+                    with tqdm(total=total, desc=unit.name, leave=False, disable=not progress) as unit_bar:
+                        _learn_rounding(data, settings, unit_bar)
+                        _learn_step_sizes(data, settings, unit_bar)
+                    after = data.mse(settings.batch_size)
+                on_disk = distributed.sum_over_ranks(torch.tensor([float(cache.on_disk)], device="cpu")).item() > 0  # any rank
+                return UnitResult(unit.name, num_samples, before, after, on_disk,
+                                  round(time.perf_counter() - started, 3)).to_dict()
+
+            result = reconstruct_unit() if checkpoints is None else checkpoints.run(model, unit, reconstruct_unit)
+            results.append(UnitResult(**result))
     return results
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -16,16 +16,21 @@ from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.config import QuantConfig
 from tfmq.quant.timestep_table import calibrate_timestep_tables
 
+if TYPE_CHECKING:
+    from tfmq.quant.methods.resume import UnitCheckpoints
+
 
 @dataclass(frozen=True)
 class MethodInputs:
     """What a method's handler works from, besides the wrapped model it calibrates in place (weights and
-    activation ranges already initialised): the full-precision original, the config and the calibration."""
+    activation ranges already initialised): the full-precision original, the config and the calibration, and
+    the run's per-unit checkpoints (None: none kept) that every reconstruction is handed."""
 
     full_precision: nn.Module
     config: QuantConfig
     calibration: CalibrationSet
     progress: bool = True
+    checkpoints: UnitCheckpoints | None = None
 
     def weight_batches(self) -> list[dict[str, Any]]:
         """The weight-reconstruction steps of the calibration data (every `interval_length`-th), in batches."""

@@ -13,6 +13,7 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+from tfmq.devices import module_device
 from tfmq.quant.nn.step_table import StepTable
 from tfmq.quant.tib import find_tib
 
@@ -31,7 +32,7 @@ class ScheduledFeatureLookup(nn.Module):
         self.register_buffer("keys", keys)
         # An embedding matches a key when it lies far closer to it than to any other (stored unit inputs
         # may have been rounded); the keys of distinct timesteps lie far apart.
-        apart = torch.cdist(keys, keys) + torch.diag(torch.full((len(keys),), float("inf")))
+        apart = torch.cdist(keys, keys) + torch.diag(torch.full((len(keys),), float("inf"), device=keys.device))
         self.tolerance = 0.25 * float(apart.min()) if len(keys) > 1 else 0.25 * float(keys.norm())
         self.cache = cache
         self.projection = projection  # the `time_emb_proj` it stands in for, put back by `restore_projections`
@@ -59,7 +60,7 @@ def serve_caches_for_reconstruction(
     """Make each block of `caches` read its cache through a `ScheduledFeatureLookup`, keyed by what its
     `time_emb_proj` receives at every timestep of `schedule`. Changes `model` in place until
     `restore_projections`."""
-    keys = find_tib(model).projection_inputs(torch.as_tensor(schedule))
+    keys = find_tib(model).projection_inputs(torch.as_tensor(schedule, device=module_device(model)))
     for block, cache in caches.items():
         module = model.get_submodule(block)
         module.time_emb_proj = ScheduledFeatureLookup(keys[block], cache, module.time_emb_proj)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tfmq.devices import module_device
 from tfmq.errors import TfmqError
 from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.config import TFMQConfig
@@ -33,6 +34,7 @@ from tfmq.quant.methods.capture import Call, ModelInputs
 from tfmq.quant.methods.qdiff import reconstruct_qdiff, reconstruction_record
 from tfmq.quant.methods.reconstruction import UnitResult, reconstruct
 from tfmq.quant.methods.registry import MethodInputs, register_method
+from tfmq.quant.methods.resume import UnitCheckpoints
 from tfmq.quant.methods.scheduled_lookup import restore_projections, serve_caches_for_reconstruction
 from tfmq.quant.methods.units import ReconstructionUnit, unet_units
 from tfmq.quant.nn.layers import QuantLayer
@@ -100,6 +102,7 @@ def reconstruct_tib(
     class_labels: torch.Tensor | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    checkpoints: UnitCheckpoints | None = None,
 ) -> UnitResult | None:
     """TIAR: reconstruct the TIB of the wrapped UNet `model` against `full_precision` on `timesteps` (with
     `class_labels`, one per timestep, for class-conditional UNets); None if the TIB has no quantized layer.
@@ -111,7 +114,7 @@ def reconstruct_tib(
     unit = tib_unit(quantized, reference)
     if not unit.layers:
         return None
-    device = next(model.parameters()).device
+    device = module_device(model)
     timesteps = torch.as_tensor(timesteps, device=device).reshape(-1)
     inputs: list[dict[str, torch.Tensor]] = [{"timesteps": chunk} for chunk in timesteps.split(batch_size)]
     if class_labels is not None:
@@ -120,7 +123,8 @@ def reconstruct_tib(
             raise ValueError(f"{len(labels)} class labels for {len(timesteps)} timesteps: give one per timestep")
         for batch, chunk in zip(inputs, labels.split(batch_size)):
             batch["class_labels"] = chunk
-    (result,) = reconstruct(quantized, reference, [unit], inputs, config.reconstruction, progress=progress)
+    (result,) = reconstruct(quantized, reference, [unit], inputs, config.reconstruction, progress=progress,
+                            checkpoints=checkpoints)
     return result
 
 
@@ -158,18 +162,19 @@ def quantize_tfmq(model: nn.Module, inputs: MethodInputs) -> dict[str, Any]:
     if config.tiar:
         timesteps, labels = temporal_inputs(calibration)
         tib_result = reconstruct_tib(model, full_precision, timesteps, config, class_labels=labels,
-                                     progress=inputs.progress)
+                                     progress=inputs.progress, checkpoints=inputs.checkpoints)
         if config.temporal_cache:
             chosen = choose_temporal_caches(model, full_precision, calibration.schedule, config)
             serve_caches_for_reconstruction(model, calibration.schedule, chosen[0])
         try:
             results = reconstruct(model, full_precision, block_units(model, full_precision, batches[0]), batches,
-                                  config.reconstruction, progress=inputs.progress)
+                                  config.reconstruction, progress=inputs.progress, checkpoints=inputs.checkpoints)
         finally:
             restore_projections(model)
         results = ([] if tib_result is None else [tib_result]) + results
     else:
-        results = reconstruct_qdiff(model, full_precision, batches, config, progress=inputs.progress)
+        results = reconstruct_qdiff(model, full_precision, batches, config, progress=inputs.progress,
+                                    checkpoints=inputs.checkpoints)
     inputs.calibrate_timestep_tables(model)
     record = reconstruction_record(results, config)
     if config.temporal_cache:
@@ -195,7 +200,7 @@ def quantize_rows(features: torch.Tensor, bits: int | None) -> StepTable:
     """A cache of `features` (timesteps, channels), each row quantized to `bits` on the min-max grid of that
     row alone; `bits=None` keeps the values."""
     if bits is None:
-        return StepTable(features, torch.ones(len(features)), torch.zeros(len(features)))
+        return StepTable(features, features.new_ones(len(features)), features.new_zeros(len(features)))
     low, high = features.min(dim=1, keepdim=True).values, features.max(dim=1, keepdim=True).values
     scale, zero_point = range_to_scale_zero_point(low, high, bits)
     codes = quantize_codes(features, scale, zero_point, bits).to(cache_code_dtype(bits))
@@ -212,7 +217,7 @@ def cached_temporal_features(
     if tib.class_embedding is not None:
         raise ValueError(f"{type(full_precision).__name__} is class-conditional: a temporal feature cache per "
                          "(timestep, class) is not supported; use temporal_cache=False")
-    features = tib.temporal_features(torch.as_tensor(schedule))
+    features = tib.temporal_features(torch.as_tensor(schedule, device=module_device(full_precision)))
     return {resnet: quantize_rows(features[name], bits) for resnet, name in zip(tib.resnets, tib.feature_names)}
 
 
@@ -224,7 +229,7 @@ def temporal_path_errors(
     temporal feature of the TIB path (the quantized model's TIB, with its timestep rows if it has tables)
     and of the cache `cached`, and the choice: "cache" unless the TIB path is strictly better."""
     tib = find_tib(full_precision)
-    schedule = torch.as_tensor(schedule)
+    schedule = torch.as_tensor(schedule, device=module_device(full_precision))
     reference = tib.temporal_features(schedule)
     tib_path = temporal_features_by_timestep(model, schedule)
     errors = {}

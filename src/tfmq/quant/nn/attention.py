@@ -19,12 +19,13 @@ class QuantAttnProcessor(nn.Module):
     their own, wrapped with the rest of the model.
     """
 
-    def __init__(self, a_bits: int | None, probs_bits: int | None, act_init: str = "mse") -> None:
+    def __init__(self, a_bits: int | None, probs_bits: int | None, act_init: str = "mse",
+                 device: torch.device | None = None) -> None:
         super().__init__()
-        self.query_quantizer = UniformQuantizer(a_bits, init=act_init)
-        self.key_quantizer = UniformQuantizer(a_bits, init=act_init)
-        self.probs_quantizer = UniformQuantizer(probs_bits, init=act_init)
-        self.value_quantizer = UniformQuantizer(a_bits, init=act_init)
+        self.query_quantizer = UniformQuantizer(a_bits, init=act_init, device=device)
+        self.key_quantizer = UniformQuantizer(a_bits, init=act_init, device=device)
+        self.probs_quantizer = UniformQuantizer(probs_bits, init=act_init, device=device)
+        self.value_quantizer = UniformQuantizer(a_bits, init=act_init, device=device)
 
     @staticmethod
     def unsupported_reason(attn: Attention) -> str | None:

@@ -41,11 +41,11 @@ class QuantLayer:
         if split is not None and not 0 < split < in_channels:
             raise ValueError(f"split must lie strictly between 0 and {in_channels} input channels, got {split}")
         device = self.weight.device
-        self.weight_quantizer = UniformQuantizer(w_bits, channels=self.weight.shape[0], init=weight_init).to(device)
-        self.input_quantizer = UniformQuantizer(a_bits, init=act_init).to(device)
+        self.weight_quantizer = UniformQuantizer(w_bits, channels=self.weight.shape[0], init=weight_init, device=device)
+        self.input_quantizer = UniformQuantizer(a_bits, init=act_init, device=device)
         self.split = split
         self.split_input_quantizer = (
-            None if split is None else UniformQuantizer(a_bits, init=act_init).to(device)
+            None if split is None else UniformQuantizer(a_bits, init=act_init, device=device)
         )
 
     def extra_repr(self) -> str:

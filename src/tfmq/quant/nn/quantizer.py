@@ -127,7 +127,8 @@ class UniformQuantizer(nn.Module):
     is an error, never a fallback to it.
     """
 
-    def __init__(self, bits: int | None, *, channels: int | None = None, init: str = "mse") -> None:
+    def __init__(self, bits: int | None, *, channels: int | None = None, init: str = "mse",
+                 device: torch.device | None = None) -> None:
         super().__init__()
         if bits is not None and (isinstance(bits, bool) or bits not in QUANTIZER_BITS):
             raise ValueError(f"bits must be an int in 2..16 or None, got {bits!r}")
@@ -138,10 +139,14 @@ class UniformQuantizer(nn.Module):
         self.init = init
         self.enabled = True
         self._observation: _Observation | None = None
+        # Python mirrors of `initialized` and of a complete `table_initialized`, read on every call instead
+        # of the buffers (reading a GPU buffer would wait for the device); True once seen True.
+        self._range_known = False
+        self._table_complete = False
         size = 1 if channels is None else channels
-        self.scale = nn.Parameter(torch.ones(size))
-        self.register_buffer("zero_point", torch.zeros(size))
-        self.register_buffer("initialized", torch.tensor(False))
+        self.scale = nn.Parameter(torch.ones(size, device=device))
+        self.register_buffer("zero_point", torch.zeros(size, device=device))
+        self.register_buffer("initialized", torch.tensor(False, device=device))
         # None until enable_timestep_table(): absent from the state_dict of a quantizer without a table.
         self.register_buffer("table_scale", None)
         self.register_buffer("table_zero_point", None)
@@ -180,6 +185,7 @@ class UniformQuantizer(nn.Module):
         self.table_scale = torch.ones(rows, device=device)
         self.table_zero_point = torch.zeros(rows, device=device)
         self.table_initialized = torch.zeros(rows, dtype=torch.bool, device=device)
+        self._table_complete = False
         self.step_rows = step_rows
 
     def set_table_range(self, row: int, low: torch.Tensor, high: torch.Tensor) -> None:
@@ -191,6 +197,15 @@ class UniformQuantizer(nn.Module):
             self.table_scale[row] = scale
             self.table_zero_point[row] = zero_point
             self.table_initialized[row] = True
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._range_known = self._table_complete = False  # the loaded buffers say again
+
+    def has_range(self) -> bool:
+        """Whether the grid is set (by an init, a calibration or a loaded state)."""
+        self._range_known = self._range_known or bool(self.initialized)
+        return self._range_known
 
     def _broadcast(self, param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if self.per_channel:
@@ -257,7 +272,7 @@ class UniformQuantizer(nn.Module):
         """Step and zero point shaped to broadcast against `like`."""
         if self.has_timestep_table:
             return self._table_grid()
-        if not bool(self.initialized):
+        if not self.has_range():
             raise RuntimeError(
                 f"UniformQuantizer({self.extra_repr()}) has no range yet: initialise or calibrate it, "
                 "or load a state_dict"
@@ -270,7 +285,8 @@ class UniformQuantizer(nn.Module):
             raise ValueError(f"UniformQuantizer({self.extra_repr()}) has a timestep table: all samples of a "
                              f"batch must share one timestep, got {rows.numel()} rows")
         rows = rows.reshape(1)
-        if not bool(self.table_initialized[rows].all()):
+        self._table_complete = self._table_complete or bool(self.table_initialized.all())
+        if not self._table_complete and not bool(self.table_initialized[rows].all()):
             raise RuntimeError(
                 f"UniformQuantizer({self.extra_repr()}) has no range for timestep row {int(rows)}: "
                 "calibrate_timestep_tables has not calibrated it"
@@ -284,7 +300,10 @@ class UniformQuantizer(nn.Module):
         if self.bits is None or not self.enabled:
             return values
         scale, zero_point = self._grid(values)
-        return (quantize_codes(values, scale, zero_point, self.bits) - zero_point) * scale
+        # the grid arithmetic in float32 (a half-precision step of 8-bit codes is not exact); the result
+        # in the input's dtype, for the layer that reads it
+        quantized = (quantize_codes(values.float(), scale, zero_point, self.bits) - zero_point) * scale
+        return quantized.to(values.dtype)
 
     def integer_values(self, values: torch.Tensor) -> torch.Tensor:
         """The integer codes q of `values` as uint8, for packing quantized weights into a checkpoint."""
@@ -292,4 +311,4 @@ class UniformQuantizer(nn.Module):
             raise ValueError(f"integer_values needs a quantizer of at most 8 bits, this one has {self.bits}")
         with torch.no_grad():
             scale, zero_point = self._grid(values)
-            return quantize_codes(values, scale, zero_point, self.bits).to(torch.uint8)
+            return quantize_codes(values.float(), scale, zero_point, self.bits).to(torch.uint8)

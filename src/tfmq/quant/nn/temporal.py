@@ -31,6 +31,7 @@ from diffusers.models.normalization import AdaGroupNorm
 from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
 from torch import nn
 
+from tfmq.devices import module_device
 from tfmq.quant.nn.step_table import StepRows, StepTable
 from tfmq.quant.tib import TemporalInformationBlock, find_tib
 
@@ -84,7 +85,7 @@ class TimestepTables(nn.Module):
 
     def row_of(self, timestep: torch.Tensor | int | float) -> int:
         """The row of `timestep` (a number, or a tensor whose entries all hold the same timestep)."""
-        values = torch.as_tensor(timestep).detach().reshape(-1).cpu()
+        values = torch.as_tensor(timestep, device="cpu").detach().reshape(-1)
         if values.numel() == 0:
             raise ValueError("no timestep given: the timestep tensor is empty")
         if not bool((values == values[0]).all()):
@@ -104,8 +105,23 @@ class TimestepTables(nn.Module):
         return int(matches[0])
 
     def rows_of(self, timestep: torch.Tensor | int | float) -> torch.Tensor:
-        """The row of `timestep` as the tables take it: one row (0-d int64) for the whole batch."""
-        return torch.tensor(self.row_of(timestep), device=self.schedule.device)
+        """The row of `timestep` as the tables take it: one row (0-d int64) for the whole batch.
+
+        Found where the schedule is and checked by a device-side assertion, so the host never waits for an
+        accelerator on a UNet call; where the check runs at once (the CPU) a bad timestep gets `row_of`'s
+        detailed error."""
+        values = torch.as_tensor(timestep, device=self.schedule.device).detach().reshape(-1)
+        if values.numel() == 0:
+            self.row_of(timestep)  # raises
+        matches = self.schedule.to(torch.float64) == values[:1].to(torch.float64)
+        try:
+            torch._assert_async(matches.any() & (values == values[:1]).all(),
+                                "a timestep of this call is not in the schedule of the timestep tables, or the "
+                                "batch mixes timesteps: sample with the schedule of the calibration data")
+        except RuntimeError:
+            self.row_of(timestep)
+            raise
+        return matches.to(torch.int64).argmax()
 
 
 def timestep_tables(model: nn.Module) -> TimestepTables | None:
@@ -116,7 +132,7 @@ def timestep_tables(model: nn.Module) -> TimestepTables | None:
 
 def checked_schedule(schedule: torch.Tensor | list[int]) -> torch.Tensor:
     """`schedule` as int64 on the CPU, once it is a non-empty list of distinct integer timesteps."""
-    schedule = torch.as_tensor(schedule).detach().cpu()
+    schedule = torch.as_tensor(schedule, device="cpu").detach()
     if schedule.dim() != 1 or len(schedule) == 0:
         raise ValueError(f"a schedule is a non-empty 1-D list of timesteps, got shape {tuple(schedule.shape)}")
     if schedule.is_floating_point() and not torch.equal(schedule, schedule.round()):
@@ -196,7 +212,7 @@ def temporal_features_by_timestep(
     tables = timestep_tables(model)
     if tables is None:
         return tib.temporal_features(timesteps, class_labels)
-    timesteps = torch.as_tensor(timesteps).reshape(-1)
+    timesteps = torch.as_tensor(timesteps, device=module_device(model)).reshape(-1)
     features: dict[str, torch.Tensor] = {}
     for timestep in timesteps.unique():
         positions = (timesteps == timestep).nonzero().flatten()
@@ -243,7 +259,7 @@ def install_temporal_cache(
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not residual blocks reading the time embedding of "
                          f"{type(model).__name__}")
-    schedule = torch.as_tensor(schedule).cpu()
+    schedule = torch.as_tensor(schedule, device="cpu")
     tables = timestep_tables(model)
     if tables is None:
         tables = attach_timestep_schedule(model, schedule)
@@ -268,11 +284,13 @@ def restore_temporal_cache(model: nn.Module, schedule: torch.Tensor, blocks: Seq
     """Empty caches (right shapes, codes of `code_dtype`) for `blocks`, ready for `load_state_dict`: what
     `install_temporal_cache` built, rebuilt from a checkpoint's manifest."""
     caches = {}
+    device = module_device(model)
     for block in blocks:
         try:
             width = model.get_submodule(block).time_emb_proj.out_features
         except AttributeError as exc:
             raise ValueError(f"{block} is not a residual block with a time_emb_proj") from exc
         steps = len(schedule)
-        caches[block] = StepTable(torch.zeros(steps, width, dtype=code_dtype), torch.ones(steps), torch.zeros(steps))
+        caches[block] = StepTable(torch.zeros(steps, width, dtype=code_dtype, device=device),
+                                  torch.ones(steps, device=device), torch.zeros(steps, device=device))
     return install_temporal_cache(model, schedule, caches)
