@@ -1,15 +1,17 @@
 """Full-size UNets through tfmq: Stable Diffusion v1.4's UNet (its real config, random weights, nothing
 downloaded) quantized to W4A8 by RTN and by TFMQ, saved, exported to ONNX and run one step in onnxruntime.
 
-    OMP_NUM_THREADS=1 python benchmarks/full_size.py              # about 30 minutes on this project's CPU
-    python benchmarks/full_size.py --latent-size 32 --trajectories 2 --steps 4 --max-units 12
+    OMP_NUM_THREADS=2 python benchmarks/full_size.py                       # ~35 min on 2 shared cores
+    OMP_NUM_THREADS=2 python benchmarks/full_size.py --rtn-weight-init mse  # + RTN's MSE range search (74 min)
 
 Every phase runs in its own process, so its peak RSS (VmHWM) is its own:
 - `fp`: build the UNet, count parameters and FLOPs (per unit, on the meta device, at --latent-size and at
   64x64), time one full-precision step (both guidance branches), write the calibration set: random latents of
   --trajectories trajectories on a --steps-step PLMS schedule, each step with a conditional and an
   unconditional branch of random 77x768 encoder states (no sampling: the weights are random anyway);
-- `rtn`, `tfmq`: `tfmq.quantize` W4A8 and `tfmq.save_quantized`. TFMQ runs --weight-iters AdaRound and
+- `rtn`, `tfmq`: `tfmq.quantize` W4A8 and `tfmq.save_quantized`, with the time of wrapping (the weight-range
+  search) and of observing the activation ranges. Both default to min-max weight ranges: the library's MSE
+  search over 80 candidates takes over an hour on SD v1.4 here (`--rtn-weight-init mse` measures it). TFMQ runs --weight-iters AdaRound and
   --act-iters LSQ iterations a unit; per unit the benchmark also times the capture of its inputs and
   targets and its two optimisations, and records its cache's bytes (the provenance has only each unit's total
   seconds). The public API cannot reconstruct a subset of units: --max-units (0: all) is a patch of this
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,9 +78,14 @@ TINY_UNET: dict[str, Any] = {**SD14_UNET, "block_out_channels": [32, 64, 64, 64]
 CONFIGS = {"sd14": SD14_UNET, "sdxl": SDXL_UNET, "tiny": TINY_UNET}
 TOKENS = 77
 PHASES = ("fp", "rtn", "tfmq", "export", "onnxruntime", "export-fp32")
-# A phase's peak RSS over the UNet's fp32 bytes, to refuse a phase before it starts. Measured on SD v1.4 at
-# 32x32 latents (results/full_size.json): the quantized phases hold the model and its quantized copy.
-PEAK_OVER_MODEL = {"fp": 1.2, "rtn": 2.4, "tfmq": 2.4, "export": 3.6, "onnxruntime": 1.0, "export-fp32": 3.6}
+# A phase's peak RSS over the UNet's fp32 bytes, to refuse a phase before it starts; measured on SD v1.4 at
+# 32x32 latents (results/full_size.json): 11.3 GB for 3.44 GB of weights in the quantizing phases.
+PEAK_OVER_MODEL = {"fp": 1.2, "rtn": 3.5, "tfmq": 3.5, "export": 3.4, "onnxruntime": 1.3, "export-fp32": 3.4}
+# How many fp32 copies of the UNet a phase holds at its peak (the original and its quantized twin; the export's
+# twin; the traced graph): SDXL's estimate swaps SD v1.4's copies for its own and keeps the rest (activations,
+# observers), which depends on the latent size, not the width. The onnxruntime phase holds only the graph: it
+# scales with the parameters.
+MODEL_COPIES = {"fp": 1, "rtn": 2, "tfmq": 2, "export": 2, "export-fp32": 2}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,7 +442,10 @@ def _error_recorded(result: dict[str, Any]) -> Iterator[None]:
         yield
     except Exception as exc:  # what export_onnx raises past 2 GB is the measurement
         lines = str(exc).strip().splitlines() or [""]
-        result["error"] = f"{type(exc).__name__}: {lines[0][:400]}"
+        frames = traceback.extract_tb(exc.__traceback__)
+        ours = [frame for frame in frames if "/tfmq/" in frame.filename] or frames
+        where = ", ".join(f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" for frame in (ours[-1], frames[-1]))
+        result["error"] = f"{type(exc).__name__}: {lines[0][:400]} (at {where})"
 
 
 WORKERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -505,6 +516,16 @@ def meta_count(name: str) -> dict[str, Any]:
             "gflop_per_sample_native": flops_per_module(name, native)[""] / 1e9}
 
 
+def sdxl_peak_gb(phase: str, result: dict[str, Any], fp: dict[str, Any], sdxl: dict[str, Any]) -> float | None:
+    """SDXL's peak RSS in a phase, from SD v1.4's measured one (see MODEL_COPIES)."""
+    if "peak_rss_mb" not in result or "model_bytes" not in fp:
+        return None
+    peak = result["peak_rss_mb"] * 2**20
+    if phase not in MODEL_COPIES:
+        return peak * sdxl["parameters"] / fp["parameters"] / 2**30
+    return (peak + MODEL_COPIES[phase] * (sdxl["model_bytes"] - fp["model_bytes"])) / 2**30
+
+
 def unit_rows(units: list[dict[str, Any]], flops: dict[str, float], settings: dict[str, Any]) -> list[dict]:
     """The per-unit table: cache bytes, capture / AdaRound / LSQ seconds (per iteration), FLOPs."""
     rows = []
@@ -534,9 +555,12 @@ def phase_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             row.update(seconds=result.get("fp_step_s"), bytes_mb=result.get("calibration_bytes", 0) / MB,
                        note="seconds: one FP step (batch 2); bytes: calibration set")
         elif phase in ("rtn", "tfmq"):
+            steps = ", ".join(f"{label} {result[key]:.0f} s" for key, label in (
+                ("wrap_s", "wrap"), ("activation_ranges_s", "activation ranges")) if key in result)
+            init = (result.get("quant_config") or {}).get("weight_init")
             row.update(seconds=result.get("quantize_s"), bytes_mb=result.get("checkpoint_bytes", 0) / MB,
-                       note=f"seconds: quantize; bytes: checkpoint; rel. output error "
-                            f"{result.get('relative_output_error', float('nan')):.3g}")
+                       note=f"seconds: quantize ({init} weight ranges{'; ' + steps if steps else ''}); bytes: "
+                            f"checkpoint; rel. output error {result.get('relative_output_error', float('nan')):.3g}")
         elif phase in ("export", "export-fp32"):
             row.update(seconds=result.get("export_s"), bytes_mb=(result.get("onnx_bytes") or 0) / MB,
                        note="seconds: export_onnx; bytes: graph" + (
@@ -564,8 +588,9 @@ def main() -> None:
     parser.add_argument("--act-iters", type=int, default=2, help="LSQ iterations a unit")
     parser.add_argument("--recon-batch-size", type=int, default=8)
     parser.add_argument("--max-units", type=int, default=12, help="TFMQ units reconstructed, spread (0: all)")
-    parser.add_argument("--rtn-weight-init", default="mse", choices=("mse", "minmax"),
-                        help="RTN's weight ranges (the library's default, mse: its wrap_s measures that search)")
+    parser.add_argument("--rtn-weight-init", default="minmax", choices=("mse", "minmax"),
+                        help="RTN's weight ranges; mse (the library's default) measures its search in wrap_s, "
+                             "74 min of SD v1.4 on this project's 2 shared cores")
     parser.add_argument("--tfmq-weight-init", default="minmax", choices=("mse", "minmax"),
                         help="TFMQ's weight ranges (minmax: the MSE search is measured once, by RTN)")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
@@ -602,9 +627,7 @@ def main() -> None:
     sdxl: dict[str, Any] | None = None
     if args.sdxl and args.model == "sd14":  # the estimate scales SD v1.4's measured peaks
         sdxl = meta_count("sdxl")
-        ratio = sdxl["parameters"] / max(fp.get("parameters", 1), 1)
-        sdxl["estimated_peak_gb"] = {phase: (result["peak_rss_mb"] * ratio / 1024 if "peak_rss_mb" in result else None)
-                                     for phase, result in results.items()}
+        sdxl["estimated_peak_gb"] = {phase: sdxl_peak_gb(phase, result, fp, sdxl) for phase, result in results.items()}
         sdxl["fits"] = {phase: value is not None and value <= args.memory_limit_gb
                         for phase, value in sdxl["estimated_peak_gb"].items()}
     units = unit_rows(tfmq_result.get("units", []), fp.get(f"flops_{args.latent_size}", {}),
@@ -625,8 +648,8 @@ def main() -> None:
         f"FlopCounterMode).",
         f"Calibration: {fp.get('calibration_samples')} samples ({args.trajectories} trajectories x {args.steps} PLMS "
         f"steps {fp.get('schedule')} x 2 branches, random latents and {TOKENS}x{fp.get('text_width')} "
-        f"encoder states), {fp.get('calibration_bytes', 0) / MB:.1f} MB; reconstruction on every "
-        f"{args.interval_length}-th step: {fp.get('weight_samples')} samples.",
+        f"encoder states), {fp.get('calibration_bytes', 0) / MB:.1f} MB; reconstruction on the steps "
+        f"0, {args.interval_length}, ... (interval length {args.interval_length}): {fp.get('weight_samples')} samples.",
         f"TFMQ W4A8: {args.weight_iters} AdaRound + {args.act_iters} LSQ iterations a unit at batch "
         f"{args.recon_batch_size}; {len(units)} of {total_units} units reconstructed"
         + (f" (--max-units {args.max_units}, the others keep round-to-nearest)" if args.max_units else "") + ".",
@@ -637,8 +660,8 @@ def main() -> None:
         lines.append(
             f"SDXL UNet (meta device): {sdxl['parameters'] / 1e6:.0f} M parameters, "
             f"{sdxl['model_bytes'] / 2**30:.1f} GiB in fp32, {sdxl['gflop_per_sample_native']:.0f} GFLOP a sample "
-            f"at {sdxl['native_latent']}x{sdxl['native_latent']}; peak RSS estimated from SD v1.4's by the "
-            f"parameter ratio: " + ", ".join(f"{phase} {value:.1f} GB" for phase, value in
+            f"at {sdxl['native_latent']}x{sdxl['native_latent']}; peak RSS estimated from SD v1.4's (its fp32 "
+            f"copies of the UNet swapped for SDXL's, at these latents): " + ", ".join(f"{phase} {value:.1f} GB" for phase, value in
                                             sdxl["estimated_peak_gb"].items() if value is not None)
             + (f" -> does not fit in {args.memory_limit_gb:g} GB (24 GB machine): {', '.join(over)}; not run."
                if over else "; not run."))
