@@ -15,12 +15,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from tfmq import SamplerConfig, load_model
 from tfmq.files import write_json, write_text_atomic
+from tfmq.memory import AnonymousMemoryPeak
 from tfmq.quant.api import quantize
 from tfmq.quant.calibration import collect_calibration
 from tfmq.quant.config import QDiffusionConfig
@@ -31,32 +31,6 @@ from memory import peak_rss_mb  # this folder: scripts run as files
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ("samples", "budget_mb", "weight_samples", "units_on_disk", "quantize_s", "peak_rss_mb",
            "peak_anon_mb")
-
-
-class AnonymousMemoryPeak:
-    """Highest RssAnon of this process, sampled every 0.1 s: the memory no file backs. Max RSS also counts
-    the pages of the memory-mapped unit caches, which the kernel can write back and drop at any time."""
-
-    def __init__(self) -> None:
-        self.peak_kb = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        status = Path("/proc/self/status")
-        while not self._stop.is_set():
-            for line in status.read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    self.peak_kb = max(self.peak_kb, int(line.split()[1]))
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> AnonymousMemoryPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def run_row(samples: int, budget: float, steps: int) -> dict:

@@ -1,6 +1,7 @@
 """The CLI in-process: the main jobs work, and every bad input is one line on stderr with exit code 2."""
 
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -292,3 +293,111 @@ def test_bench_times_every_engine_against_fp32_torch(capsys, tmp_path, tiny_mode
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [row["engine"] for row in rows] == ["torch fp32", "onnxruntime fp32 fp32.onnx"]
     assert rows[0]["speedup_vs_torch_fp32"] == 1.0 and all(row["ms_per_step"] > 0 for row in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+def test_eval_runs_its_feature_network_on_the_device_named(capsys, tmp_path, tiny_model_folder):
+    for name in ("a", "b"):
+        _run(capsys, "sample", "--model", tiny_model_folder, "--num", 3, "--steps", 2, "--out", tmp_path / name,
+             "--quiet")
+    code, _, err = _run(capsys, "eval", tmp_path / "a", tmp_path / "b", "--reference", "none", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["psnr"] == 100.0
+    (tmp_path / "a" / "metrics.json").unlink()
+    code, _, err = _run(capsys, "eval", tmp_path / "a", tmp_path / "b", "--reference", "none", "--device", "cuda")
+    _assert_one_line_error(code, err, "no CUDA GPU")
+    assert not (tmp_path / "a" / "metrics.json").exists()
+
+
+SAMPLE_ARGS = ("--num", 5, "--batch-size", 2, "--steps", 3, "--seed", 2, "--device", "cpu", "--quiet")
+
+
+def interrupted(run: Callable[[], int], after: int) -> int:
+    """The exit code of `run()` (a `tfmq sample`) stopped by Ctrl-C right after its `after`-th batch is kept."""
+    from tfmq.images import ImageBatches
+
+    save = ImageBatches.save
+    saved = []
+
+    def save_then_stop(self, indices, images):
+        save(self, indices, images)
+        saved.append(indices)
+        if len(saved) == after:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ImageBatches, "save", save_then_stop)
+        return run()
+
+
+def sampled_batches(patch: pytest.MonkeyPatch) -> list[range]:
+    """The images of every batch sampled from now on, as long as `patch` lasts."""
+    import tfmq.evaluation
+
+    batches = []
+    sample_batch = tfmq.evaluation.sample_batch
+
+    def counted(unet, scheduler, config, seed, indices, *args, **kwargs):
+        batches.append(indices)
+        return sample_batch(unet, scheduler, config, seed, indices, *args, **kwargs)
+
+    patch.setattr(tfmq.evaluation, "sample_batch", counted)
+    return batches
+
+
+def _folder_bytes(folder) -> dict[str, bytes]:
+    """Every file of an image folder, samples.json without its timing."""
+    files = {path.name: path.read_bytes() for path in folder.iterdir() if path.name != "samples.json"}
+    metadata = json.loads((folder / "samples.json").read_text())
+    assert metadata.pop("seconds") >= 0
+    return {**files, "samples.json": json.dumps(metadata, sort_keys=True).encode()}
+
+
+def test_an_interrupted_sample_continues_to_the_folder_of_an_uninterrupted_run(capsys, monkeypatch, tmp_path,
+                                                                               tiny_model_folder):
+    argv = ("--model", tiny_model_folder, *SAMPLE_ARGS)
+    assert _run(capsys, "sample", *argv, "--out", tmp_path / "whole")[0] == 0
+    assert not (tmp_path / "whole.tfmq-progress").exists()
+    assert interrupted(lambda: _run(capsys, "sample", *argv, "--out", tmp_path / "s")[0], after=2) == 130
+    assert not (tmp_path / "s").exists()
+    kept = sorted(path.name for path in (tmp_path / "s.tfmq-progress").iterdir())
+    assert kept == [".tfmq-output", "batch-000000-000002.safetensors", "batch-000002-000004.safetensors", "run.json"]
+    sampled = sampled_batches(monkeypatch)
+    code, out, err = _run(capsys, "sample", *argv, "--out", tmp_path / "s")
+    assert code == 0, err
+    assert sampled == [range(4, 5)] and "5 images" in out and "4 kept from an interrupted run" in out
+    assert _folder_bytes(tmp_path / "s") == _folder_bytes(tmp_path / "whole")
+    assert not (tmp_path / "s.tfmq-progress").exists()
+    code, _, _ = _run(capsys, "eval", tmp_path / "s", tmp_path / "whole", "--reference", "none", "--device", "cpu")
+    assert code == 0 and json.loads((tmp_path / "s" / "metrics.json").read_text())["psnr"] == 100.0
+
+
+def test_batches_of_another_run_are_refused_and_left_as_they_are(capsys, tmp_path, tiny_model_folder):
+    from diffusers import DDPMPipeline
+    from tests.conftest import tiny_unet
+
+    from tfmq.models.architectures import fashion_ddpm_scheduler
+
+    argv = ("--model", tiny_model_folder, *SAMPLE_ARGS, "--out", tmp_path / "s")
+    assert interrupted(lambda: _run(capsys, "sample", *argv)[0], after=1) == 130
+    progress = tmp_path / "s.tfmq-progress"
+    before = {path.name: path.read_bytes() for path in progress.iterdir()}
+    code, _, err = _run(capsys, "sample", *argv, "--seed", 3)
+    _assert_one_line_error(code, err, "holds the images of another sampling run (its seed differ)")
+    other = tmp_path / "other"
+    DDPMPipeline(unet=tiny_unet(seed=1), scheduler=fashion_ddpm_scheduler()).save_pretrained(other)
+    code, _, err = _run(capsys, "sample", *argv, "--model", other)
+    _assert_one_line_error(code, err, "(its model differ)")
+    (progress / "notes.txt").write_text("mine")
+    code, _, err = _run(capsys, "sample", *argv)
+    _assert_one_line_error(code, err, "it holds files tfmq did not write (notes.txt)")
+    assert {path.name: path.read_bytes() for path in progress.iterdir()} == {**before, "notes.txt": b"mine"}
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_cli_names_the_files_it_checks_as_the_modules_that_write_them():
+    """The CLI checks paths before the heavy modules load, under the names those modules write."""
+    from tfmq import cli, evaluation
+    from tfmq.export import metadata
+
+    assert cli.ONNX_DATA_SUFFIX == metadata.DATA_SUFFIX and cli.METRICS_FILE == evaluation.METRICS_FILE

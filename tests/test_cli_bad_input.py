@@ -38,6 +38,7 @@ TABLE = {
         ("--class-label -1", "integer >= 0"),
         ("--batch-size 0", "positive integer"),
         ("--model {missing}", "neither a shipped model"),
+        ("--out {blocked}", "blocked.tfmq-progress exists and it was not written by tfmq"),
         ("--model {user_file}", "not a checkpoint"),
         ("--model {empty}", "no UNet config"),
         ("--model {list_config}", "JSON object"),
@@ -87,6 +88,8 @@ TABLE = {
         ("{images} --json {user_file}", "not written by tfmq"),
         ("{images} --json {empty}", "is a folder"),
         ("{images} {missing}", "does not exist"),
+        ("{images} --device tpu", "device must be"),
+        *([("{images} --device cuda", "no CUDA GPU")] if not torch.cuda.is_available() else []),
     ],
     "export": [
         ("--out {empty}", "is a folder"),
@@ -134,6 +137,8 @@ def place(tmp_path_factory) -> dict[str, Path]:
                                             "binary_config", "not_images", "images", "new", "blocked")}
     (root / "blocked.tfmq-checkpoints").mkdir()
     (root / "blocked.tfmq-checkpoints" / "notes.txt").write_text("keep\n")
+    (root / "blocked.tfmq-progress").mkdir()
+    (root / "blocked.tfmq-progress" / "notes.txt").write_text("keep\n")
     paths["user_file"].write_text("a user's notes\n")
     paths["user_folder"].mkdir()
     (paths["user_folder"] / "notes.txt").write_text("keep\n")

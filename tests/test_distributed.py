@@ -25,6 +25,7 @@ from diffusers import DDPMPipeline
 
 from tests.quant.methods.helpers import calibrated, input_batches
 from tests.quant.tiny_unets import class_unet, one_thread, pixel_unet
+from tests.test_cli import interrupted, sampled_batches
 from tfmq import cli, distributed
 from tfmq.errors import TfmqError
 from tfmq.models.architectures import fashion_ddpm_scheduler
@@ -140,6 +141,10 @@ def _cli(*argv: str) -> tuple[int, str]:
     return code, stderr.getvalue()
 
 
+def _refuse() -> None:
+    raise TfmqError("rank 0 refuses")
+
+
 def _worker(rank: int, port: int, model_folder: Path, root: Path, results: Path) -> None:
     """One rank: the library scenarios in a process group, then the CLI's (which finds the group set up)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -160,8 +165,16 @@ def _worker(rank: int, port: int, model_folder: Path, root: Path, results: Path)
             distributed.check_same_on_all_ranks({"w_bits": 4 + rank}, "the quantization config")
         except TfmqError as error:
             result["disagreement"] = str(error)
+        result["on_main"] = distributed.on_main(distributed.rank)
+        try:
+            distributed.on_main(_refuse)
+        except TfmqError as error:
+            result["on_main_error"] = str(error)
         writes = _Writes(root)
         result["sample"] = _cli("sample", "--model", model_folder, "--out", root / "images", *SAMPLE_ARGS)
+        with pytest.MonkeyPatch.context() as patch:
+            result["resumed_batches"] = sampled_batches(patch)
+            result["resumed"] = _cli("sample", "--model", model_folder, "--out", root / "resumed", *SAMPLE_ARGS)
         result["quantize"] = _cli("quantize", "--model", model_folder, "--out", root / "q",
                                   "--calib-save", root / "calibration.safetensors", *QUANTIZE_ARGS)
         result["bad_quantize"] = _cli("quantize", "--model", model_folder, "--out", root / "bad",
@@ -183,6 +196,9 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def two_ranks(tmp_path_factory: pytest.TempPathFactory, model_folder: Path) -> dict[str, Any]:
     """What each of two ranks computed and wrote: {"ranks": [rank 0's results, rank 1's], "root": outputs}."""
     root, results = tmp_path_factory.mktemp("outputs"), tmp_path_factory.mktemp("results")
+    with one_thread():  # the ranks continue this run: its first batch is kept, then Ctrl-C
+        assert interrupted(lambda: _cli("sample", "--model", model_folder, "--out", root / "resumed",
+                                        *SAMPLE_ARGS)[0], after=1) == 130
     # forked: the ranks start with the modules imported here, in no time
     mp.start_processes(_worker, args=(_free_port(), model_folder, root, results), nprocs=WORLD, start_method="fork")
     ranks = [torch.load(results / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
@@ -277,6 +293,11 @@ def test_ranks_that_disagree_stop_with_one_line(two_ranks: dict) -> None:
     assert not (two_ranks["root"] / "bad").exists()
 
 
+def test_what_rank_zero_finds_reaches_every_rank(two_ranks: dict) -> None:
+    for result in two_ranks["ranks"]:
+        assert result["on_main"] == 0 and result["on_main_error"] == "rank 0 refuses"
+
+
 def test_only_rank_zero_writes(two_ranks: dict) -> None:
     first, second = two_ranks["ranks"]
     assert [first[command][0] for command in ("sample", "quantize")] == [0, 0]
@@ -303,6 +324,17 @@ def test_cli_sample_on_two_ranks_writes_the_images_of_one_process(two_ranks: dic
     with one_thread():
         assert _cli("sample", "--model", model_folder, "--out", tmp_path / "one", *SAMPLE_ARGS)[0] == 0
     assert _image_folder(two_ranks["root"] / "images") == _image_folder(tmp_path / "one")
+
+
+def test_two_ranks_continue_an_interrupted_run_sampling_only_the_missing_batches(two_ranks: dict, model_folder: Path,
+                                                                                 tmp_path: Path) -> None:
+    with one_thread():
+        assert _cli("sample", "--model", model_folder, "--out", tmp_path / "one", *SAMPLE_ARGS)[0] == 0
+    first, second = two_ranks["ranks"]
+    assert first["resumed"][0] == second["resumed"][0] == 0
+    assert (first["resumed_batches"], second["resumed_batches"]) == ([range(1, 2)], [range(2, 3)])
+    assert _image_folder(two_ranks["root"] / "resumed") == _image_folder(tmp_path / "one")
+    assert not (two_ranks["root"] / "resumed.tfmq-progress").exists()
 
 
 @pytest.mark.slow  # three fresh interpreters importing torch: 35 s on 2 cores

@@ -116,3 +116,28 @@ def test_an_empty_current_folder_is_named_by_its_absolute_path(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TfmqError, match=re.escape(f"no images in {tmp_path.resolve()}") + "$"):
         load_image_folder(".")
+
+
+def test_kept_batches_read_back_as_saved_and_a_changed_one_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tfmq.images import ImageBatches, progress_folder
+
+    folder = progress_folder(tmp_path / "out")
+    assert folder.name == "out.tfmq-progress"
+    batches = ImageBatches(folder, {"seed": 0})
+    assert batches.finished() == [] and not folder.exists()  # made at the first batch only
+    images = _images(5)
+    batches.save(range(0, 3), images[:3])
+    batches.save(range(3, 5), images[3:])
+    assert ImageBatches(folder, {"seed": 0}).finished() == [range(0, 3), range(3, 5)]
+    torch.testing.assert_close(batches.load([range(0, 3), range(3, 5)]), images, atol=1e-6, rtol=0)
+    with pytest.raises(TfmqError, match=r"another sampling run \(its seed differ\)"):
+        ImageBatches(folder, {"seed": 1}).finished()
+    path = folder / "batch-000003-000005.safetensors"
+    pixels = load_file(str(path))["pixels"]
+    save_file({"pixels": 255 - pixels}, str(path), metadata={"sha256": "0" * 64})
+    with pytest.raises(TfmqError, match="not the batch tfmq saved there"):
+        batches.load([range(0, 3), range(3, 5)])
+    batches.remove()
+    assert not folder.exists()

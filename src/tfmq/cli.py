@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -28,9 +27,11 @@ from tfmq.method_arguments import add_method_arguments
 REFERENCE_NAME = "fashion-mnist-test"
 METRICS_FILE = "metrics.json"  # tfmq.evaluation's, named here too so `eval --json` is checked before torch loads
 # The kinds of tfmq.images and tfmq.quant.checkpoint, named here so the CLI checks --out before importing torch.
+ONNX_DATA_SUFFIX = ".data"  # tfmq.export.metadata's DATA_SUFFIX: a graph's external weights, protected unloaded
 IMAGES_KIND = "images"
 CHECKPOINT_KIND = "quantized-model"
 TRAINED_MODEL_KIND = "trained-model"
+SHARDED_COMMANDS = ("sample", "quantize")  # the commands that share their work between torchrun's processes
 
 
 def _input_paths(args: argparse.Namespace) -> list[Path]:
@@ -46,7 +47,9 @@ def _input_paths(args: argparse.Namespace) -> list[Path]:
             if value is None:
                 continue
             zoo = Path(package_file).parent / "zoo" / str(value)
-            for path in (Path(value), zoo):
+            # a graph's external weights are read with it
+            beside = [Path(f"{value}{ONNX_DATA_SUFFIX}")] if name == "onnx" else []
+            for path in (Path(value), zoo, *beside):
                 if os.path.lexists(path):
                     paths.append(path)
     return paths
@@ -114,38 +117,37 @@ def _load_unet(args: argparse.Namespace):
 
 def _cmd_sample(args: argparse.Namespace) -> None:
     from tfmq import distributed
-    from tfmq.images import save_image_folder
+    from tfmq.evaluation import model_identity, sample_folder
+    from tfmq.files import check_output_folder
+    from tfmq.images import PROGRESS_KIND, progress_folder
     from tfmq.models.loading import cycled
-    from tfmq.sampling import check_sample, sample
+    from tfmq.sampling import check_sample
 
     _output_folder(args, args.out, IMAGES_KIND)
+    check_output_folder(progress_folder(args.out), PROGRESS_KIND, protected=_input_paths(args))  # absent, or a run's
     config = _sampler_config(args)
     if args.engine == "onnxruntime":
         model, unet, source = _load_engine(args, config)
     else:
         model, unet, source = _load_unet(args)
-    if distributed.is_active():  # each rank read its own files
-        from tfmq.quant.provenance import model_fingerprint
-
-        distributed.check_same_on_all_ranks(source if args.engine == "onnxruntime" else model_fingerprint(unet),
-                                            "the model")
     check_sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size)  # before encoding prompts
     prompts = _prompts(args)
     conditioning = _conditioning(args, model, args.num, prompts)
-    started = time.perf_counter()
-    images = sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size,
-                    not args.quiet and distributed.is_main(), conditioning=conditioning, decoder=model.decoder)
-    seconds = time.perf_counter() - started
-    metadata = {"model": source, "seed": args.seed, "sampler": config.to_dict(), "seconds": round(seconds, 2)}
+    metadata = {"model": source, "seed": args.seed, "sampler": config.to_dict()}
     if conditioning is not None:
         metadata["guidance_scale"] = conditioning.guidance_scale
         if "class_labels" in conditioning.per_image:
             metadata["class_labels"] = conditioning.per_image["class_labels"].tolist()
         else:
             metadata["prompts"] = cycled(prompts, args.num)
-    if distributed.is_main():  # every rank holds the images; one writes them
-        out = save_image_folder(images, args.out, metadata, overwrite=args.overwrite, protected=_input_paths(args))
-        print(f"{len(images)} images in {seconds:.1f} s -> {out} (grid: {out / 'grid.png'})")
+    digest = model_identity(args.onnx if args.engine == "onnxruntime" else unet, model.autoencoder)
+    done = sample_folder(unet, model.scheduler, args.out, args.num, args.seed, config, args.batch_size,
+                         model_digest=digest, metadata=metadata, conditioning=conditioning, decoder=model.decoder,
+                         progress=not args.quiet and distributed.is_main(), overwrite=args.overwrite,
+                         protected=_input_paths(args))
+    if done is not None:  # rank 0 writes and reports
+        kept = f" ({done.kept} kept from an interrupted run)" if done.kept else ""
+        print(f"{done.num_images} images in {done.seconds:.1f} s{kept} -> {done.path} (grid: {done.path / 'grid.png'})")
 
 
 def _load_engine(args: argparse.Namespace, config):
@@ -188,7 +190,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
                            calibration=calibration, opset=args.opset, integer_convs=not args.exact_convs,
                            requantize_weights=args.requantize_weights, details=details,
                            overwrite=args.overwrite)
-    print(f"{path} ({path.stat().st_size / 1e6:.2f} MB)")
+    from tfmq.export.metadata import data_file_of
+
+    data = data_file_of(path)
+    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    print(f"{path} ({size / 1e6:.2f} MB{f', weights in {data.name}' if data.is_file() else ''})")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -208,7 +214,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     for path in args.onnx:
         engine = OnnxUNet(path, threads=args.threads)
         engines[f"onnxruntime {engine.info.format} {path.name}"] = engine
-        files[path.name] = path.stat().st_size
+        files[path.name] = sum(file.stat().st_size for file in engine.files)
     timestep, rows = time_engines(model, engines, args.batch, args.repeats)
     print(format_table(rows, ("engine", "batch", "ms_per_step", "speedup_vs_torch_fp32")))
     fp32_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
@@ -227,12 +233,14 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from tfmq.devices import resolve_device
     from tfmq.evaluation import SampleFolder, check_paired, evaluate_folder
     from tfmq.files import add_to_output_folder, owned_json, stamped, write_json
-    from tfmq.metrics import load_reference_statistics
+    from tfmq.metrics import QualityMetrics, load_reference_statistics
     from tfmq.report import format_table
 
     out = _output_file(args, args.json or Path(args.images) / METRICS_FILE, owned_json)
+    metrics = QualityMetrics(device=resolve_device(args.device))  # before reading images: a missing GPU fails at once
     samples = SampleFolder.load(args.images)
     baseline = None if args.baseline is None else SampleFolder.load(args.baseline)
     reference = None if args.reference == "none" else (
@@ -240,7 +248,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     )
     if baseline is not None:
         check_paired(samples, baseline)  # before the reference scores' minutes
-    result = evaluate_folder(samples, baseline, reference)
+    result = evaluate_folder(samples, baseline, reference, metrics)
     write_json(out, stamped(result))
     if out.absolute().parent == Path(args.images).absolute():
         add_to_output_folder(Path(args.images), out.name)
@@ -287,7 +295,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         calibration.check_made_for(model.unet, sampler, _guidance_scale(args, model))
     else:
         given = {field: getattr(args, field) for field in ("num_samples", "interval_length") if field in args}
-        settings = CalibrationSettings(sampler=sampler, seed=args.seed, batch_size=args.batch_size, **given)
+        settings = CalibrationSettings(sampler=sampler, seed=args.seed, batch_size=args.batch_size,
+                                       memory_budget_mb=getattr(config, "memory_budget_mb", None), **given)
         calibration = calibrate(model, settings, conditioning_for, progress=progress)
         if args.calib_save is not None and distributed.is_main():  # every rank holds the whole set
             calibration.save(args.calib_save)
@@ -368,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(sample)
     sample.add_argument("--quantized", type=Path, default=None, help="a folder written by `tfmq quantize`")
     sample.add_argument("--num", type=positive, default=64, help="number of images")
-    sample.add_argument("--out", type=Path, required=True, help="output folder (written whole when done)")
+    sample.add_argument("--out", type=Path, required=True,
+                        help="output folder (written whole when done; the finished batches wait in OUT.tfmq-progress, "
+                             "and the same command continues an interrupted run)")
     add_overwrite_argument(sample)
     sample.add_argument("--quiet", action="store_true", help="no progress bars")
     sample.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
@@ -450,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reference", default=REFERENCE_NAME,
                           help=f"'{REFERENCE_NAME}' (shipped statistics), a statistics file, or 'none'")
     evaluate.add_argument("--json", type=Path, default=None, help="where to write the metrics (IMAGES/metrics.json)")
+    add_device_arguments(evaluate, dtype=False)
     add_overwrite_argument(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 
@@ -492,15 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         with contextlib.ExitStack() as stack:
-            if os.environ.get("WORLD_SIZE", "1") != "1":  # one of several processes started by torchrun
-                if args.command not in ("sample", "quantize"):
-                    raise TfmqError(f"tfmq {args.command} runs in one process: start it without torchrun")
-                from tfmq import distributed
+            if os.environ.get("WORLD_SIZE", "1") != "1":  # started by torchrun (tfmq.distributed imports torch)
+                from tfmq.distributed import launched_command
 
-                device = stack.enter_context(distributed.process_group(args.device))
-                distributed.check_same_on_all_ranks({key: value for key, value in vars(args).items() if key != "func"},
-                                                    "the command line")
-                args.device = str(device)  # --device cuda: this rank's GPU
+                stack.enter_context(launched_command(args, SHARDED_COMMANDS))
             args.func(args)
     except TfmqError as exc:
         print(f"tfmq: error: {one_line(str(exc))}", file=sys.stderr)

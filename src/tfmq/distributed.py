@@ -13,9 +13,10 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from argparse import Namespace
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from tfmq.errors import TfmqError
 # What torchrun sets in every process it starts.
 WORLD_SIZE_VARIABLE = "WORLD_SIZE"
 LOCAL_RANK_VARIABLE = "LOCAL_RANK"
+Result = TypeVar("Result")
 
 
 def launched_world_size() -> int:
@@ -88,6 +90,44 @@ def process_group(device: str | torch.device | None = None) -> Iterator[torch.de
     finally:
         if started:
             dist.destroy_process_group()
+
+
+@contextmanager
+def launched_command(arguments: Namespace, commands: Collection[str]) -> Iterator[None]:
+    """A CLI command's share of a torchrun launch for the block: the process group joined, every rank
+    checked to have the same command line, and `arguments.device` set to this rank's device. With one
+    process, nothing; a command outside `commands` (those that shard their work) is refused."""
+    if launched_world_size() <= 1:
+        yield
+        return
+    if arguments.command not in commands:
+        raise TfmqError(f"tfmq {arguments.command} runs in one process: start it without torchrun")
+    with process_group(arguments.device) as device:
+        check_same_on_all_ranks({key: value for key, value in vars(arguments).items() if key != "func"},
+                                "the command line")
+        arguments.device = str(device)  # --device cuda: this rank's GPU
+        yield
+
+
+def on_main(work: Callable[[], Result]) -> Result:
+    """`work()` done by rank 0 alone, its result (or its error, as a one-line TfmqError) handed to every
+    rank: for what only the writer can see, such as what its output folders already hold."""
+    if not is_active():
+        return work()
+    payload: list[Any] = [None]
+    failure: Exception | None = None
+    if is_main():
+        try:
+            payload = [(work(), None)]
+        except Exception as exc:  # the other ranks must not wait in the broadcast for a result never sent
+            failure, payload = exc, [(None, str(exc) or type(exc).__name__)]
+    dist.broadcast_object_list(payload, src=0)
+    if failure is not None:
+        raise failure
+    result, error = payload[0]
+    if error is not None:
+        raise TfmqError(error)
+    return result
 
 
 def shard(count: int) -> range:

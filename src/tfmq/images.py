@@ -1,19 +1,33 @@
-"""Image folders on disk: written atomically with their metadata, read back strictly, tiled into grids."""
+"""Image folders on disk: written atomically with their metadata, read back strictly, tiled into grids; and
+the batches of one being sampled, kept beside it so that an interrupted run continues."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tfmq.errors import TfmqError
-from tfmq.files import atomic_directory
+from tfmq.files import (
+    add_to_output_folder,
+    atomic_directory,
+    check_output_folder,
+    remove_output_folder,
+    start_output_folder,
+    write_bytes_atomic,
+    write_json,
+)
 
 METADATA_FILE = "samples.json"
 GRID_FILE = "grid.png"
@@ -69,6 +83,90 @@ def save_image_folder(images: torch.Tensor, out_dir: str | Path, metadata: dict,
         make_grid(images[:grid_images]).save(staging / GRID_FILE)
         (staging / METADATA_FILE).write_text(json.dumps({**metadata, "num_images": len(images)}, indent=2))
     return Path(out_dir)
+
+
+PROGRESS_KIND = "sampled batches"
+PROGRESS_SUFFIX = ".tfmq-progress"
+RUN_FILE = "run.json"
+_BATCH_FILE = re.compile(r"batch-(\d{6,})-(\d{6,})\.safetensors")
+
+
+def progress_folder(out: str | Path) -> Path:
+    """Where the finished batches of an image folder `out` wait while it is sampled: beside it."""
+    out = Path(out)
+    return out.with_name(out.name + PROGRESS_SUFFIX)
+
+
+def _pixel_digest(pixels: torch.Tensor, indices: range) -> str:
+    digest = hashlib.sha256(f"{indices.start}-{indices.stop}:{tuple(pixels.shape)}".encode())
+    digest.update(pixels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ImageBatches:
+    """The batches of one image folder sampled so far, in its `progress_folder`: each batch's pixels as its PNGs
+    will hold them (uint8, one safetensors file with a digest), and the run's identity in run.json (whatever
+    decides the images: model, sampler, seeds, conditions). Made at the first batch, deleted by `remove` once
+    the image folder is written; a folder of another run, or holding files tfmq did not write, is refused and
+    left as it is."""
+
+    def __init__(self, folder: str | Path, identity: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.identity = json.loads(json.dumps(identity, sort_keys=True))  # as run.json reads back
+
+    def finished(self) -> list[range]:
+        """The batches an earlier run of this identity saved (none without a folder)."""
+        check_output_folder(self.folder, PROGRESS_KIND)  # absent, empty, or ours with nothing added
+        run_file = self.folder / RUN_FILE
+        if not run_file.is_file():
+            return []
+        try:
+            recorded = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TfmqError(f"{run_file} is unreadable ({exc}): delete {self.folder} to start over") from exc
+        if recorded != self.identity:
+            differing = sorted(key for key in set(recorded) | set(self.identity)
+                               if recorded.get(key) != self.identity.get(key))
+            raise TfmqError(f"{self.folder} holds the images of another sampling run (its {', '.join(differing)} "
+                            "differ): delete it to start over, or rerun that run's command")
+        batches = (_BATCH_FILE.fullmatch(path.name) for path in self.folder.iterdir())
+        return sorted((range(int(match[1]), int(match[2])) for match in batches if match), key=lambda r: r.start)
+
+    def _file(self, indices: range) -> Path:
+        return self.folder / f"batch-{indices.start:06d}-{indices.stop:06d}.safetensors"
+
+    def save(self, indices: range, images: torch.Tensor) -> None:
+        """Keep the images `indices` ([-1, 1] floats), atomically; the first batch makes the folder."""
+        if not (self.folder / RUN_FILE).is_file():
+            start_output_folder(self.folder, PROGRESS_KIND)
+            write_json(self.folder / RUN_FILE, self.identity)
+            add_to_output_folder(self.folder, RUN_FILE)
+        pixels = torch.from_numpy(to_uint8(images))
+        metadata = {"sha256": _pixel_digest(pixels, indices)}
+        path = self._file(indices)
+        write_bytes_atomic(path, lambda temporary: save_file({"pixels": pixels}, str(temporary), metadata=metadata))
+        add_to_output_folder(self.folder, path.name)
+
+    def load(self, batches: list[range]) -> torch.Tensor:
+        """The images of `batches`, in order, as [-1, 1] floats (what `save_image_folder` writes as they were)."""
+        pieces = []
+        for indices in batches:
+            path = self._file(indices)
+            try:
+                pixels = load_file(str(path))["pixels"]
+                with safe_open(str(path), "pt") as handle:
+                    metadata = handle.metadata() or {}
+            except Exception as exc:  # a missing, truncated or foreign file
+                raise TfmqError(f"cannot read {path}: {str(exc).splitlines()[0]}: delete {self.folder} to "
+                                "start over") from exc
+            if pixels.dtype != torch.uint8 or metadata.get("sha256") != _pixel_digest(pixels, indices) or (
+                    pieces and pixels.shape[1:] != pieces[0].shape[1:]) or len(pixels) != len(indices):
+                raise TfmqError(f"{path} is not the batch tfmq saved there: delete {self.folder} to start over")
+            pieces.append(pixels)
+        return from_uint8(torch.cat(pieces).numpy())
+
+    def remove(self) -> None:
+        remove_output_folder(self.folder, PROGRESS_KIND)
 
 
 def _read_gray(path: Path) -> np.ndarray:

@@ -31,13 +31,15 @@ ConditioningFor = Callable[[int], "Conditioning | None"]
 @dataclass(frozen=True)
 class CalibrationSettings:
     """Which trajectories calibrate: `num_samples` seeds of `sampler` from `seed`, every step recorded,
-    weight reconstruction on every `interval_length`-th (the paper's `--interval_length`)."""
+    weight reconstruction on every `interval_length`-th (the paper's `--interval_length`); beyond
+    `memory_budget_mb` the recorded set is kept on disk."""
 
     num_samples: int = 64
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     interval_length: int = 5
     seed: int = 0
     batch_size: int = 64
+    memory_budget_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def calibrate(model: DiffusionModel, settings: CalibrationSettings, conditioning
     """The calibration set of `settings`, recorded from `model`'s full-precision sampler."""
     return collect_calibration(model.unet, model.scheduler, settings.num_samples, settings.sampler,
                                settings.interval_length, settings.seed, settings.batch_size, progress,
-                               conditioning_for(settings.num_samples))
+                               conditioning_for(settings.num_samples), memory_budget_mb=settings.memory_budget_mb)
 
 
 def checkpoint_folder(out: str | Path) -> Path:

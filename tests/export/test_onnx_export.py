@@ -176,3 +176,17 @@ def test_export_without_onnx_is_a_clear_error(pixel_w4a8, tmp_path, monkeypatch)
     monkeypatch.setitem(__import__("sys").modules, "onnx", None)
     with pytest.raises(TfmqError, match="onnx cannot be imported"):
         export_onnx(pixel_w4a8, tmp_path / "a.onnx", integer_convs=False)
+
+
+def test_an_export_replaces_its_own_data_file_and_no_other(pixel_w4a8, tmp_path):
+    path, data_file = tmp_path / "unet.onnx", tmp_path / "unet.onnx.data"
+    data_file.write_bytes(b"not tfmq's")
+    with pytest.raises(TfmqError, match="unet.onnx.data exists and was not written by tfmq"):
+        export_onnx(pixel_w4a8, path, integer_convs=False, external_data_threshold_bytes=0)
+    assert data_file.read_bytes() == b"not tfmq's" and not path.exists()
+    export_onnx(pixel_w4a8, path, integer_convs=False, external_data_threshold_bytes=0, overwrite=True)
+    assert OnnxUNet(path, threads=1).files == [path, data_file]
+    # no overwrite needed now: the data file is the tfmq graph's; inline, it goes with the graph it served
+    export_onnx(pixel_w4a8, path, integer_convs=False)
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["unet.onnx"]
+    assert OnnxUNet(path, threads=1).files == [path]

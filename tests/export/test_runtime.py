@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 import sys
 from collections.abc import Callable
 
@@ -165,3 +166,69 @@ def test_int8_weights_that_can_saturate_run_exactly_once_widened():
     assert np.array_equal(run_graph(as_exported, activations), exact)
     small = matmul_graph((codes // 2).astype(np.int8))  # within +-64: safe on every CPU, left as it is
     assert widen_saturating_int8_weights(small, onnx) == 0
+
+
+@pytest.fixture(scope="module")
+def external_graph(pixel_w4a8, tmp_path_factory):
+    """The exact graph again, with its weights forced into a data file beside it."""
+    return export_onnx(pixel_w4a8, tmp_path_factory.mktemp("external") / "exact.onnx", integer_convs=False,
+                       external_data_threshold_bytes=0)
+
+
+def test_a_graph_with_external_data_runs_like_the_inline_one(exact_graph, external_graph):
+    data_file = external_graph.with_name("exact.onnx.data")
+    assert sorted(path.name for path in external_graph.parent.iterdir()) == ["exact.onnx", "exact.onnx.data"]
+    assert not exact_graph.with_name("exact.onnx.data").exists()  # small graphs stay one file
+    stored = onnx.load(str(external_graph), load_external_data=False)
+    external = [tensor for tensor in stored.graph.initializer if onnx.external_data_helper.uses_external_data(tensor)]
+    assert external and not any(tensor.HasField("raw_data") for tensor in external)
+    sizes = [path.stat().st_size for path in (external_graph, data_file, exact_graph)]
+    assert sizes[0] < sizes[2] < sizes[0] + sizes[1]  # the weights moved, the graph stayed
+    inline, separate = OnnxUNet(exact_graph, threads=1), OnnxUNet(external_graph, threads=1)
+    assert separate.files == [external_graph, data_file] and inline.files == [exact_graph]
+    assert separate.info == inline.info
+    x = torch.randn(2, 3, 8, 8)
+    for timestep in inline.info.schedule[::2]:
+        assert torch.allclose(separate(x, timestep).sample, inline(x, timestep).sample, rtol=0, atol=1e-6)
+
+
+def copied(graph, folder):
+    """The files of the export at `graph` copied into `folder`; the copy's graph."""
+    for source in graph.parent.iterdir():
+        shutil.copy(source, folder / source.name)
+    return folder / graph.name
+
+
+def flip_data_byte(data_file) -> None:
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data_file.write_bytes(bytes(raw))
+
+
+def edit_stored(graph, edit) -> None:
+    """`edit` the graph file as stored, its weights left in the data file."""
+    model = onnx.load(str(graph), load_external_data=False)
+    edit(model)
+    onnx.save(model, str(graph))
+
+
+def move_weights_elsewhere(model) -> None:
+    tensor = next(tensor for tensor in model.graph.initializer if tensor.external_data)
+    next(entry for entry in tensor.external_data if entry.key == "location").value = "other.data"
+    next(prop for prop in model.metadata_props if prop.key == DIGEST_KEY).value = graph_digest(model)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    pytest.param(flip_data_byte, "exact.onnx.data was modified after export", id="flipped-byte"),
+    pytest.param(lambda data_file: data_file.write_bytes(data_file.read_bytes() + b"\0"),
+                 "exact.onnx.data was modified after export", id="appended-byte"),
+    pytest.param(lambda data_file: data_file.unlink(), "which is missing", id="missing"),
+    pytest.param(lambda data_file: edit_stored(data_file.with_suffix(""), move_weights_elsewhere),
+                 "keeps its weights in exact.onnx.data, other.data", id="resigned-location"),
+])
+def test_a_data_file_changed_after_export_is_refused(external_graph, tmp_path, change, fragment):
+    graph = copied(external_graph, tmp_path)
+    change(graph.with_name("exact.onnx.data"))
+    with pytest.raises(TfmqError) as caught:
+        OnnxUNet(graph, threads=1)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value), caught.value

@@ -36,11 +36,21 @@ def test_rtn_w8a8_stays_close_and_w4a8_is_further(calibration):
     assert w8a8 < w4a8
 
 
-def test_base_model_is_left_in_full_precision(calibration):
+@pytest.mark.parametrize("config", [RTNConfig(), QDiffusionConfig(recon_weight_iters=2, recon_act_iters=1)],
+                         ids=["rtn", "qdiff"])
+def test_base_model_is_left_in_full_precision(calibration, config):
     base = pixel_unet()
     before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
-    quantize(base, RTNConfig(), calibration, progress=False)
+    quantized = quantize(base, config, calibration, progress=False)
     assert all(torch.equal(before[name], tensor) for name, tensor in base.state_dict().items())
+    # The twin holds storage of its own only for the weights reconstruction changed.
+    base_storage = {tensor.data_ptr() for tensor in base.state_dict().values()}
+    shared = [name for name, tensor in quantized.state_dict().items() if tensor.data_ptr() in base_storage]
+    changed = [name for name, tensor in quantized.state_dict().items()
+               if name in before and not torch.equal(tensor, before[name])]
+    assert bool(changed) == isinstance(config, QDiffusionConfig) and shared  # hardened weights are on the grid
+    assert not set(shared) & set(changed)
+    assert len(shared) + len(changed) == len(before)
 
 
 def test_quantized_unet_runs_inside_a_diffusers_pipeline(calibration):

@@ -1,3 +1,4 @@
+import gc
 import json
 import os
 from dataclasses import replace
@@ -6,14 +7,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tests.quant.tiny_unets import pixel_unet
+from tests.quant.tiny_unets import class_unet, pixel_unet
 
 from tfmq.errors import TfmqError
 from tfmq.files import owned_safetensors
 from tfmq.models.architectures import fashion_ddpm_scheduler
 from tfmq.quant.calibration import CalibrationProvenance, CalibrationSet, collect_calibration
 from tfmq.quant.provenance import model_fingerprint
-from tfmq.sampling import SamplerConfig, sampling_timesteps
+from tfmq.sampling import Conditioning, SamplerConfig, sampling_timesteps
 
 SCHEDULER = fashion_ddpm_scheduler()
 SAMPLER = SamplerConfig(steps=10)
@@ -133,3 +134,39 @@ def test_save_creates_its_folder_and_writes_atomically(tmp_path):
 def test_bad_calibration_seeds_are_errors(seed, fragment):
     with pytest.raises(TfmqError, match=fragment):
         collect_calibration(pixel_unet(), SCHEDULER, 2, SAMPLER, seed=seed, progress=False)
+
+
+def _guided_class_calibration(**budget) -> CalibrationSet:
+    conditioning = Conditioning({"class_labels": torch.tensor([0, 1, 2, 1])}, {"class_labels": torch.tensor([3])},
+                                guidance_scale=2.0)
+    return collect_calibration(class_unet(), SCHEDULER, 4, SAMPLER, interval_length=3, batch_size=2,
+                               progress=False, conditioning=conditioning, **budget)
+
+
+def _same_sets(first: CalibrationSet, second: CalibrationSet) -> bool:
+    tensors = [(first.samples, second.samples), (first.timesteps, second.timesteps),
+               (first.step_indices, second.step_indices), (first.schedule, second.schedule),
+               *((first.conditions[key], second.conditions[key]) for key in first.conditions)]
+    return first.conditions.keys() == second.conditions.keys() and all(torch.equal(a, b) for a, b in tensors)
+
+
+def test_beyond_its_budget_a_set_is_recorded_on_disk_with_the_same_bits(tmp_path):
+    in_memory = _guided_class_calibration()
+    row_bytes = in_memory.samples[0].numel() * 4 + 8  # a sample and its class label
+    spilled = _guided_class_calibration(memory_budget_mb=6 * row_bytes / 2**20, spill_dir=tmp_path)
+    assert in_memory.spill is None and spilled.spill is not None
+    assert _same_sets(in_memory, spilled) and in_memory.identity() == spilled.identity()
+    [folder] = tmp_path.iterdir()  # the staging chunks are gone, the ordered rows stay
+    assert folder == spilled.spill.path and len(list(folder.iterdir())) == 2
+    # Its subsets and batches read the files: subsets are spilled as well, batches are views.
+    for subset, reference in ((spilled.for_weights(), in_memory.for_weights()),
+                              (spilled.per_step(2), in_memory.per_step(2))):
+        assert subset.spill is spilled.spill and _same_sets(subset, reference)
+    batch = spilled.batches(5)[1]
+    assert batch["sample"].untyped_storage().data_ptr() == spilled.samples.untyped_storage().data_ptr()
+    assert torch.equal(batch["class_labels"], in_memory.conditions["class_labels"][5:10])
+    roomy = _guided_class_calibration(memory_budget_mb=1.0, spill_dir=tmp_path)
+    assert roomy.spill is None and _same_sets(roomy, in_memory)
+    del spilled, subset, batch
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []  # the folder goes with the last set that reads it

@@ -67,6 +67,21 @@ def test_leaves_the_input_model_untouched(unet: UNet) -> None:
     assert quantized.up_blocks[0].resnets[0].conv1.weight is not unet.up_blocks[0].resnets[0].conv1.weight
 
 
+def test_the_twin_shares_storage_and_changes_a_weight_only_in_storage_of_its_own(unet: UNet) -> None:
+    quantized = quantize_model(unet, RTNConfig())
+    originals = dict(unet.named_parameters())
+    for name, parameter in quantized.named_parameters():
+        if name in originals:
+            assert parameter is not originals[name] and parameter.data_ptr() == originals[name].data_ptr()
+    original = unet.up_blocks[0].resnets[0].conv1.weight
+    before = original.clone()
+    layer = quantized.up_blocks[0].resnets[0].conv1
+    layer.replace_weight(torch.zeros_like(layer.weight))
+    assert torch.equal(original, before) and not layer.weight.any() and layer.weight.requires_grad
+    quantized.to(torch.float64)  # moving or casting the twin leaves the original where it was
+    assert original.dtype == torch.float32 and unet.conv_in.weight.dtype == torch.float32
+
+
 def test_switched_off_it_computes_what_the_original_does(unet: UNet) -> None:
     inputs = unet_inputs(unet, batch=2, seed=0)
     quantized = quantize_model(unet, RTNConfig(w_bits=4, a_bits=8))

@@ -20,12 +20,12 @@ def pixel_unet(seed: int = 0, channels: int = 3, size: int = 8) -> UNet2DModel:
     ).eval()
 
 
-def text_unet(seed: int = 0) -> UNet2DConditionModel:
-    """Cross-attention 8x8 UNet on 4 latent channels, conditioning of width 8."""
+def text_unet(seed: int = 0, cross_attention_dim: int = 8) -> UNet2DConditionModel:
+    """Cross-attention 8x8 UNet on 4 latent channels, conditioning of width `cross_attention_dim`."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4,
+        norm_num_groups=4, cross_attention_dim=cross_attention_dim, attention_head_dim=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ).eval()
 

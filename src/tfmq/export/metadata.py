@@ -1,6 +1,9 @@
 """What an exported graph remembers about itself, in the ONNX file's metadata_props (keys `tfmq.*`): enough
 for `OnnxUNet` and the CLI to call it right without the torch model, and a digest of the graph and of those
-props, so that a graph changed after export (a flipped weight byte, an edited schedule) is refused."""
+props, so that a graph changed after export (a flipped weight byte, an edited schedule) is refused.
+
+A graph past protobuf's 2 GB keeps its weights in one external data file beside it (`unet.onnx.data`); its
+name, size and SHA-256 are a prop (`tfmq.external_data`), so the digest covers the data file too."""
 
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ from tfmq.errors import TfmqError
 
 PREFIX = "tfmq."
 DIGEST_KEY = PREFIX + "sha256"
+DATA_KEY = PREFIX + "external_data"
+DATA_SUFFIX = ".data"
+_HASH_CHUNK_BYTES = 1 << 24
 FORMATS = ("int8", "fp32")
 # The graph's inputs and output. An integer graph reads the step index (position of t in `schedule`),
 # a full-precision graph the timestep itself.
@@ -101,13 +107,81 @@ def check_digest(model: Any, source: str) -> None:
                         "export it again")
 
 
+def data_file_of(path: str | Path) -> Path:
+    """Where the graph at `path` keeps its weights when they are external: beside it, named after it."""
+    path = Path(path)
+    return path.with_name(path.name + DATA_SUFFIX)
+
+
+def data_record(data_file: Path) -> str:
+    """The `tfmq.external_data` prop of a graph whose weights tfmq wrote to `data_file`."""
+    return json.dumps({"file": data_file.name, "bytes": data_file.stat().st_size, "sha256": file_sha256(data_file)})
+
+
+def file_sha256(path: Path) -> str:
+    """Read in chunks: a data file may hold more than memory can spare twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_external_data(model: Any, path: Path) -> Path | None:
+    """Refuse a graph (loaded without its external data, digest checked) whose data file is missing, changed
+    or not the one tfmq wrote beside it; returns that file, or None for a graph that holds its weights."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    locations = {ExternalDataInfo(tensor).location for tensor in model.graph.initializer if uses_external_data(tensor)}
+    if DATA_KEY not in props:
+        if locations:
+            raise TfmqError(f"{path} refers to external data tfmq did not write ({', '.join(sorted(locations))}): "
+                            "export it again with this tfmq")
+        return None
+    try:
+        record = json.loads(props[DATA_KEY])
+        name, size, sha256 = record["file"], record["bytes"], record["sha256"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise TfmqError(f"{path} has corrupt tfmq metadata: {DATA_KEY} ({exc})") from exc
+    data_file = data_file_of(path)
+    if name != data_file.name or locations - {name}:
+        raise TfmqError(f"{path} keeps its weights in {', '.join(sorted(locations | {name}))}, not in {data_file.name} "
+                        "beside it: export it again")
+    if not data_file.is_file():
+        raise TfmqError(f"{path} keeps its weights in {data_file}, which is missing: copy it beside the graph, "
+                        "or export again")
+    if data_file.stat().st_size != size or file_sha256(data_file) != sha256:
+        raise TfmqError(f"{data_file} was modified after export (its content no longer matches the tfmq digest of "
+                        f"{path.name}): export it again")
+    return data_file
+
+
+def owned_data_file(path: str | Path) -> bool:
+    """Whether the data file beside `path` is the one the tfmq graph at `path` refers to: one an export may
+    replace or remove."""
+    model = _tfmq_graph(Path(path))
+    records = [] if model is None else [prop.value for prop in model.metadata_props if prop.key == DATA_KEY]
+    try:
+        return [json.loads(record)["file"] for record in records] == [data_file_of(path).name]
+    except (ValueError, TypeError, KeyError):
+        return False
+
+
 def owned_graph(path: Path) -> bool:
     """An ONNX file tfmq exported (its metadata has tfmq's keys): one an export may replace."""
+    return _tfmq_graph(Path(path)) is not None
+
+
+def _tfmq_graph(path: Path) -> Any:
+    """The graph at `path` without its external data, if tfmq wrote it; else None."""
     from tfmq.export.dependencies import require
 
     onnx = require("onnx")
+    if not path.is_file():
+        return None
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # protobuf's DecodeError and onnx's own: not a graph, so not ours
-        return False
-    return any(prop.key.startswith(PREFIX) for prop in model.metadata_props)
+        return None
+    return model if any(prop.key.startswith(PREFIX) for prop in model.metadata_props) else None

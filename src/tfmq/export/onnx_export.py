@@ -6,6 +6,7 @@ the TIB is a table over the schedule, so the graph serves exactly the timesteps 
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,13 +23,17 @@ from tfmq.export.conv_outputs import UNetInputs, conv_output_grids, integer_conv
 from tfmq.export.dependencies import require
 from tfmq.export.graph import StepGraph, TimestepGraph, integer_twin
 from tfmq.export.metadata import (
+    DATA_KEY,
     DIGEST_KEY,
     ENCODER_HIDDEN_STATES,
     FORMATS,
     OUTPUT,
     SAMPLE,
     GraphInfo,
+    data_file_of,
+    data_record,
     graph_digest,
+    owned_data_file,
     owned_graph,
 )
 from tfmq.export.qdq import KERNEL_BITS
@@ -45,6 +50,12 @@ TORCH_MAX_OPSET = 20
 # 4-bit tensors exist from opset 21 on: weights of at most 4 bits are stored packed there.
 UINT4_OPSET = 21
 UINT4_MAX = 15
+# protobuf encodes no message past 2 GiB: a graph whose initializers and nodes come within 16 MiB of that (the
+# margin covers what the count leaves out: inputs, outputs, metadata) keeps its weights in a data file beside it.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD_BYTES = PROTOBUF_LIMIT_BYTES - 2**24
+# Initializers of at least this many bytes go to the data file (onnx's default); scales and zero points stay.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
 _EXAMPLE_BATCH = 2
 _EXAMPLE_TOKENS = 3
 
@@ -61,9 +72,12 @@ def export_onnx(
     requantize_weights: bool = False,
     details: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD_BYTES,
 ) -> Path:
     """Write `unet` to `path` as ONNX, to run with `OnnxUNet`; an existing file is replaced only if tfmq
-    exported it (or with `overwrite`).
+    exported it (or with `overwrite`). A graph of more than `external_data_threshold_bytes` (default: just under
+    protobuf's 2 GB) keeps its weights in `<path>.data` beside it, under the graph's digest; the graph file
+    alone is then small, and the two travel together.
 
     format "int8": a model from `tfmq.quantize`/`load_quantized` as a QDQ graph that onnxruntime runs on
     integer kernels. It serves the timesteps of `schedule` (the sampler's distinct timesteps; default and
@@ -77,7 +91,13 @@ def export_onnx(
     `details` (JSON values) is stored in the graph's metadata, e.g. the sampler it was exported for.
     """
     onnx = require("onnx")
-    check_output_file(path, owned_graph, overwrite=overwrite)
+    path = check_output_file(path, owned_graph, overwrite=overwrite)
+    data_file = data_file_of(path)
+    # the data file of the graph this export replaces, if any
+    previous_data = os.path.lexists(data_file) and owned_data_file(path)
+    if os.path.lexists(data_file) and not previous_data and not overwrite:
+        raise TfmqError(f"{data_file} exists and was not written by tfmq: pass --overwrite to replace it, "
+                        "or choose another path")
     if format not in FORMATS:
         raise TfmqError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     if opset not in SUPPORTED_OPSETS:
@@ -101,13 +121,21 @@ def export_onnx(
         schedule_list, timestep = schedule_tensor.tolist(), torch.tensor(0, dtype=torch.int64)
     info = GraphInfo(format, type(unet).__name__, _json_config(unet), schedule_list, info_details)
     model = _traced(graph, unet, timestep, info, opset, onnx)
+    external = _proto_bytes(model) > external_data_threshold_bytes
+    if opset > TORCH_MAX_OPSET:
+        model = _converted(model, opset, onnx, without_weights=external)
     if format == "int8" and opset >= UINT4_OPSET:
         info.details["uint4_weights"] = pack_uint4_weights(model, onnx)
     _compact_value_names(model)
     for key, value in info.to_props().items():
         model.metadata_props.add(key=key, value=value)
+    if external:
+        _write_external_data(model, data_file, onnx)
     model.metadata_props.add(key=DIGEST_KEY, value=graph_digest(model))  # last: nothing changes the graph after
-    return write_bytes_atomic(path, lambda temporary: onnx.save(model, str(temporary)))
+    written = write_bytes_atomic(path, lambda temporary: onnx.save(model, str(temporary)))
+    if previous_data and not external:
+        data_file.unlink(missing_ok=True)  # the replaced graph's weights: nothing refers to them any more
+    return written
 
 
 def _checked_schedule(unet: nn.Module, schedule: Sequence[int] | torch.Tensor | None, quantized: bool) -> torch.Tensor:
@@ -165,7 +193,9 @@ def _json_config(unet: nn.Module) -> dict[str, Any]:
 
 
 def _traced(graph: nn.Module, unet: nn.Module, timestep: torch.Tensor, info: GraphInfo, opset: int, onnx) -> Any:
-    """Trace `graph` with TorchScript's exporter (dynamic batch and text length) and load the result."""
+    """Trace `graph` with TorchScript's exporter (dynamic batch and text length) and load the result, at the
+    exporter's opset (at most `TORCH_MAX_OPSET`). Past 2 GB the exporter writes the weights beside the graph,
+    in the temporary folder, and they are loaded into memory with it."""
     config = unet.config
     sample = torch.randn(_EXAMPLE_BATCH, config.in_channels, config.sample_size, config.sample_size)
     args: tuple = (sample, timestep)
@@ -187,10 +217,55 @@ def _traced(graph: nn.Module, unet: nn.Module, timestep: torch.Tensor, info: Gra
             torch.onnx.export(graph, args, str(traced_file), dynamo=False, opset_version=min(opset, TORCH_MAX_OPSET),
                               input_names=names, output_names=[OUTPUT], dynamic_axes=dynamic,
                               do_constant_folding=True)
-        model = onnx.load(str(traced_file))
-    if opset > TORCH_MAX_OPSET:
-        model = onnx.version_converter.convert_version(model, opset)
-    return model
+        return onnx.load(str(traced_file))
+
+
+def _proto_bytes(model: Any) -> int:
+    """The serialised size of the graph's initializers and nodes, counted one by one: protobuf refuses to encode
+    the whole past 2 GB."""
+    return (sum(tensor.ByteSize() for tensor in model.graph.initializer)
+            + sum(node.ByteSize() for node in model.graph.node))
+
+
+def _converted(model: Any, opset: int, onnx, *, without_weights: bool) -> Any:
+    """`model` at `opset` by onnx's version converter, which passes the model through one serialised proto.
+    `without_weights` (a model past protobuf's 2 GB): the converter gets the graph with its initializers' bytes
+    taken out (its adapters read node attributes and shapes, not weights), and the converted graph gets them
+    back by name."""
+    if not without_weights:
+        return onnx.version_converter.convert_version(model, opset)
+    weights = {}
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data"):
+            weights[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+    converted = onnx.version_converter.convert_version(model, opset)
+    for tensor in converted.graph.initializer:
+        if tensor.name in weights:
+            tensor.raw_data = weights.pop(tensor.name)
+    if weights:
+        raise TfmqError(f"onnx's version converter dropped {len(weights)} initializers (e.g. {next(iter(weights))}) "
+                        f"converting to opset {opset}: export with opset {TORCH_MAX_OPSET}")
+    return converted
+
+
+def _write_external_data(model: Any, data_file: Path, onnx) -> None:
+    """Move the graph's large initializers to `data_file` (written under a temporary name, then renamed into
+    place, as the graph itself is after it) and record the file's size and SHA-256 in the graph's props, under
+    its digest: a changed or mismatched data file is refused at load like a changed graph."""
+    helper = onnx.external_data_helper
+    moved = [tensor for tensor in model.graph.initializer
+             if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES]
+
+    def write(temporary: Path) -> None:
+        for tensor in moved:
+            helper.set_external_data(tensor, temporary.name)  # onnx appends each tensor to this file, in order
+        helper.write_external_data_tensors(model, str(temporary.parent))
+
+    write_bytes_atomic(data_file, write)
+    for tensor in moved:  # the graph refers to the data file by the name it has now
+        next(entry for entry in tensor.external_data if entry.key == "location").value = data_file.name
+    model.metadata_props.add(key=DATA_KEY, value=data_record(data_file))
 
 
 def pack_uint4_weights(model: Any, onnx) -> int:

@@ -15,7 +15,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from tfmq.errors import TfmqError
 from tfmq.export.dependencies import require
-from tfmq.export.metadata import ENCODER_HIDDEN_STATES, SAMPLE, STEP, GraphInfo, check_digest
+from tfmq.export.metadata import ENCODER_HIDDEN_STATES, SAMPLE, STEP, GraphInfo, check_digest, check_external_data
 from tfmq.export.qdq import INT8_MAX
 
 # The largest int8 weight code whose products with uint8 activations never leave int16 in pairs:
@@ -34,6 +34,8 @@ class OnnxUNet:
     weights beyond +-64 are moved to uint8 with a zero point (exact, the slower u8u8 kernels): their
     integer sums would otherwise be clipped. `threads` defaults to torch's
     intra-op thread count; `profile` makes onnxruntime record per-op times (see `end_profiling`).
+    A graph exported with external data reads its weights from the data file beside it, checked against the
+    graph's digest first; `files` lists what the export is made of.
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None, profile: bool = False,
@@ -44,13 +46,22 @@ class OnnxUNet:
         if not path.is_file():
             raise TfmqError(f"{path} does not exist or is not a file")
         try:
-            model = onnx.load(str(path))
+            model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf raises DecodeError, onnx its own errors
             raise TfmqError(f"cannot read {path} as ONNX: {str(exc).splitlines()[0]}") from exc
         check_digest(model, str(path))
+        data_file = check_external_data(model, path)
         self.info = GraphInfo.from_props({prop.key: prop.value for prop in model.metadata_props}, str(path))
         self.config = FrozenDict(self.info.unet_config)
         self.path = path
+        self.files = [path] if data_file is None else [path, data_file]
+        external = {tensor.name for tensor in model.graph.initializer
+                    if onnx.external_data_helper.uses_external_data(tensor)}
+        if external:
+            try:
+                onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+            except (OSError, ValueError) as exc:
+                raise TfmqError(f"cannot read {data_file}: {str(exc).splitlines()[0]}") from exc
         if widen_4bit:
             widen_uint4_weights(model, onnx)
         if u8s8_saturates():
@@ -62,7 +73,7 @@ class OnnxUNet:
         options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "tfmq_onnxruntime_profile")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # warnings about initializers the optimizer folded away are noise
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.session = _session(model, external, options, ort, onnx)
         self._rows = None if self.info.schedule is None else {t: row for row, t in enumerate(self.info.schedule)}
         self._input_names = {entry.name for entry in self.session.get_inputs()}
 
@@ -109,6 +120,23 @@ class OnnxUNet:
         """Stop onnxruntime's profiler (when `profile=True`) and return its JSON trace file (in the temporary
         folder; the caller removes it)."""
         return self.session.end_profiling()
+
+
+def _session(model: Any, external: set[str], options: Any, ort, onnx) -> Any:
+    """onnxruntime takes the graph as one serialised proto, which protobuf limits to 2 GB: the initializers named
+    in `external` (those the file kept in its data file) go to it as OrtValues instead, and the proto keeps only
+    their names, shapes and types (`add_external_initializers` replaces such external tensors)."""
+    names, values = [], []
+    for tensor in model.graph.initializer:
+        # numpy has no 4-bit type: 4-bit codes (run as stored) stay in the proto, half a byte a weight
+        if tensor.name in external and tensor.data_type not in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4):
+            names.append(tensor.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(tensor)))
+            onnx.external_data_helper.set_external_data(tensor, "tfmq-in-memory")
+            tensor.ClearField("raw_data")
+    if names:
+        options.add_external_initializers(names, values)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def widen_uint4_weights(model: Any, onnx) -> int:

@@ -42,13 +42,13 @@ class ReferenceStatistics:
     resolution: int
 
 
-def _frechet(embedding: Embedding) -> FrechetInceptionDistance:
-    return FrechetInceptionDistance(feature=embedding, reset_real_features=False)
+def _frechet(embedding: Embedding, device: torch.device) -> FrechetInceptionDistance:
+    return FrechetInceptionDistance(feature=embedding, reset_real_features=False).to(device)
 
 
-def _update(metric: FrechetInceptionDistance, images: torch.Tensor, real: bool) -> None:
+def _update(metric: FrechetInceptionDistance | InceptionScore, images: torch.Tensor, **real: bool) -> None:
     for chunk in images.split(_CHUNK):
-        metric.update(chunk, real=real)
+        metric.update(chunk.to(metric.device), **real)
 
 
 def png_like(images: torch.Tensor) -> torch.Tensor:
@@ -57,10 +57,12 @@ def png_like(images: torch.Tensor) -> torch.Tensor:
 
 
 class QualityMetrics:
-    """Holds the feature network once and computes every metric with it."""
+    """Holds the feature network once, on `device` (the CPU by default), and computes every metric with it;
+    images and statistics come and go on the CPU."""
 
-    def __init__(self, classifier_dir: str | Path | None = None) -> None:
-        classifier = load_classifier(classifier_dir) if classifier_dir else load_classifier()
+    def __init__(self, classifier_dir: str | Path | None = None, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        classifier = (load_classifier(classifier_dir) if classifier_dir else load_classifier()).to(self.device)
         self.pooled = Embedding(classifier, "pooled")
         self.spatial = Embedding(classifier, "spatial")
         self.logits = Embedding(classifier, "logits")
@@ -81,17 +83,17 @@ class QualityMetrics:
         _check_size(images, self.resolution, _NETWORK_INPUT)
         statistics = {}
         for name, embedding in (("fid", self.pooled), ("sfid", self.spatial)):
-            metric = _frechet(embedding)
+            metric = _frechet(embedding, self.device)
             _update(metric, png_like(images), real=True)
             for state in _FID_STATES:
-                statistics[f"{name}.{state}"] = getattr(metric, f"real_{state}").clone()
+                statistics[f"{name}.{state}"] = getattr(metric, f"real_{state}").to("cpu", copy=True)
         return ReferenceStatistics(statistics, self.resolution)
 
     def _against_statistics(self, embedding: Embedding, name: str, statistics: ReferenceStatistics,
                             images: torch.Tensor) -> float:
-        metric = _frechet(embedding)
+        metric = _frechet(embedding, self.device)
         for state in _FID_STATES:
-            setattr(metric, f"real_{state}", statistics.tensors[f"{name}.{state}"].clone())
+            setattr(metric, f"real_{state}", statistics.tensors[f"{name}.{state}"].to(self.device, copy=True))
         _update(metric, images, real=False)
         return float(metric.compute())
 
@@ -101,9 +103,8 @@ class QualityMetrics:
         _need_two(images)
         with warnings.catch_warnings():  # it warns that it keeps all features: a few MB for our 10 logits
             warnings.simplefilter("ignore", UserWarning)
-            inception = InceptionScore(feature=self.logits, splits=10)
-        for chunk in images.split(_CHUNK):
-            inception.update(chunk)
+            inception = InceptionScore(feature=self.logits, splits=10).to(self.device)
+        _update(inception, images)
         with torch.random.fork_rng():  # IS shuffles its splits with the global generator
             torch.manual_seed(0)
             is_mean, is_std = inception.compute()
@@ -121,7 +122,7 @@ class QualityMetrics:
         if len(images) != len(labels):
             raise TfmqError(f"{len(images)} images but {len(labels)} requested classes")
         self.check_images(images)
-        predicted = torch.cat([self.logits(chunk).argmax(1) for chunk in images.split(_CHUNK)])
+        predicted = torch.cat([self.logits(chunk.to(self.device)).argmax(1) for chunk in images.split(_CHUNK)])
         return float((predicted == labels.to(predicted.device)).float().mean())
 
     def between(self, images: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
@@ -130,7 +131,7 @@ class QualityMetrics:
             raise TfmqError(f"paired sets differ in shape: {tuple(images.shape)} vs {tuple(baseline.shape)}")
         self.check_images(images)
         _need_two(images)
-        metric = _frechet(self.pooled)
+        metric = _frechet(self.pooled, self.device)
         _update(metric, baseline, real=True)
         _update(metric, images, real=False)
         return {"fid_to_baseline": float(metric.compute()), **paired_similarity(images, baseline)}

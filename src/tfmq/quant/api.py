@@ -72,7 +72,7 @@ def quantize(
 def run_identity(config: QuantConfig, unet: nn.Module, calibration: CalibrationSet) -> dict[str, Any]:
     """What makes two quantize calls the same run: checkpoints of one are never mixed into another."""
     return {"quant_config": config.to_dict(), "base_model": model_fingerprint(unet),
-            "calibration": calibration.digest()}
+            "calibration": calibration.identity()}
 
 
 def calibration_record(calibration: CalibrationSet, quantize_seconds: float) -> dict[str, Any]:

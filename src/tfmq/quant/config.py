@@ -258,7 +258,8 @@ class ReconstructionSettings:
 
     `weight_iters` AdaRound steps, then `act_iters` LSQ steps on the activation step sizes, each on
     random batches of `batch_size` cached calibration samples. Cached unit inputs and targets larger
-    than `memory_budget_mb` go to a temporary folder on disk instead of memory.
+    than `memory_budget_mb` go to a temporary folder on disk instead of memory (as the calibration set
+    does beyond it, `tfmq.quant.calibration`); a budget below one batch of a unit's data is an error.
     """
 
     weight_iters: int

@@ -1,8 +1,10 @@
 """Turn a model (a diffusers UNet or any module of Conv2d/Linear layers) into its fake-quantized twin.
 
-The twin is a deep copy: the full-precision model stays untouched and usable, since reconstruction
-needs its outputs as targets. The copy keeps its class, forward, config and diffusers API, so it
-drops into a pipeline in place of the original.
+The twin is a copy of the module tree whose parameters and buffers are new tensors over the full-precision
+model's storage: the two together take the memory of one until a method changes a weight, which then gets
+storage of its own (`QuantLayer.replace_weight`); nothing writes into the shared storage, so the full-precision model stays
+untouched and usable (reconstruction needs its outputs as targets). The copy keeps its class, forward, config
+and diffusers API, so it drops into a pipeline in place of the original.
 """
 
 from __future__ import annotations
@@ -67,10 +69,21 @@ def quantize_model(
     forward of `model`, used only to find the split channels; diffusers UNets get one built from their config.
     """
     _check_full_precision(model)
-    quantized = copy.deepcopy(model)
+    quantized = copy.deepcopy(model, memo=_storage_sharing_memo(model))
     plan = wrapping_plan(quantized, config, example_inputs)
     apply_wrapping_plan(quantized, plan, weight_init=config.weight_init, act_init=config.act_init)
     return quantized
+
+
+def _storage_sharing_memo(model: nn.Module) -> dict[int, torch.Tensor]:
+    """A deepcopy memo that gives the copy its own parameter and buffer objects (moving or casting it leaves
+    `model` alone) over `model`'s storage (no second copy of the weights)."""
+    memo: dict[int, torch.Tensor] = {}
+    for parameter in model.parameters():
+        memo[id(parameter)] = nn.Parameter(parameter.detach(), requires_grad=parameter.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.detach()
+    return memo
 
 
 def wrapping_plan(model: nn.Module, config: QuantConfig,

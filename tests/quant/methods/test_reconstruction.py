@@ -88,13 +88,14 @@ def test_a_budget_too_small_for_memory_caches_on_disk_with_the_same_result(tmp_p
     reference = calibrated(full_precision, W4A8, batches)
     fp_state = copy.deepcopy(full_precision.state_dict())
     models, results = [], []
-    for budget in (64.0, 0.0):
+    for budget in (64.0, 0.05):  # 0.05 MB: over one batch of every unit, under the third unit's whole cache
         model = copy.deepcopy(reference)
         units = unet_units(model, full_precision, batches[0])[:4]
         results.append(reconstruct(model, full_precision, units, batches, settings(memory_budget_mb=budget),
                                    progress=False, cache_dir=tmp_path))
         models.append(model)
-    assert [r.on_disk for r in results[0]] == [False] * 4 and [r.on_disk for r in results[1]] == [True] * 4
+    assert [r.on_disk for r in results[0]] == [False] * 4
+    assert [r.on_disk for r in results[1]] == [False, False, True, False]
     assert [r.mse_after for r in results[0]] == [r.mse_after for r in results[1]]
     memory_state, disk_state = models[0].state_dict(), models[1].state_dict()
     assert all(torch.equal(tensor, disk_state[name]) for name, tensor in memory_state.items())
@@ -109,6 +110,18 @@ def test_a_budget_too_small_for_memory_caches_on_disk_with_the_same_result(tmp_p
     assert all(p.requires_grad for p in models[0].parameters())
     assert [m.training for m in models[0].modules()] == [m.training for m in reference.modules()]
     assert all(torch.equal(tensor, fp_state[name]) for name, tensor in full_precision.state_dict().items())
+
+
+def test_a_budget_below_one_batch_of_a_unit_is_refused_naming_the_unit(tmp_path) -> None:
+    full_precision = pixel_unet()
+    batches = input_batches(full_precision, 2, 8, seed=0)
+    model = calibrated(full_precision, W4A8, batches)
+    units = unet_units(model, full_precision, batches[0])[:4]
+    with pytest.raises(ValueError, match=r"budget \(0.01 MB\) is too small for reconstruction unit "
+                                         r"down_blocks.0.resnets.0: one batch of 8 of its samples takes 0.03 MB"):
+        reconstruct(model, full_precision, units, batches, settings(memory_budget_mb=0.01), progress=False,
+                    cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # its cache is gone
 
 
 def test_a_unit_may_have_several_targets_and_inputs_from_elsewhere() -> None:

@@ -105,7 +105,7 @@ def detach(layer: QuantLayer) -> None:
 
 
 def harden(layer: QuantLayer) -> None:
-    """Round hard (h(V) >= 0.5 -> up), write `(q - z) * s` into the weight and leave AdaRound mode.
+    """Round hard (h(V) >= 0.5 -> up), make `(q - z) * s` the weight and leave AdaRound mode.
 
     Round-to-nearest of (q - z) * s on the same grid gives q back, so the layer's ordinary forward and
     `integer_values` reproduce the learnt decisions exactly.
@@ -115,7 +115,7 @@ def harden(layer: QuantLayer) -> None:
         raise ValueError("this layer is not in AdaRound mode")
     with torch.no_grad():
         rounding.soft = False
-        layer.weight.copy_(rounding.dequantized(layer.weight))
+        layer.replace_weight(rounding.dequantized(layer.weight))
     detach(layer)
 
 

@@ -201,6 +201,14 @@ def _learn_step_sizes(data: _UnitData, settings: ReconstructionSettings, bar: tq
             step.requires_grad_(False)
 
 
+def _check_batch_fits(unit: ReconstructionUnit, cache: UnitCache, batch: int, budget_mb: float) -> None:
+    """Refuse a budget below one batch of the unit's data: that much is in memory whatever the cache does."""
+    needed_mb = cache.sample_bytes * batch / 2**20
+    if needed_mb > budget_mb:
+        raise ValueError(f"the memory budget ({budget_mb:g} MB) is too small for reconstruction unit {unit.name}: "
+                         f"one batch of {batch} of its samples takes {needed_mb:.2f} MB (raise --memory-budget-mb)")
+
+
 @contextmanager
 def _frozen(model: nn.Module, full_precision: nn.Module) -> Iterator[None]:
     """Both models in eval mode and without parameter gradients; restored afterwards."""
@@ -263,6 +271,7 @@ def reconstruct(
                 started = time.perf_counter()
                 cache, templates = capture(unit, model, full_precision, held_inputs, budget_bytes, cache_dir)
                 with cache:
+                    _check_batch_fits(unit, cache, min(settings.batch_size, num_samples), settings.memory_budget_mb)
                     data = _UnitData(unit, cache, templates, seed, num_samples, held)
                     before = data.mse(settings.batch_size)
                     total = settings.weight_iters + settings.act_iters

@@ -32,6 +32,7 @@ from tfmq.files import (
     write_json,
 )
 from tfmq.quant.methods.units import ReconstructionUnit
+from tfmq.quant.nn.layers import QuantLayer
 
 RESUME_KIND = "reconstruction checkpoints"
 RUN_FILE = "run.json"
@@ -144,5 +145,10 @@ class UnitCheckpoints:
         with torch.no_grad():
             current = model.state_dict(keep_vars=True)
             for key, tensor in state.items():
-                current[key].copy_(tensor)
+                owner, _, attribute = key.rpartition(".")
+                layer = model.get_submodule(owner)
+                if isinstance(layer, QuantLayer) and attribute == "weight":
+                    layer.replace_weight(tensor)  # not in place: the full-precision model shares its storage
+                else:
+                    current[key].copy_(tensor)
         return recorded["result"]

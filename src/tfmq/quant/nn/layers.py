@@ -48,6 +48,12 @@ class QuantLayer:
             None if split is None else UniformQuantizer(a_bits, init=act_init, device=device)
         )
 
+    def replace_weight(self, value: torch.Tensor) -> None:
+        """Set the weight to `value` in storage of its own, never in place: a twin's weights share the
+        full-precision model's storage (`tfmq.quant.wrap.quantize_model`)."""
+        self.weight = nn.Parameter(value.detach().to(self.weight.device, self.weight.dtype, copy=True),
+                                   requires_grad=self.weight.requires_grad)
+
     def extra_repr(self) -> str:
         # The mixin comes first in the twins' bases: super() is the wrapped op's own repr.
         return super().extra_repr() + ("" if self.split is None else f", split={self.split}")
