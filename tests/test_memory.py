@@ -1,0 +1,12 @@
+"""The anonymous-memory watch sees an allocation made inside its block."""
+
+import torch
+
+from tfmq.memory import AnonymousMemoryPeak, anonymous_memory_kb
+
+
+def test_an_allocation_inside_the_block_shows_in_its_growth() -> None:
+    with AnonymousMemoryPeak(interval_s=0.001) as peak:
+        held = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del held
+    assert 48 < peak.growth_mb < 256 and peak.start_kb > 0 and anonymous_memory_kb() > 0
