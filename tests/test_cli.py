@@ -397,7 +397,7 @@ def test_batches_of_another_run_are_refused_and_left_as_they_are(capsys, tmp_pat
 
 def test_the_cli_names_the_files_it_checks_as_the_modules_that_write_them():
     """The CLI checks paths before the heavy modules load, under the names those modules write."""
-    from tfmq import cli, evaluation
+    from tfmq import cli, command_inputs, evaluation
     from tfmq.export import metadata
 
-    assert cli.ONNX_DATA_SUFFIX == metadata.DATA_SUFFIX and cli.METRICS_FILE == evaluation.METRICS_FILE
+    assert command_inputs.ONNX_DATA_SUFFIX == metadata.DATA_SUFFIX and cli.METRICS_FILE == evaluation.METRICS_FILE

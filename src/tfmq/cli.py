@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 
 from tfmq.arguments import (
-    DEFAULT_GUIDANCE_SCALE,
     Parser,
     add_device_arguments,
     add_model_config_argument,
@@ -21,44 +20,24 @@ from tfmq.arguments import (
     one_line,
     positive,
 )
+from tfmq.command_inputs import (base_model, conditioning_of, guidance_scale, input_paths, load_engine, load_unet,
+                                 prompts_of, sampler_config)
 from tfmq.errors import TfmqError
 from tfmq.method_arguments import add_method_arguments
 
 REFERENCE_NAME = "fashion-mnist-test"
 METRICS_FILE = "metrics.json"  # tfmq.evaluation's, named here too so `eval --json` is checked before torch loads
 # The kinds of tfmq.images and tfmq.quant.checkpoint, named here so the CLI checks --out before importing torch.
-ONNX_DATA_SUFFIX = ".data"  # tfmq.export.metadata's DATA_SUFFIX: a graph's external weights, protected unloaded
 IMAGES_KIND = "images"
 CHECKPOINT_KIND = "quantized-model"
 TRAINED_MODEL_KIND = "trained-model"
 SHARDED_COMMANDS = ("sample", "quantize")  # the commands that share their work between torchrun's processes
 
 
-def _input_paths(args: argparse.Namespace) -> list[Path]:
-    """Every existing path the command reads (the model, its configs, a checkpoint, images...): an output may
-    never overlap one of them, whatever --overwrite says."""
-    from tfmq import __file__ as package_file
-
-    paths = []
-    for name in ("model", "model_config", "quantized", "onnx", "prompts", "calib_load", "images", "baseline",
-                 "autoencoder", "data_dir", "reference"):
-        values = getattr(args, name, None)
-        for value in values if isinstance(values, list) else [values]:
-            if value is None:
-                continue
-            zoo = Path(package_file).parent / "zoo" / str(value)
-            # a graph's external weights are read with it
-            beside = [Path(f"{value}{ONNX_DATA_SUFFIX}")] if name == "onnx" else []
-            for path in (Path(value), zoo, *beside):
-                if os.path.lexists(path):
-                    paths.append(path)
-    return paths
-
-
 def _output_folder(args: argparse.Namespace, path: Path, kind: str) -> Path:
     from tfmq.files import check_output_folder
 
-    return check_output_folder(path, kind, overwrite=args.overwrite, protected=_input_paths(args))
+    return check_output_folder(path, kind, overwrite=args.overwrite, protected=input_paths(args))
 
 
 def _output_file(args: argparse.Namespace, path: Path | None, owned) -> Path | None:
@@ -66,53 +45,7 @@ def _output_file(args: argparse.Namespace, path: Path | None, owned) -> Path | N
 
     if path is None:
         return None
-    return check_output_file(path, owned, overwrite=args.overwrite, protected=_input_paths(args))
-
-
-def _sampler_config(args: argparse.Namespace):
-    from tfmq.sampling import SamplerConfig
-
-    return SamplerConfig(name=args.sampler, steps=args.steps, eta=args.eta, skip_type=args.skip_type)
-
-
-def _guidance_scale(args: argparse.Namespace, model) -> float:
-    if args.guidance_scale is not None:
-        return args.guidance_scale
-    return DEFAULT_GUIDANCE_SCALE if model.conditioning_kind is not None else 1.0
-
-
-def _conditioning(args: argparse.Namespace, model, num_images: int, prompts: list[str] | None):
-    """The per-image conditions of a conditional model from `prompts`, --class-label and --guidance-scale
-    (None for an unconditional model)."""
-    return model.conditioning(num_images, prompts=prompts, labels=args.class_label,
-                              guidance_scale=_guidance_scale(args, model))
-
-
-def _base_model(args: argparse.Namespace, recorded: dict | None = None):
-    """--model (a single-file checkpoint with --model-config), else the base model a quantized folder or an
-    exported graph recorded, else fashion-ddpm."""
-    from tfmq.devices import resolve_device, resolve_dtype
-    from tfmq.models.loading import load_model
-
-    device = resolve_device(getattr(args, "device", "cpu"))  # before loading: a missing GPU fails at once
-    dtype = resolve_dtype(getattr(args, "dtype", None) or (recorded or {}).get("dtype"))
-    if args.model is not None:
-        model = load_model(args.model, config=args.model_config)
-    else:
-        recorded = recorded or {"source": "fashion-ddpm"}
-        model = load_model(recorded["source"], config=args.model_config or recorded.get("config") or None)
-    return model.to(device, dtype)
-
-
-def _load_unet(args: argparse.Namespace):
-    """The model to sample from: the full-precision one, or a quantized checkpoint on its base model."""
-    from tfmq.quant.checkpoint import load_quantized, read_metadata
-
-    if args.quantized is None:
-        model = _base_model(args)
-        return model, model.unet, model.source
-    model = _base_model(args, read_metadata(args.quantized)["provenance"]["base_model"])
-    return model, load_quantized(args.quantized, model.unet), str(args.quantized)
+    return check_output_file(path, owned, overwrite=args.overwrite, protected=input_paths(args))
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -124,15 +57,15 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from tfmq.sampling import check_sample
 
     _output_folder(args, args.out, IMAGES_KIND)
-    check_output_folder(progress_folder(args.out), PROGRESS_KIND, protected=_input_paths(args))  # absent, or a run's
-    config = _sampler_config(args)
+    check_output_folder(progress_folder(args.out), PROGRESS_KIND, protected=input_paths(args))  # absent, or a run's
+    config = sampler_config(args)
     if args.engine == "onnxruntime":
-        model, unet, source = _load_engine(args, config)
+        model, unet, source = load_engine(args, config)
     else:
-        model, unet, source = _load_unet(args)
+        model, unet, source = load_unet(args)
     check_sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size)  # before encoding prompts
-    prompts = _prompts(args)
-    conditioning = _conditioning(args, model, args.num, prompts)
+    prompts = prompts_of(args)
+    conditioning = conditioning_of(args, model, args.num, prompts)
     metadata = {"model": source, "seed": args.seed, "sampler": config.to_dict()}
     if conditioning is not None:
         metadata["guidance_scale"] = conditioning.guidance_scale
@@ -144,29 +77,10 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     done = sample_folder(unet, model.scheduler, args.out, args.num, args.seed, config, args.batch_size,
                          model_digest=digest, metadata=metadata, conditioning=conditioning, decoder=model.decoder,
                          progress=not args.quiet and distributed.is_main(), overwrite=args.overwrite,
-                         protected=_input_paths(args))
+                         protected=input_paths(args))
     if done is not None:  # rank 0 writes and reports
         kept = f" ({done.kept} kept from an interrupted run)" if done.kept else ""
         print(f"{done.num_images} images in {done.seconds:.1f} s{kept} -> {done.path} (grid: {done.path / 'grid.png'})")
-
-
-def _load_engine(args: argparse.Namespace, config):
-    """An exported graph in onnxruntime, with the model it was exported from (for its scheduler, decoder and
-    conditioning); the sampler must be the one the graph's timestep table was exported for."""
-    from tfmq.export import OnnxUNet
-
-    if args.onnx is None:
-        raise TfmqError("--engine onnxruntime needs --onnx unet.onnx (written by `tfmq export`)")
-    if args.quantized is not None:
-        raise TfmqError("--engine onnxruntime runs the exported graph: give --onnx, not --quantized")
-    engine = OnnxUNet(args.onnx, threads=args.threads)
-    exported_with = engine.info.details.get("sampler")
-    if engine.info.schedule is not None and exported_with is not None and exported_with != config.to_dict():
-        raise TfmqError(f"{args.onnx} serves the timesteps of sampler {exported_with}; sample with those settings")
-    details = engine.info.details
-    model = _base_model(args, {"source": details.get("base_model", "fashion-ddpm"),
-                               "config": details.get("base_model_config")})
-    return model, engine, str(args.onnx)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -174,8 +88,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from tfmq.sampling import distinct_timesteps, sampling_timesteps
 
     _output_file(args, args.out, owned_graph)
-    config = _sampler_config(args)
-    model, unet, source = _load_unet(args)
+    config = sampler_config(args)
+    model, unet, source = load_unet(args)
     details = {"model": source, "base_model": model.source, "sampler": config.to_dict()}
     if "config" in model.reference:
         details["base_model_config"] = model.reference["config"]
@@ -184,8 +98,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     else:
         calibration = None if args.exact_convs else trajectory_inputs(
             unet, model.scheduler, config, num_images=args.calibration_images,
-            conditioning=_conditioning(args, model, args.calibration_images,
-                                       _prompts(args) or model.calibration_prompts()))
+            conditioning=conditioning_of(args, model, args.calibration_images,
+                                       prompts_of(args) or model.calibration_prompts()))
         path = export_onnx(unet, args.out, schedule=distinct_timesteps(sampling_timesteps(model.scheduler, config)),
                            calibration=calibration, opset=args.opset, integer_convs=not args.exact_convs,
                            requantize_weights=args.requantize_weights, details=details,
@@ -206,7 +120,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from tfmq.report import format_table
 
     _output_file(args, args.json, owned_json)
-    model, quantized, _ = _load_unet(args)
+    model, quantized, _ = load_unet(args)
     engines: dict = {"torch fp32": model.unet}
     files = {}
     if args.quantized is not None:
@@ -223,13 +137,6 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.json is not None:
         write_json(args.json, stamped({"timestep": timestep, "threads": torch.get_num_threads(), "rows": rows,
                                        "file_bytes": files, "fp32_weight_bytes": fp32_bytes}))
-
-
-def _prompts(args: argparse.Namespace) -> list[str]:
-    """--prompt values, then the prompts of the --prompts file."""
-    from tfmq.data.captions import read_prompts
-
-    return list(args.prompt or []) + (read_prompts(args.prompts, args.num_prompts) if args.prompts else [])
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -272,8 +179,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     _output_folder(args, args.out, CHECKPOINT_KIND)
     check_output_folder(checkpoint_folder(args.out), RESUME_KIND)  # absent, or the checkpoints of a run
     _output_file(args, args.calib_save, owned_safetensors)
-    sampler = _sampler_config(args)
-    model = _base_model(args)
+    sampler = sampler_config(args)
+    model = base_model(args)
     if distributed.is_active():  # each rank read its own files
         from tfmq.quant.provenance import model_fingerprint
 
@@ -285,14 +192,14 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         layers_to_quantize(model.unet, config)
     except ValueError as exc:
         raise TfmqError(str(exc)) from exc
-    prompts = _prompts(args) or model.calibration_prompts()
+    prompts = prompts_of(args) or model.calibration_prompts()
 
     def conditioning_for(count: int):
-        return _conditioning(args, model, count, prompts)
+        return conditioning_of(args, model, count, prompts)
 
     if args.calib_load is not None:
         calibration = CalibrationSet.load(args.calib_load)
-        calibration.check_made_for(model.unet, sampler, _guidance_scale(args, model))
+        calibration.check_made_for(model.unet, sampler, guidance_scale(args, model))
     else:
         given = {field: getattr(args, field) for field in ("num_samples", "interval_length") if field in args}
         settings = CalibrationSettings(sampler=sampler, seed=args.seed, batch_size=args.batch_size,
