@@ -5,7 +5,8 @@ sampling, calibration-data generation and block reconstruction, on the shipped f
 
 Each row is a `tfmq` command run under `torchrun --nproc_per_node N` with one thread a process, so N processes
 use N cores; the 1-process row also runs with N threads (what one process makes of the same cores). Wall
-seconds include each process's start-up (imports, loading the model); `tfmq quantize` also reports the
+seconds include each process's start-up (imports, loading the model), and `sampling_loop_s` is what `tfmq
+sample` reports for its sampling loop alone (gathering and writing included); `tfmq quantize` also reports the
 seconds of its calibration-data generation and of its quantization, read from the checkpoint's provenance.
 Outputs are compared with the 1-process ones: sampled images byte for byte, quantized weights exactly and
 within float tolerance. Writes benchmarks/results/scaling.{json,md} (or --name).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,14 +33,24 @@ from tfmq.report import format_table
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run(command: list[str], processes: int, threads: int, work: Path) -> float:
-    """Wall seconds of `tfmq COMMAND` under torchrun with `processes` processes of `threads` threads."""
+def run(command: list[str], processes: int, threads: int, work: Path) -> tuple[float, str]:
+    """Wall seconds and standard output of `tfmq COMMAND` under torchrun with `processes` processes of
+    `threads` threads."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                 "-m", "tfmq.cli", "--"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
-    subprocess.run([*launcher, *command, "--quiet"], env=env, cwd=work, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    done = subprocess.run([*launcher, *command, "--quiet"], env=env, cwd=work, check=True, stdout=subprocess.PIPE,
+                          text=True)
+    return time.perf_counter() - started, done.stdout
+
+
+def sampling_seconds(output: str) -> float:
+    """The seconds `tfmq sample` reports for its sampling loop ("N images in X s"): without start-up."""
+    match = re.search(r"images in ([0-9.]+) s", output)
+    if match is None:
+        raise SystemExit(f"tfmq sample did not report its seconds: {output!r}")
+    return float(match.group(1))
 
 
 def same_images(folder: Path, reference: Path) -> bool:
@@ -74,20 +86,21 @@ def main() -> None:
     settings = [(1, 1), (1, cores)] + [(count, 1) for count in args.processes if count > 1]
     for processes, threads in settings:
         tag = f"{processes}p{threads}t"
-        sample_s = run(["sample", "--num", str(args.num), "--out", f"img-{tag}", *common], processes, threads,
-                       args.work)
-        quantize_s = run(["quantize", "--method", "qdiff", "--preset", "fast", "--calib-samples",
+        sample_s, sample_output = run(["sample", "--num", str(args.num), "--out", f"img-{tag}", *common], processes,
+                                      threads, args.work)
+        quantize_s, _ = run(["quantize", "--method", "qdiff", "--preset", "fast", "--calib-samples",
                           str(args.calib_samples), "--no-resume", "--out", f"q-{tag}", *common], processes, threads,
                          args.work)
         recorded = json.loads((args.work / f"q-{tag}" / "quantization.json").read_text())["provenance"]["calibration"]
         rows.append({"processes": processes, "threads_each": threads, "sample_s": sample_s,
+                     "sampling_loop_s": sampling_seconds(sample_output),
                      "quantize_command_s": quantize_s, "calibration_data_s": recorded["collect_seconds"],
                      "quantize_s": recorded["quantize_seconds"],
                      "images_equal_1p": same_images(args.work / f"img-{tag}", args.work / "img-1p1t"),
                      "max_weight_diff_1p": weight_difference(args.work / f"q-{tag}", args.work / "q-1p1t")})
     base = rows[0]
     for row in rows:
-        for key in ("sample_s", "calibration_data_s", "quantize_s"):
+        for key in ("sample_s", "sampling_loop_s", "calibration_data_s", "quantize_s"):
             row[f"{key.removesuffix('_s')}_speedup"] = base[key] / row[key]
     table = format_table(rows, markdown=True)
     print(table)

@@ -401,3 +401,34 @@ def test_the_cli_names_the_files_it_checks_as_the_modules_that_write_them():
     from tfmq.export import metadata
 
     assert command_inputs.ONNX_DATA_SUFFIX == metadata.DATA_SUFFIX and cli.METRICS_FILE == evaluation.METRICS_FILE
+
+
+def test_a_schedule_free_quantization_samples_and_exports_for_any_sampler(capsys, tmp_path, tiny_model_folder):
+    code, _, err = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--method", "tfmq", "--preset", "fast",
+                             "--temporal-cache", "--schedule-free", "--fsc-fill", "nearest")
+    assert code == 0, err
+    metadata = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert metadata["provenance"]["quant_config"]["train_timesteps"] == 1000
+    assert len(metadata["manifest"]["timestep_tables"]["schedule"]) == 1000
+    code, _, err = _run(capsys, "export", tmp_path / "q", "--out", tmp_path / "unet.onnx", "--exact-convs")
+    assert code == 0, err
+    for engine, extra in (("torch", ("--quantized", tmp_path / "q")), ("onnxruntime", ("--onnx", tmp_path / "unet.onnx"))):
+        for sampler in (("--sampler", "dpm-solver", "--steps", 5), ("--sampler", "plms", "--steps", 6)):
+            out = tmp_path / f"{engine}-{sampler[1]}"
+            code, _, err = _run(capsys, "sample", "--engine", engine, *extra, *sampler, "--num", 2, "--out", out,
+                                "--quiet")
+            assert code == 0 and (out / "grid.png").is_file(), err
+
+
+def test_fsc_fill_without_schedule_free_is_an_error(capsys, tmp_path, tiny_model_folder):
+    code, _, err = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--method", "tfmq", "--fsc-fill", "linear")
+    _assert_one_line_error(code, err, "--fsc-fill fills the rows of --schedule-free tables")
+
+
+def test_a_sampler_the_tables_do_not_serve_is_a_one_line_error(capsys, tmp_path, tiny_model_folder):
+    code, _, err = _quantize(capsys, tiny_model_folder, tmp_path / "q", "--fsc-scope", "temporal")
+    assert code == 0, err
+    code, _, err = _run(capsys, "sample", "--quantized", tmp_path / "q", "--steps", 5, "--num", 2,
+                        "--out", tmp_path / "i", "--quiet")
+    _assert_one_line_error(code, err, "not among the 4 the model was calibrated for (50, 200, 450)")
+    assert not (tmp_path / "i").exists()

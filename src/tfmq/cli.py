@@ -20,8 +20,8 @@ from tfmq.arguments import (
     one_line,
     positive,
 )
-from tfmq.command_inputs import (base_model, conditioning_of, guidance_scale, input_paths, load_engine, load_unet,
-                                 prompts_of, sampler_config)
+from tfmq.command_inputs import (base_model, check_timesteps_served, conditioning_of, guidance_scale, input_paths,
+                                 load_engine, load_unet, prompts_of, sampler_config)
 from tfmq.errors import TfmqError
 from tfmq.method_arguments import add_method_arguments
 
@@ -64,6 +64,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     else:
         model, unet, source = load_unet(args)
     check_sample(unet, model.scheduler, args.num, args.seed, config, args.batch_size)  # before encoding prompts
+    if args.engine == "torch":
+        check_timesteps_served(unet, model.scheduler, config)
     prompts = prompts_of(args)
     conditioning = conditioning_of(args, model, args.num, prompts)
     metadata = {"model": source, "seed": args.seed, "sampler": config.to_dict()}
@@ -85,6 +87,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from tfmq.export import export_onnx, owned_graph, trajectory_inputs
+    from tfmq.quant.nn import timestep_tables, training_schedule
     from tfmq.sampling import distinct_timesteps, sampling_timesteps
 
     _output_file(args, args.out, owned_graph)
@@ -100,7 +103,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
             unet, model.scheduler, config, num_images=args.calibration_images,
             conditioning=conditioning_of(args, model, args.calibration_images,
                                        prompts_of(args) or model.calibration_prompts()))
-        path = export_onnx(unet, args.out, schedule=distinct_timesteps(sampling_timesteps(model.scheduler, config)),
+        schedule_free = args.schedule_free or getattr(timestep_tables(unet), "schedule_free", False)
+        schedule = (training_schedule(model.scheduler.config.num_train_timesteps) if schedule_free
+                    else distinct_timesteps(sampling_timesteps(model.scheduler, config)))
+        path = export_onnx(unet, args.out, schedule=schedule,
                            calibration=calibration, opset=args.opset, integer_convs=not args.exact_convs,
                            requantize_weights=args.requantize_weights, details=details,
                            overwrite=args.overwrite)
@@ -181,6 +187,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     _output_file(args, args.calib_save, owned_safetensors)
     sampler = sampler_config(args)
     model = base_model(args)
+    if args.schedule_free:
+        config = config_from_arguments(args, model.scheduler.config.num_train_timesteps)
     if distributed.is_active():  # each rank read its own files
         from tfmq.quant.provenance import model_fingerprint
 
@@ -311,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="8-bit weights onto symmetric int8: faster kernels, approximate")
     export.add_argument("--calibration-images", type=positive, default=8,
                         help="trajectories that calibrate the integer convs' output grids")
+    export.add_argument("--schedule-free", action="store_true",
+                        help="a temporal table for every training timestep, so the graph serves any sampler "
+                             "(implied for a model quantized with --schedule-free)")
     add_sampler_arguments(export)
     export.set_defaults(func=_cmd_export)
 

@@ -80,9 +80,23 @@ def load_unet(args: argparse.Namespace):
     return model, load_quantized(args.quantized, model.unet), str(args.quantized)
 
 
+def check_timesteps_served(unet, scheduler, config) -> None:
+    """A TfmqError unless the quantized `unet`'s timestep tables (if any) serve every timestep `config` visits."""
+    from tfmq.quant.nn import timestep_tables
+    from tfmq.sampling import sampling_timesteps
+
+    tables = timestep_tables(unet)
+    if tables is not None:
+        try:
+            tables.check_serves(sampling_timesteps(scheduler, config))
+        except ValueError as exc:
+            raise TfmqError(str(exc)) from exc
+
+
 def load_engine(args: argparse.Namespace, config):
     """An exported graph in onnxruntime, with the model it was exported from (for its scheduler, decoder and
-    conditioning); the sampler must be the one the graph's timestep table was exported for."""
+    conditioning); the sampler must be the one the graph's timestep table was exported for, unless the graph is
+    schedule-free."""
     from tfmq.export import OnnxUNet
 
     if args.onnx is None:
@@ -91,7 +105,8 @@ def load_engine(args: argparse.Namespace, config):
         raise TfmqError("--engine onnxruntime runs the exported graph: give --onnx, not --quantized")
     engine = OnnxUNet(args.onnx, threads=args.threads)
     exported_with = engine.info.details.get("sampler")
-    if engine.info.schedule is not None and exported_with is not None and exported_with != config.to_dict():
+    if (engine.info.schedule is not None and not engine.schedule_free and exported_with is not None
+            and exported_with != config.to_dict()):
         raise TfmqError(f"{args.onnx} serves the timesteps of sampler {exported_with}; sample with those settings")
     details = engine.info.details
     model = base_model(args, {"source": details.get("base_model", "fashion-ddpm"),

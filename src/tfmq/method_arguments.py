@@ -12,6 +12,7 @@ from tfmq.arguments import bit_width, finite_non_negative
 from tfmq.errors import TfmqError
 from tfmq.quant.config import (
     CONFIG_TYPES,
+    FSC_FILLS,
     FSC_SCOPES,
     RANGE_INITS,
     RECON_PRESETS,
@@ -27,7 +28,8 @@ _FLAG_FIELDS = {
     "w_bits": ("w_bits", "--w-bits", None), "a_bits": ("a_bits", "--a-bits", None),
     "weight_init": ("weight_init", "--weight-init", None), "act_init": ("act_init", "--act-init", None),
     "no_attention_quant": ("quantize_attention", "--no-attention-quant", False),
-    "fsc_scope": ("fsc_scope", "--fsc-scope", None), "preset": ("recon_preset", "--preset", None),
+    "fsc_scope": ("fsc_scope", "--fsc-scope", None), "fsc_fill": ("fsc_fill", "--fsc-fill", None),
+    "preset": ("recon_preset", "--preset", None),
     "memory_budget_mb": ("memory_budget_mb", "--memory-budget-mb", None),
     "no_tiar": ("tiar", "--no-tiar", False), "temporal_cache": ("temporal_cache", "--temporal-cache", None),
     "temporal_selection": ("temporal_selection", "--temporal-selection", None),
@@ -66,6 +68,12 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsc-scope", choices=list(FSC_SCOPES), **given,
                         help="per-timestep activation ranges (FSC): for the temporal features, for every "
                              "activation, or none (default: temporal for tfmq, none otherwise)")
+    parser.add_argument("--schedule-free", action="store_true",
+                        help="timestep tables and caches for every training timestep: sample the quantized model "
+                             "with any sampler and step count, not only the calibration's")
+    parser.add_argument("--fsc-fill", choices=list(FSC_FILLS), **given,
+                        help="--schedule-free: an uncalibrated timestep's ranges, interpolated between the "
+                             "calibrated ones around it (linear, default) or the nearest one's")
     parser.add_argument("--no-tiar", action="store_true", help="tfmq: reconstruct the TIB inside its blocks", **given)
     parser.add_argument("--temporal-cache", action="store_true", **given,
                         help="tfmq (journal): cache the quantized temporal features of every scheduled timestep")
@@ -83,8 +91,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                         **given)
 
 
-def config_from_arguments(args: argparse.Namespace) -> QuantConfig:
-    """The config of `--method` with the fields of the flags given."""
+def config_from_arguments(args: argparse.Namespace, num_train_timesteps: int | None = None) -> QuantConfig:
+    """The config of `--method` with the fields of the flags given; `--schedule-free` needs the model's
+    `num_train_timesteps` (without it, the config is checked with the usual 1000)."""
     config_type = CONFIG_TYPES[args.method]
     known = {field.name: field for field in dataclasses.fields(config_type)}
     fields = {}
@@ -96,4 +105,8 @@ def config_from_arguments(args: argparse.Namespace) -> QuantConfig:
         fields[name] = getattr(args, destination) if fixed is None else fixed
     if args.layer:
         fields["layers"] = (*known["layers"].default, *args.layer)
+    if args.schedule_free:
+        fields["train_timesteps"] = 1000 if num_train_timesteps is None else num_train_timesteps
+    elif "fsc_fill" in fields:
+        raise TfmqError("--fsc-fill fills the rows of --schedule-free tables: give --schedule-free too")
     return config_type(**fields)

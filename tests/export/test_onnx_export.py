@@ -15,7 +15,7 @@ from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
 from tfmq.export.runtime import widen_uint4_weights
 from tfmq.quant.api import quantize
 from tfmq.quant.config import RTNConfig
-from tfmq.sampling import Conditioning, sample
+from tfmq.sampling import Conditioning, SamplerConfig, sample
 
 
 # Relative L2 error against the fake-quant torch model. Exact graphs (convs in float on dequantized operands)
@@ -190,3 +190,22 @@ def test_an_export_replaces_its_own_data_file_and_no_other(pixel_w4a8, tmp_path)
     export_onnx(pixel_w4a8, path, integer_convs=False)
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["unet.onnx"]
     assert OnnxUNet(path, threads=1).files == [path]
+
+
+def test_a_schedule_free_graph_agrees_with_torch_at_timesteps_never_calibrated(calibration, scheduler, tmp_path):
+    config = RTNConfig(w_bits=4, a_bits=8, fsc_scope="temporal", train_timesteps=scheduler.config.num_train_timesteps)
+    model = quantize(pixel_unet(), config, calibration, progress=False)
+    engine = OnnxUNet(export_onnx(model, tmp_path / "any.onnx", integer_convs=False), threads=1)
+    assert engine.schedule_free and engine.info.schedule == list(range(scheduler.config.num_train_timesteps))
+    never_calibrated = [t for t in (999, 640, 333, 37, 1) if t not in calibration.schedule.tolist()]
+    assert_exact(engine, model, never_calibrated)
+    # a fractional timestep takes the nearest integer's row in both
+    inputs = unet_inputs(model, 2, 0)
+    with torch.no_grad():
+        assert torch.allclose(engine(inputs["sample"], 412.4).sample, model(inputs["sample"], 412.4).sample,
+                              atol=1e-4)
+    with pytest.raises(TfmqError, match=r"timestep 1000 is outside the training range 0\.\.999"):
+        engine(inputs["sample"], 1000)
+    # the graph serves other samplers than the one its calibration ran
+    images = sample(engine, scheduler, 2, seed=1, config=SamplerConfig(name="dpm-solver", steps=7), progress=False)
+    assert images.shape == (2, 3, 8, 8) and bool(torch.isfinite(images).all())

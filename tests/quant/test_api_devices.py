@@ -23,6 +23,7 @@ CONFIGS = {
     "rtn": RTNConfig(),
     "qdiff": QDiffusionConfig(**FEW_ITERATIONS),
     "tfmq-cache-fsc": TFMQConfig(**FEW_ITERATIONS, temporal_cache=True, fsc_scope="all"),
+    "tfmq-schedule-free": TFMQConfig(**FEW_ITERATIONS, temporal_cache=True, fsc_scope="all", train_timesteps=1000),
 }
 
 

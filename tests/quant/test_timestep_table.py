@@ -17,7 +17,7 @@ from tfmq.quant.config import QuantConfig, RTNConfig, TFMQConfig
 from tfmq.quant.provenance import Provenance
 from tfmq.quant.wrap import activation_quantizers, quantize_model, quantizers, set_quant_state
 from tfmq.quant.nn.quantizer import range_to_scale_zero_point
-from tfmq.quant.nn.temporal import selected_timestep, temporal_features_by_timestep, timestep_tables
+from tfmq.quant.nn.temporal import selected_timestep, temporal_features_by_timestep, timestep_tables, training_schedule
 from tfmq.quant.tib import find_tib
 from tfmq.quant.timestep_table import attach_timestep_tables, calibrate_timestep_tables, table_quantizers
 
@@ -335,3 +335,103 @@ def test_config_fields_round_trip_and_are_checked() -> None:
         assert repr(value) in str(error.value)
     with pytest.raises(ValueError, match="a_bits is None"):
         RTNConfig(a_bits=None, fsc_scope="temporal")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedule-free tables: a row per training timestep, the uncalibrated ones filled from the calibrated ones
+
+TRAINING_STEPS = 1000
+
+
+def schedule_free(scope: str, fill: str = "linear") -> nn.Module:
+    model = wrapped(scope)
+    calibrate_timestep_tables(model, calibration_set(), scope, momentum=None, table_schedule=training_schedule(
+        TRAINING_STEPS), fill=fill, progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def schedule_free_temporal() -> nn.Module:
+    with one_thread():
+        return schedule_free("temporal")
+
+
+def test_schedule_free_tables_keep_the_calibrated_rows_and_fill_every_other(
+    schedule_free_temporal: nn.Module, temporal_model: nn.Module
+) -> None:
+    tables = timestep_tables(schedule_free_temporal)
+    assert tables.schedule_free and torch.equal(tables.schedule, torch.arange(TRAINING_STEPS))
+    bound = dict(table_quantizers(temporal_model))
+    for name, quantizer in table_quantizers(schedule_free_temporal):
+        assert len(quantizer.table_scale) == TRAINING_STEPS and bool(quantizer.table_initialized.all())
+        # row t of the schedule-free table is row (position of t) of the schedule-bound one, bit for bit
+        assert torch.equal(quantizer.table_scale[SCHEDULE], bound[name].table_scale), name
+        assert torch.equal(quantizer.table_zero_point[SCHEDULE], bound[name].table_zero_point), name
+    inputs = {"sample": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))}
+    with torch.no_grad():
+        for timestep in SCHEDULE.tolist():
+            assert torch.equal(schedule_free_temporal(timestep=timestep, **inputs).sample,
+                               temporal_model(timestep=timestep, **inputs).sample)
+
+
+@pytest.mark.parametrize("fill", ["linear", "nearest"])
+def test_uncalibrated_rows_interpolate_or_copy_their_calibrated_neighbours(fill: str) -> None:
+    quantizer = dict(table_quantizers(schedule_free("temporal", fill)))["mid_block.resnets.0.time_emb_proj.input_quantizer"]
+    low, high = quantizer.table_ranges()
+    # beyond the calibrated timesteps (10..900): the edge row's range
+    assert torch.allclose(low[:10], low[10].expand(10)) and torch.allclose(high[901:], high[900].expand(99))
+    for t in (11, 150 + 100, 399, 650, 700 + 73):
+        left, right = max(s for s in SCHEDULE.tolist() if s <= t), min(s for s in SCHEDULE.tolist() if s >= t)
+        weight = (t - left) / (right - left)
+        if fill == "nearest":
+            weight = float(weight > 0.5)
+        expected = range_to_scale_zero_point(torch.lerp(low[left], low[right], weight),
+                                             torch.lerp(high[left], high[right], weight), 8)
+        assert torch.allclose(quantizer.table_scale[t], expected[0]), (fill, t)
+        assert torch.equal(quantizer.table_zero_point[t], expected[1]), (fill, t)
+
+
+@pytest.mark.parametrize("timestep, row", [(37, 37), (torch.tensor([512.4, 512.4]), 512), (999, 999), (0.4, 0)])
+def test_a_schedule_free_model_serves_any_timestep_of_its_training_range(
+    schedule_free_temporal: nn.Module, timestep: object, row: int
+) -> None:
+    name = "mid_block.resnets.0.time_emb_proj.input_quantizer"
+    assert rows_seen_during_calls(schedule_free_temporal, name, [timestep]) == [row]
+
+
+@pytest.mark.parametrize("timestep", [1000, -1, torch.tensor([1200.0])])
+def test_a_timestep_outside_the_training_range_is_an_error(schedule_free_temporal: nn.Module, timestep: object) -> None:
+    with pytest.raises(ValueError, match=r"outside the model's training range 0\.\.999"):
+        schedule_free_temporal(torch.zeros(1, 3, 8, 8), timestep)
+    with pytest.raises(ValueError, match="share one timestep"):
+        schedule_free_temporal(torch.zeros(2, 3, 8, 8), torch.tensor([900, 10]))
+
+
+def test_schedule_free_tables_save_load_and_answer_identically(schedule_free_temporal: nn.Module,
+                                                               tmp_path: Path) -> None:
+    reloaded = load_quantized(save_quantized(schedule_free_temporal, tmp_path / "q"), pixel_unet())
+    assert timestep_tables(reloaded).schedule_free
+    inputs = {"sample": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))}
+    with torch.no_grad():
+        for timestep in (3, 451, 998.7):
+            assert torch.equal(reloaded(timestep=timestep, **inputs).sample,
+                               schedule_free_temporal(timestep=timestep, **inputs).sample)
+
+
+def test_tables_of_another_schedule_than_the_calibrations_must_be_schedule_free() -> None:
+    with pytest.raises(ValueError, match="must be schedule-free"):
+        calibrate_timestep_tables(wrapped("temporal"), calibration_set(), "temporal",
+                                  table_schedule=torch.tensor([900, 700, 400, 150, 10, 5]), progress=False)
+    with pytest.raises(ValueError, match="outside the model's training range 0..99"):
+        calibrate_timestep_tables(wrapped("temporal"), calibration_set(), "temporal",
+                                  table_schedule=training_schedule(100), progress=False)
+
+
+def test_the_timesteps_a_sampler_visits_are_checked_before_sampling(schedule_free_temporal: nn.Module,
+                                                                    temporal_model: nn.Module) -> None:
+    timestep_tables(schedule_free_temporal).check_serves([999, 512.4, 0])
+    with pytest.raises(ValueError, match=r"1 timestep\(s\) outside the model's training range 0\.\.999 \(1000\)"):
+        timestep_tables(schedule_free_temporal).check_serves([999, 1000])
+    timestep_tables(temporal_model).check_serves(SCHEDULE.tolist())
+    with pytest.raises(ValueError, match=r"2 timestep\(s\) that are not among the 5 .* \(11, 899\): .*--schedule-free"):
+        timestep_tables(temporal_model).check_serves([900, 899, 11])

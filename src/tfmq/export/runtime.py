@@ -27,7 +27,9 @@ class OnnxUNet:
     """`engine(sample, timestep, encoder_hidden_states=None)` -> object with `.sample`, and `.config` as the
     UNet's, so `tfmq.sampling.sample(engine, scheduler, ...)` runs the whole loop in onnxruntime.
 
-    An integer graph serves the timesteps of its schedule only (`info.schedule`), one timestep per batch.
+    An integer graph serves the timesteps of its schedule only (`info.schedule`), one timestep per batch; a
+    schedule-free one (every training timestep) serves any timestep of that range, a fractional one at the
+    nearest integer's row, as the torch model does.
     4-bit stored weights are widened to int8 in memory at load: onnxruntime fuses int8 QDQ into integer
     kernels, 4-bit not (measured: it dequantizes them to float on every call); `widen_4bit=False` runs
     the graph as stored, for comparison. On a CPU whose u8s8 kernels saturate (`u8s8_saturates`), int8
@@ -75,6 +77,8 @@ class OnnxUNet:
         options.log_severity_level = 3  # warnings about initializers the optimizer folded away are noise
         self.session = _session(model, external, options, ort, onnx)
         self._rows = None if self.info.schedule is None else {t: row for row, t in enumerate(self.info.schedule)}
+        # a table row for every training timestep 0..T-1: any sampler's timesteps are served
+        self.schedule_free = self.info.schedule is not None and self.info.schedule == list(range(len(self._rows)))
         self._input_names = {entry.name for entry in self.session.get_inputs()}
 
     def __repr__(self) -> str:
@@ -109,6 +113,11 @@ class OnnxUNet:
         if len(values) != 1:
             raise TfmqError(f"an integer graph takes one timestep per batch, got {len(values)} different ones")
         value = values[0]
+        if self.schedule_free:
+            if not 0 <= round(value) < len(self._rows):
+                raise TfmqError(f"timestep {value} is outside the training range 0..{len(self._rows) - 1} that this "
+                                "schedule-free graph serves")
+            return round(value)  # row t is timestep t; a fractional timestep takes the nearest integer's row
         row = self._rows.get(int(value)) if float(value).is_integer() else None
         if row is None:
             schedule = self.info.schedule

@@ -36,7 +36,8 @@ def quantize(
     The result keeps the UNet's class and call signature (it drops into a diffusers pipeline) and carries
     its `Provenance` as `tfmq_info` (`source` and `config_folder`: where the base model was loaded from),
     which `save_quantized` writes beside the model. With timestep tables or caches it must be called with the
-    timesteps of `calibration.schedule`: sample with the schedule the calibration data was recorded on.
+    timesteps of `calibration.schedule` (sample with the schedule the calibration data was recorded on), or,
+    with `config.train_timesteps` (schedule-free), with any timestep of the training range.
 
     Everything runs where `unet` is, in its dtype (float16 and bfloat16 too; the quantizers' grids are float32);
     `device` ("cuda", "cuda:1", "auto", ...) moves `unet` there first, in place. The calibration set stays in

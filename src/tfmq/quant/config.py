@@ -24,6 +24,7 @@ SOFTMAX_BITS = range(2, 17)
 # Which activation quantizers get one row of parameters per sampling timestep (finite-set calibration):
 # none; those reading the Temporal Information Block's features (the paper); every one (the authors' scripts).
 FSC_SCOPES = ("none", "temporal", "all")
+FSC_FILLS = ("linear", "nearest")  # how a schedule-free table's uncalibrated rows get their ranges
 INHERIT = "inherit"
 REGEX_PREFIX = "re:"
 # {method name: its config type}, filled by subclassing QuantConfig with `method=`.
@@ -150,6 +151,12 @@ class QuantConfig:
     samples with momentum `fsc_momentum`, as the authors' scripts do; `fsc_momentum=None` instead takes the
     range of everything the step saw: the paper's plain per-timestep calibration. FSC is only calibration,
     so every method may use it.
+
+    `train_timesteps` (the model's `num_train_timesteps`) makes the model schedule-free: its timestep tables
+    and temporal caches get a row for every training timestep, so it samples with any scheduler and step
+    count. The calibrated timesteps keep their own FSC ranges and the other rows are filled by `fsc_fill`:
+    "linear" interpolation in t between the calibrated rows around them, or the "nearest" one's. None (the
+    default) serves the calibration's schedule only.
     """
 
     method: ClassVar[str] = ""
@@ -167,6 +174,8 @@ class QuantConfig:
     fsc_scope: str | None = None
     fsc_momentum: float | None = 0.95
     fsc_init_samples: int = 16
+    train_timesteps: int | None = None
+    fsc_fill: str = "linear"
 
     def __init_subclass__(cls, *, method: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -203,6 +212,8 @@ class QuantConfig:
                                      or not 0 <= momentum < 1):
             raise TfmqError(f"fsc_momentum must be a number in [0, 1) or None, got {momentum!r}")
         _check_count("fsc_init_samples", self.fsc_init_samples, 1, optional=False)
+        _check_count("train_timesteps", self.train_timesteps, 2)
+        _check_choice("fsc_fill", self.fsc_fill, FSC_FILLS)
 
     def default_fsc_scope(self) -> str:
         """The FSC scope of `fsc_scope=None`."""

@@ -9,6 +9,10 @@ quantized UNet stays a drop-in for diffusers pipelines:
 - The row is the position of t in the schedule, looked up by value: the calibration data must be
   labelled with the sampler's actual timesteps.
 - `calibrate_timestep_tables` fills the rows from a CalibrationSet, step by step.
+- Schedule-free tables (`tfmq.quant.nn.temporal.training_schedule`) have a row for every training timestep:
+  the calibrated timesteps get their own ranges, and every other row is filled from its calibrated
+  neighbours (`fill_uncalibrated_rows`): their ranges linearly interpolated in t, or the nearest one's.
+  Rows beyond the lowest or highest calibrated timestep take that edge row's range.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from tqdm import tqdm
 
 from tfmq.devices import module_device
 from tfmq.quant.calibration import CalibrationSet
-from tfmq.quant.config import FSC_SCOPES
+from tfmq.quant.config import FSC_FILLS, FSC_SCOPES
 from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.nn.quantizer import UniformQuantizer
 from tfmq.quant.nn.temporal import TimestepTables, attach_timestep_schedule, checked_schedule, timestep_tables
@@ -63,6 +67,11 @@ def quantizers_in_scope(model: nn.Module, scope: str) -> list[tuple[str, Uniform
 def _check_scope(scope: str) -> None:
     if scope not in TABLE_SCOPES:
         raise ValueError(f"a timestep table scope must be one of {', '.join(TABLE_SCOPES)}; got {scope!r}")
+
+
+def _check_fill(fill: str) -> None:
+    if fill not in FSC_FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FSC_FILLS)}; got {fill!r}")
 
 
 def attach_timestep_tables(
@@ -137,6 +146,29 @@ def _step_ranges(
     return ranges
 
 
+def fill_uncalibrated_rows(quantizer: UniformQuantizer, fill: str) -> None:
+    """Give every uncalibrated row of `quantizer`'s table a range from the calibrated rows around it: their
+    ranges interpolated linearly in the row's timestep ("linear"), or the nearer one's ("nearest"; the lower
+    on a tie). Rows outside the calibrated ones take the edge row's range. The calibrated rows are unchanged."""
+    _check_fill(fill)
+    calibrated = quantizer.table_initialized.nonzero().flatten()
+    if len(calibrated) == 0:
+        raise ValueError("a table with no calibrated row has no range to fill the others from")
+    rows = (~quantizer.table_initialized).nonzero().flatten()
+    if len(rows) == 0:
+        return
+    above = torch.searchsorted(calibrated, rows, right=True)  # calibrated rows at or below each row
+    left = calibrated[(above - 1).clamp(0, len(calibrated) - 1)]
+    right = calibrated[above.clamp(max=len(calibrated) - 1)]
+    gap = (right - left).clamp_min(1).float()
+    weight = ((rows - left).float() / gap).clamp(0, 1)
+    if fill == "nearest":
+        weight = (weight > 0.5).float()
+    low, high = quantizer.table_ranges()
+    quantizer.set_table_ranges(rows, torch.lerp(low[left], low[right], weight),
+                               torch.lerp(high[left], high[right], weight))
+
+
 @torch.no_grad()
 def calibrate_timestep_tables(
     model: nn.Module,
@@ -147,15 +179,19 @@ def calibrate_timestep_tables(
     init_samples: int = DEFAULT_INIT_SAMPLES,
     batch_size: int = DEFAULT_BATCH_SIZE,
     through_unet: bool = False,
+    table_schedule: torch.Tensor | None = None,
+    fill: str = "linear",
     progress: bool = True,
 ) -> TimestepTables:
     """Calibrate one activation range per scheduled timestep for every quantizer of `scope` (FSC).
 
-    Attaches the tables (schedule = `calibration.schedule`) unless the model already has them for that
-    schedule and scope. For each step: the range is initialised by each quantizer's init method (min-max
-    or MSE) on the step's first `init_samples` samples, then moved toward each batch's min/max with
-    `momentum` over all of the step's samples; `momentum=None` takes the init method's range of all the
-    step's samples at once. Weights and the other activations are quantized as the model is set.
+    Attaches the tables (schedule: `table_schedule`, by default `calibration.schedule`) unless the model
+    already has them for that schedule and scope. A schedule-free `table_schedule` (every training timestep)
+    gets the calibration's timesteps calibrated and its other rows filled by `fill_uncalibrated_rows`
+    ("linear" or "nearest"). For each calibrated step: the range is initialised by each quantizer's init
+    method (min-max or MSE) on the step's first `init_samples` samples, then moved toward each batch's
+    min/max with `momentum` over all of the step's samples; `momentum=None` takes the init method's range of
+    all the step's samples at once. Weights and the other activations are quantized as the model is set.
 
     The model is called on the calibration inputs (conditions included). For the "temporal" scope only the
     TIB runs (unless `through_unet`): its features depend on the timesteps (and class labels) alone, so
@@ -169,13 +205,19 @@ def calibrate_timestep_tables(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     _check_scope(scope)
+    _check_fill(fill)
     schedule = _check_calibration(calibration)
+    table_schedule = schedule if table_schedule is None else checked_schedule(table_schedule)
     tables = timestep_tables(model)
     if tables is None or tables.scope == "none":
-        tables = attach_timestep_tables(model, schedule, scope)
-    elif tables.scope != scope or not torch.equal(tables.schedule.cpu(), schedule):
+        tables = attach_timestep_tables(model, table_schedule, scope)
+    elif tables.scope != scope or not torch.equal(tables.schedule.cpu(), table_schedule):
         raise ValueError(f"{model_class} already has timestep tables of scope {tables.scope!r} for another "
-                         f"schedule or scope than this calibration ({scope!r}, {len(schedule)} steps)")
+                         f"schedule or scope than this calibration ({scope!r}, {len(table_schedule)} steps)")
+    if not tables.schedule_free and not torch.equal(table_schedule, schedule):
+        raise ValueError("timestep tables of a schedule other than the calibration's must be schedule-free "
+                         "(every training timestep, tfmq.quant.nn.training_schedule)")
+    table_rows = [tables.row_of(int(timestep)) for timestep in schedule]  # the row each calibrated step sets
 
     tib = find_tib(model) if scope == "temporal" and not through_unet else None
     labels = calibration.conditions.get("class_labels")
@@ -201,7 +243,10 @@ def calibrate_timestep_tables(
                 if step_range is None:
                     raise ValueError(f"{name} saw no activation at step {step} (t={int(schedule[step])}): "
                                      "the calibration forward does not reach it")
-                quantizer.set_table_range(step, *step_range)
+                quantizer.set_table_range(table_rows[step], *step_range)
+        if tables.schedule_free:
+            for quantizer in quantizers:
+                fill_uncalibrated_rows(quantizer, fill)
     finally:
         for quantizer in quantizers:
             quantizer.cancel_observing()

@@ -9,11 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from tfmq.errors import TfmqError
 from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.config import QuantConfig
+from tfmq.quant.nn.temporal import training_schedule
 from tfmq.quant.timestep_table import calibrate_timestep_tables
 
 if TYPE_CHECKING:
@@ -39,12 +41,21 @@ class MethodInputs:
             raise TfmqError("the calibration set has no sample of the weight-reconstruction steps")
         return data.batches(self.config.batch_size)
 
+    @property
+    def table_schedule(self) -> torch.Tensor:
+        """The timesteps the model's tables and caches get rows for: every training timestep for a schedule-free
+        config (`train_timesteps`), else the calibration's schedule."""
+        if self.config.train_timesteps is None:
+            return self.calibration.schedule
+        return training_schedule(self.config.train_timesteps)
+
     def calibrate_timestep_tables(self, model: nn.Module) -> None:
         """FSC as the config asks (nothing for scope "none"): a calibration step each method places in its recipe."""
         config = self.config
         if config.fsc_scope != "none":
             calibrate_timestep_tables(model, self.calibration, config.fsc_scope, momentum=config.fsc_momentum,
-                                      init_samples=config.fsc_init_samples, progress=self.progress)
+                                      init_samples=config.fsc_init_samples, table_schedule=self.table_schedule,
+                                      fill=config.fsc_fill, progress=self.progress)
 
 
 # The handler calibrates the model in place and returns the method's results, JSON-ready, for the provenance.

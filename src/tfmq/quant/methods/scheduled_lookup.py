@@ -20,16 +20,17 @@ from tfmq.quant.tib import find_tib
 
 class ScheduledFeatureLookup(nn.Module):
     """Stands in for a cached block's `time_emb_proj` while the blocks are reconstructed: finds the row of
-    each sample by matching the embedding it receives against `keys` (what the projection receives at every
-    timestep of the schedule) and serves the cache at those rows, one per sample."""
+    each sample by matching the embedding it receives against `keys` (what the projection receives at the
+    timesteps of cache rows `key_rows`) and serves the cache at those rows, one per sample."""
 
-    def __init__(self, keys: torch.Tensor, cache: StepTable, projection: nn.Module) -> None:
+    def __init__(self, keys: torch.Tensor, key_rows: torch.Tensor, cache: StepTable, projection: nn.Module) -> None:
         super().__init__()
-        if keys.dim() != 2 or len(keys) != len(cache.codes):
-            raise ValueError(f"a feature lookup needs one key per cached timestep; got {tuple(keys.shape)} keys "
-                             f"for {len(cache.codes)} rows")
+        if keys.dim() != 2 or key_rows.shape != (len(keys),) or int(key_rows.max()) >= len(cache.codes):
+            raise ValueError(f"a feature lookup needs one key per cache row it serves; got {tuple(keys.shape)} keys "
+                             f"for rows of shape {tuple(key_rows.shape)} of a {len(cache.codes)}-row cache")
         keys = keys.detach().float().clone()
         self.register_buffer("keys", keys)
+        self.register_buffer("key_rows", key_rows.to(device=keys.device, dtype=torch.int64))
         # An embedding matches a key when it lies far closer to it than to any other (stored unit inputs
         # may have been rounded); the keys of distinct timesteps lie far apart.
         apart = torch.cdist(keys, keys) + torch.diag(torch.full((len(keys),), float("inf"), device=keys.device))
@@ -47,7 +48,7 @@ class ScheduledFeatureLookup(nn.Module):
         nearest, rows = distances.min(dim=1)
         if bool((nearest > self.tolerance).any()):
             raise ValueError("a temporal feature lookup received an embedding of no scheduled timestep")
-        return rows
+        return self.key_rows[rows]
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.cache(embedding, self.rows_of(embedding))
@@ -55,15 +56,25 @@ class ScheduledFeatureLookup(nn.Module):
 
 @torch.no_grad()
 def serve_caches_for_reconstruction(
-    model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, StepTable]
+    model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, StepTable], *,
+    keyed_at: torch.Tensor | None = None,
 ) -> None:
-    """Make each block of `caches` read its cache through a `ScheduledFeatureLookup`, keyed by what its
-    `time_emb_proj` receives at every timestep of `schedule`. Changes `model` in place until
-    `restore_projections`."""
-    keys = find_tib(model).projection_inputs(torch.as_tensor(schedule, device=module_device(model)))
+    """Make each block of `caches` (rows: the timesteps of `schedule`) read its cache through a
+    `ScheduledFeatureLookup`, keyed by what its `time_emb_proj` receives at every timestep of `keyed_at`
+    (default: all of `schedule`; the calibration's timesteps, for a cache with rows beyond them). Changes
+    `model` in place until `restore_projections`."""
+    schedule = torch.as_tensor(schedule, device="cpu")
+    keyed_at = schedule if keyed_at is None else torch.as_tensor(keyed_at, device="cpu")
+    positions = {int(timestep): row for row, timestep in enumerate(schedule.tolist())}
+    missing = [int(t) for t in keyed_at.tolist() if int(t) not in positions]
+    if missing:
+        raise ValueError(f"timesteps {missing[:5]} have no row in the caches' schedule")
+    device = module_device(model)
+    key_rows = torch.tensor([positions[int(t)] for t in keyed_at.tolist()], device=device)
+    keys = find_tib(model).projection_inputs(keyed_at.to(device))
     for block, cache in caches.items():
         module = model.get_submodule(block)
-        module.time_emb_proj = ScheduledFeatureLookup(keys[block], cache, module.time_emb_proj)
+        module.time_emb_proj = ScheduledFeatureLookup(keys[block], key_rows, cache, module.time_emb_proj)
 
 
 def restore_projections(model: nn.Module) -> None:

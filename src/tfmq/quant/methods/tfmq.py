@@ -3,7 +3,8 @@ temporal-feature cache. `quantize_tfmq` is the whole recipe, in the order of the
 
 - TIAR (`reconstruct_tib`): the Temporal Information Block (`tib`) is reconstructed first, as one unit:
   AdaRound on all its linears jointly, against every residual block's full-precision temporal feature,
-  from the timesteps alone (every timestep of the schedule, no images). The other BRECQ units follow
+  from the timesteps alone (every timestep of the schedule, or of the training range for a schedule-free
+  config, no images). The other BRECQ units follow
   (`block_units`) without the TIB's layers: their inputs are captured from the model with the TIB
   already hardened, so each block reads its temporal feature as an input its loss cannot bend.
 - FSC is per-timestep activation calibration: `timestep_table.calibrate_timestep_tables`.
@@ -158,14 +159,15 @@ def quantize_tfmq(model: nn.Module, inputs: MethodInputs) -> dict[str, Any]:
         raise TfmqError("a temporal feature cache per (timestep, class) is not supported: a class-conditional "
                         "model's temporal features depend on the label; use temporal_cache=False")
     batches = inputs.weight_batches()
+    schedule = inputs.table_schedule
     chosen = None
     if config.tiar:
-        timesteps, labels = temporal_inputs(calibration)
+        timesteps, labels = temporal_inputs(calibration, schedule)
         tib_result = reconstruct_tib(model, full_precision, timesteps, config, class_labels=labels,
                                      progress=inputs.progress, checkpoints=inputs.checkpoints)
         if config.temporal_cache:
-            chosen = choose_temporal_caches(model, full_precision, calibration.schedule, config)
-            serve_caches_for_reconstruction(model, calibration.schedule, chosen[0])
+            chosen = choose_temporal_caches(model, full_precision, schedule, config)
+            serve_caches_for_reconstruction(model, schedule, chosen[0], keyed_at=calibration.schedule)
         try:
             results = reconstruct(model, full_precision, block_units(model, full_precision, batches[0]), batches,
                                   config.reconstruction, progress=inputs.progress, checkpoints=inputs.checkpoints)
@@ -178,17 +180,24 @@ def quantize_tfmq(model: nn.Module, inputs: MethodInputs) -> dict[str, Any]:
     inputs.calibrate_timestep_tables(model)
     record = reconstruction_record(results, config)
     if config.temporal_cache:
-        record.update(maintain_temporal_features(model, full_precision, calibration.schedule, config, chosen))
+        record.update(maintain_temporal_features(model, full_precision, schedule, config, chosen))
     return record
 
 
-def temporal_inputs(calibration: CalibrationSet) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the TIB is reconstructed on: every scheduled timestep, or for a class-conditional model every
-    (timestep, label) pair of the calibration data (the unconditional branch's null label included)."""
+def temporal_inputs(
+    calibration: CalibrationSet, schedule: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the TIB is reconstructed on: every timestep of `schedule` (default: the calibration's), or for a
+    class-conditional model every (timestep, label) pair of them and of the calibration's labels (the
+    unconditional branch's null label included): the calibration's own pairs when `schedule` is its own."""
+    schedule = calibration.schedule if schedule is None else torch.as_tensor(schedule, device="cpu")
     labels = calibration.conditions.get("class_labels")
     if labels is None:
-        return calibration.schedule, None
-    pairs = torch.stack([calibration.timesteps.long(), labels.long()], dim=1).unique(dim=0)
+        return schedule, None
+    if torch.equal(schedule.cpu(), calibration.schedule.cpu()):
+        pairs = torch.stack([calibration.timesteps.long(), labels.long()], dim=1).unique(dim=0)
+    else:
+        pairs = torch.cartesian_prod(schedule.long().cpu(), labels.long().cpu().unique())
     return pairs[:, 0], pairs[:, 1]
 
 

@@ -15,6 +15,7 @@ from tfmq.quant.nn.temporal import (
     selected_timestep,
     temporal_features_by_timestep,
     timestep_tables,
+    training_schedule,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "selected_timestep",
     "temporal_features_by_timestep",
     "timestep_tables",
+    "training_schedule",
 ]

@@ -190,13 +190,24 @@ class UniformQuantizer(nn.Module):
 
     def set_table_range(self, row: int, low: torch.Tensor, high: torch.Tensor) -> None:
         """Fix the grid of timestep row `row` to cover [low, high]."""
+        self.set_table_ranges(torch.tensor([row], device=self.table_scale.device), low.reshape(1), high.reshape(1))
+
+    def set_table_ranges(self, rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Fix the grid of each timestep row of `rows` (int64, (n,)) to cover its [low, high] ((n,) each)."""
         if not self.has_timestep_table:
-            raise RuntimeError("set_table_range() on a quantizer without a timestep table")
-        scale, zero_point = range_to_scale_zero_point(low.reshape(()), high.reshape(()), self.bits)
+            raise RuntimeError("set_table_ranges() on a quantizer without a timestep table")
+        scale, zero_point = range_to_scale_zero_point(low, high, self.bits)
         with torch.no_grad():
-            self.table_scale[row] = scale
-            self.table_zero_point[row] = zero_point
-            self.table_initialized[row] = True
+            self.table_scale[rows] = scale
+            self.table_zero_point[rows] = zero_point
+            self.table_initialized[rows] = True
+
+    def table_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high) of every timestep row's grid: the range each row covers, (rows,) each."""
+        if not self.has_timestep_table:
+            raise RuntimeError("table_ranges() on a quantizer without a timestep table")
+        low = -self.table_zero_point * self.table_scale
+        return low, low + (2**self.bits - 1) * self.table_scale
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

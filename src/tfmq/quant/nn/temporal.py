@@ -11,6 +11,10 @@ so the quantized UNet stays a drop-in for diffusers pipelines (`unet(sample, t)`
   a forward hook puts the previous one back after it. Nothing else is written: the tables read the row.
 - The row is the position of t in the schedule, looked up by value. A timestep outside the schedule, or a
   batch mixing timesteps, is an error, never a fallback.
+- A schedule-free model's schedule is every training timestep, 0..T-1 in order (`training_schedule`): row t
+  serves timestep t, so any scheduler's integer timesteps have their own row, and a fractional timestep (a
+  continuous-time scheduler's) is served by the row of the nearest integer. A timestep outside 0..T-1 is an
+  error.
 - A temporal feature cache (a `StepTable` quantized per row) stands in for a residual block's
   `time_emb_proj`; when every block reads one, `SkippedTimestepEmbedding` stands in for the time MLP.
   `install_temporal_cache` puts them in place, `restore_temporal_cache` rebuilds them empty from a
@@ -66,22 +70,24 @@ class SkippedTimestepEmbedding(TimestepEmbedding):
 class TimestepTables(nn.Module):
     """The schedule a model's timestep tables are indexed by, and the rows they serve.
 
-    Lives in the UNet as the submodule `timestep_tables`; its `schedule` buffer (int64, the sampler's
-    timesteps in sampling order) is saved with the model's state. `step_rows` is shared by every table of
-    the model and holds the row of the call in progress, not saved: None outside a UNet call or
-    `selected_timestep`. `scope` is the FSC scope of the quantizer tables, "none" when only temporal
+    Lives in the UNet as the submodule `timestep_tables`; its `schedule` buffer (int64: the sampler's
+    timesteps in sampling order, or every training timestep for a schedule-free model) is saved with the
+    model's state. `step_rows` is shared by every table of the model and holds the row of the call in
+    progress, not saved: None outside a UNet call or `selected_timestep`. `scope` is the FSC scope of the quantizer tables, "none" when only temporal
     feature caches use the rows.
     """
 
     def __init__(self, schedule: torch.Tensor, scope: str, timestep_position: int) -> None:
         super().__init__()
         self.register_buffer("schedule", schedule)
+        # rows for every training timestep 0..T-1 (`training_schedule`): any timestep of it is served
+        self.schedule_free = is_training_schedule(schedule.cpu())
         self.scope = scope
         self.timestep_position = timestep_position  # index of `timestep` among the forward's arguments
         self.step_rows = StepRows()
 
     def extra_repr(self) -> str:
-        return f"scope={self.scope}, steps={len(self.schedule)}"
+        return f"scope={self.scope}, steps={len(self.schedule)}" + (", any timestep" if self.schedule_free else "")
 
     def row_of(self, timestep: torch.Tensor | int | float) -> int:
         """The row of `timestep` (a number, or a tensor whose entries all hold the same timestep)."""
@@ -95,6 +101,11 @@ class TimestepTables(nn.Module):
                              f"tables; got {len(distinct)} different ones ({shown})")
         value = values[0].item()
         schedule = self.schedule.cpu()
+        if self.schedule_free:
+            if not 0 <= round(value) < len(schedule):
+                raise ValueError(f"timestep {value} is outside the model's training range 0..{len(schedule) - 1}, "
+                                 "which its schedule-free tables cover")
+            return round(value)
         matches = (schedule.to(torch.float64) == float(value)).nonzero().flatten()
         if len(matches) == 0:
             raise ValueError(
@@ -113,6 +124,8 @@ class TimestepTables(nn.Module):
         values = torch.as_tensor(timestep, device=self.schedule.device).detach().reshape(-1)
         if values.numel() == 0:
             self.row_of(timestep)  # raises
+        if self.schedule_free:
+            return self._nearest_row(timestep, values)
         matches = self.schedule.to(torch.float64) == values[:1].to(torch.float64)
         try:
             torch._assert_async(matches.any() & (values == values[:1]).all(),
@@ -122,6 +135,48 @@ class TimestepTables(nn.Module):
             self.row_of(timestep)
             raise
         return matches.to(torch.int64).argmax()
+
+    def check_serves(self, timesteps: torch.Tensor | list[int]) -> None:
+        """A ValueError unless every timestep of `timesteps` (a sampler's) has a row: checked before sampling."""
+        values = torch.as_tensor(timesteps, device="cpu").reshape(-1)
+        schedule = self.schedule.cpu()
+        if self.schedule_free:
+            served = (values.round() >= 0) & (values.round() < len(schedule))
+        else:
+            served = torch.isin(values.to(torch.float64), schedule.to(torch.float64))
+        if not bool(served.all()):
+            missing = sorted(set(values[~served].tolist()))
+            shown = ", ".join(f"{value:g}" for value in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            if self.schedule_free:
+                raise ValueError(f"this sampler visits {len(missing)} timestep(s) outside the model's training "
+                                 f"range 0..{len(schedule) - 1} ({shown})")
+            raise ValueError(f"this sampler visits {len(missing)} timestep(s) that are not among the {len(schedule)} "
+                             f"the model was calibrated for ({shown}): sample with the calibration's sampler and "
+                             "steps, or quantize with --schedule-free")
+
+    def _nearest_row(self, timestep: torch.Tensor | int | float, values: torch.Tensor) -> torch.Tensor:
+        """Row round(t) of a schedule-free table, checked like `rows_of`'s (on the device)."""
+        row = values[0].round().to(torch.int64) if values.is_floating_point() else values[0].to(torch.int64)
+        try:
+            torch._assert_async((row >= 0) & (row < len(self.schedule)) & (values == values[:1]).all(),
+                                "a timestep of this call is outside the training range of the schedule-free "
+                                "tables, or the batch mixes timesteps")
+        except RuntimeError:
+            self.row_of(timestep)
+            raise
+        return row
+
+
+def training_schedule(num_train_timesteps: int) -> torch.Tensor:
+    """The schedule of schedule-free tables: every training timestep 0..T-1 in order, so row t is timestep t."""
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        raise ValueError(f"a training range has at least 2 timesteps, got {num_train_timesteps!r}")
+    return torch.arange(num_train_timesteps, dtype=torch.int64, device="cpu")
+
+
+def is_training_schedule(schedule: torch.Tensor) -> bool:
+    """Whether `schedule` is every timestep 0..T-1 in order (no sampler visits timesteps in rising order)."""
+    return len(schedule) > 1 and int(schedule[0]) == 0 and bool((schedule.diff() == 1).all())
 
 
 def timestep_tables(model: nn.Module) -> TimestepTables | None:
