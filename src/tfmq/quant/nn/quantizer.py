@@ -190,7 +190,7 @@ class UniformQuantizer(nn.Module):
 
     def set_table_range(self, row: int, low: torch.Tensor, high: torch.Tensor) -> None:
         """Fix the grid of timestep row `row` to cover [low, high]."""
-        self.set_table_ranges(torch.tensor([row], device=self.table_scale.device), low.reshape(1), high.reshape(1))
+        self.set_table_ranges(torch.tensor([row], device=low.device), low.reshape(1), high.reshape(1))
 
     def set_table_ranges(self, rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
         """Fix the grid of each timestep row of `rows` (int64, (n,)) to cover its [low, high] ((n,) each)."""
