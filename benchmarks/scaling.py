@@ -2,6 +2,7 @@
 sampling, calibration-data generation and block reconstruction, on the shipped fashion-ddpm.
 
     python benchmarks/scaling.py --processes 1 2 --num 128 --steps 20
+    python benchmarks/scaling.py --parts sample --num 512 --name scaling_sampling
 
 Each row is a `tfmq` command run under `torchrun --nproc_per_node N` with one thread a process, so N processes
 use N cores; the 1-process row also runs with N threads (what one process makes of the same cores). Wall
@@ -31,6 +32,7 @@ from tfmq.files import write_json, write_text_atomic
 from tfmq.report import format_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("sample", "quantize")
 
 
 def run(command: list[str], processes: int, threads: int, work: Path) -> tuple[float, str]:
@@ -76,6 +78,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--work", type=Path, default=Path("runs/scaling"))
     parser.add_argument("--name", default="scaling")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="which commands to time (sampling alone takes a larger --num in the same time)")
     args = parser.parse_args()
     if args.work.exists():
         shutil.rmtree(args.work)
@@ -86,22 +90,26 @@ def main() -> None:
     settings = [(1, 1), (1, cores)] + [(count, 1) for count in args.processes if count > 1]
     for processes, threads in settings:
         tag = f"{processes}p{threads}t"
-        sample_s, sample_output = run(["sample", "--num", str(args.num), "--out", f"img-{tag}", *common], processes,
-                                      threads, args.work)
-        quantize_s, _ = run(["quantize", "--method", "qdiff", "--preset", "fast", "--calib-samples",
-                          str(args.calib_samples), "--no-resume", "--out", f"q-{tag}", *common], processes, threads,
-                         args.work)
-        recorded = json.loads((args.work / f"q-{tag}" / "quantization.json").read_text())["provenance"]["calibration"]
-        rows.append({"processes": processes, "threads_each": threads, "sample_s": sample_s,
-                     "sampling_loop_s": sampling_seconds(sample_output),
-                     "quantize_command_s": quantize_s, "calibration_data_s": recorded["collect_seconds"],
-                     "quantize_s": recorded["quantize_seconds"],
-                     "images_equal_1p": same_images(args.work / f"img-{tag}", args.work / "img-1p1t"),
-                     "max_weight_diff_1p": weight_difference(args.work / f"q-{tag}", args.work / "q-1p1t")})
+        row: dict[str, Any] = {"processes": processes, "threads_each": threads}
+        if "sample" in args.parts:
+            sample_s, sample_output = run(["sample", "--num", str(args.num), "--out", f"img-{tag}", *common],
+                                          processes, threads, args.work)
+            row |= {"sample_s": sample_s, "sampling_loop_s": sampling_seconds(sample_output),
+                    "images_equal_1p": same_images(args.work / f"img-{tag}", args.work / "img-1p1t")}
+        if "quantize" in args.parts:
+            quantize_s, _ = run(["quantize", "--method", "qdiff", "--preset", "fast", "--calib-samples",
+                                 str(args.calib_samples), "--no-resume", "--out", f"q-{tag}", *common], processes,
+                                threads, args.work)
+            recorded = json.loads((args.work / f"q-{tag}" / "quantization.json").read_text())["provenance"]
+            row |= {"quantize_command_s": quantize_s, "calibration_data_s": recorded["calibration"]["collect_seconds"],
+                    "quantize_s": recorded["calibration"]["quantize_seconds"],
+                    "max_weight_diff_1p": weight_difference(args.work / f"q-{tag}", args.work / "q-1p1t")}
+        rows.append(row)
     base = rows[0]
     for row in rows:
         for key in ("sample_s", "sampling_loop_s", "calibration_data_s", "quantize_s"):
-            row[f"{key.removesuffix('_s')}_speedup"] = base[key] / row[key]
+            if key in base:
+                row[f"{key.removesuffix('_s')}_speedup"] = base[key] / row[key]
     table = format_table(rows, markdown=True)
     print(table)
     RESULTS.mkdir(exist_ok=True)
