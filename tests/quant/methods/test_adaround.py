@@ -13,6 +13,7 @@ from tfmq.quant.methods.adaround import (
     attach,
     harden,
     rectified_sigmoid,
+    rounding_penalty,
 )
 
 
@@ -136,3 +137,47 @@ def test_hardening_writes_the_decisions_even_with_weight_quantization_switched_o
     harden(layer)
     assert torch.equal(layer.weight.detach(), expected)
     assert layer.weight_quantizer.enabled is False  # the switch carries over to the original quantizer
+
+
+def _formula(rounding: AdaRoundQuantizer, weight: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """W^ and the penalty written out as plain autograd formulas: what the fused passes must equal."""
+    scale, zero_point, top = grid_of(rounding, weight)
+    offsets = rectified_sigmoid(rounding.rounding)
+    soft = (torch.clamp(torch.floor(weight / scale) + offsets + zero_point, 0, top) - zero_point) * scale
+    return soft, (1 - (2 * offsets - 1).abs().pow(beta)).sum()
+
+
+def grid_of(rounding: AdaRoundQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return rounding.scale.detach().view(shape), rounding.zero_point.view(shape), 2**rounding.bits - 1
+
+
+@pytest.mark.parametrize("beta", [20.0, 7.3, 2.0])
+def test_fused_soft_rounding_and_penalty_match_the_formulas_in_value_and_gradient(beta: float) -> None:
+    torch.manual_seed(0)
+    layer = QuantConv2d(nn.Conv2d(6, 8, 3), w_bits=4, a_bits=None, weight_init="mse")
+    layer.weight_quantizer.init_range(layer.weight)
+    rounding = attach(layer)
+    with torch.no_grad():  # spread h(V) over both clamps: offsets at exactly 0 and 1, and in between
+        rounding.rounding.mul_(4).add_(torch.randn_like(rounding.rounding))
+    weight = layer.weight.detach()
+    upstream = torch.randn_like(weight)
+
+    expected_weight, expected_penalty = _formula(rounding, weight, beta)
+    expected_grad, = torch.autograd.grad((expected_weight * upstream).sum() + 0.3 * expected_penalty,
+                                         rounding.rounding)
+    fused_weight, fused_penalty = rounding(layer.weight), rounding_penalty(rounding.rounding, beta)
+    fused_grad, = torch.autograd.grad((fused_weight * upstream).sum() + 0.3 * fused_penalty, rounding.rounding)
+
+    offsets = rectified_sigmoid(rounding.rounding)
+    assert bool((offsets == 0).any()) and bool((offsets == 1).any()) and bool(((offsets > 0) & (offsets < 1)).any())
+    assert torch.allclose(fused_weight, expected_weight, atol=1e-6, rtol=0)
+    assert fused_penalty.item() == pytest.approx(expected_penalty.item(), rel=1e-5)
+    assert torch.allclose(fused_grad, expected_grad, atol=1e-6, rtol=1e-5)
+    assert expected_grad.abs().max() > 1e-3  # the comparison is not between two zeros
+
+
+def test_a_rounding_quantizer_refuses_a_weight_it_was_not_made_for() -> None:
+    rounding = attach(quant_linear())
+    with pytest.raises(ValueError, match="rounds a weight of shape"):
+        rounding(torch.zeros(3, 24))

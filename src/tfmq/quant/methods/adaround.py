@@ -39,13 +39,65 @@ def inverse_rectified_sigmoid(offset: torch.Tensor) -> torch.Tensor:
     return torch.logit((offset - GAMMA) / (ZETA - GAMMA))
 
 
+class _SoftRoundedWeight(torch.autograd.Function):
+    """W^ = s * (clamp(F + h(V), 0, 2^b - 1) - z) from V, where F = floor(W/s) + z is fixed while the rounding is
+    learnt: the same values and gradient as autograd through the formula, in a few passes over the weight
+    (AdaRound's cost per step is the weight's size, not the batch's)."""
+
+    @staticmethod
+    def forward(ctx, rounding: torch.Tensor, floor_codes: torch.Tensor, scale: torch.Tensor,
+                zero_point: torch.Tensor, top: int) -> torch.Tensor:
+        sigmoid = torch.sigmoid(rounding)
+        stretched = sigmoid * (ZETA - GAMMA) + GAMMA
+        passes = (stretched >= 0) & (stretched <= 1)  # torch.clamp passes the gradient at its bounds too
+        codes = stretched.clamp_(0, 1).add_(floor_codes)
+        passes &= (codes >= 0) & (codes <= top)
+        ctx.save_for_backward(sigmoid.mul_(1 - sigmoid).mul_(passes).mul_(scale * (ZETA - GAMMA)))
+        return codes.clamp_(0, top).sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None, None, None
+
+
+class _RoundingPenalty(torch.autograd.Function):
+    """sum(1 - |2 h(V) - 1|^beta) and its gradient in V, in a few passes over V."""
+
+    @staticmethod
+    def forward(ctx, rounding: torch.Tensor, beta: float) -> torch.Tensor:
+        sigmoid = torch.sigmoid(rounding)
+        stretched = sigmoid * (ZETA - GAMMA) + GAMMA
+        passes = (stretched >= 0) & (stretched <= 1)
+        centred = stretched.clamp_(0, 1).mul_(2).sub_(1)
+        distance = centred.abs()
+        powered = distance.pow(beta)
+        total = distance.numel() - powered.sum()
+        # d/dV -|c|^beta = -beta |c|^(beta - 1) sign(c) * 2 h'(V); |c|^(beta - 1) is 0 at c = 0 for beta > 1
+        slope = torch.where(distance > 0, powered.div_(distance), 0.0).mul_(centred.sign_())
+        slope.mul_(sigmoid.mul_(1 - sigmoid).mul_(passes)).mul_(-2 * beta * (ZETA - GAMMA))
+        ctx.save_for_backward(slope)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None
+
+
+def rounding_penalty(rounding: torch.Tensor, beta: float) -> torch.Tensor:
+    """sum(1 - |2 h(V) - 1|^beta): 0 where every offset is decided (0 or 1), one per weight at h(V) = 0.5."""
+    return _RoundingPenalty.apply(rounding, float(beta))
+
+
 class AdaRoundQuantizer(UniformQuantizer):
     """Stands in for a layer's weight quantizer while its rounding is learnt.
 
     Shares `scale`, `zero_point` and `initialized` with the quantizer it replaces (same tensors), so
     the grid is the one the range search chose and stays fixed. `soft` selects the training mode
     (W^ from h(V), differentiable in V); with `soft = False` it applies the hard decisions, which is
-    what `harden` will write into the weight.
+    what `harden` will write into the weight. It rounds the weight it was made for: floor(W/s) + z is
+    computed once, since neither the weight nor the grid changes while the rounding is learnt.
     """
 
     def __init__(self, base: UniformQuantizer, weight: torch.Tensor) -> None:
@@ -59,23 +111,33 @@ class AdaRoundQuantizer(UniformQuantizer):
         self.base = [base]  # a list: not a submodule, so `quantizers(model)` does not count it twice
         self.soft = True
         with torch.no_grad():
-            scaled = weight.detach().float() / self._grid(weight)[0]
-            self.rounding = nn.Parameter(inverse_rectified_sigmoid(scaled - torch.floor(scaled)))
+            scale, zero_point = self._grid(weight)
+            scaled = weight.detach().float() / scale
+            floor = torch.floor(scaled)
+            self.floor_codes = floor + zero_point  # not a buffer: it lives only while the rounding is learnt
+            self.rounding = nn.Parameter(inverse_rectified_sigmoid(scaled - floor))
 
     def offsets(self) -> torch.Tensor:
         """h(V) in soft mode, the hard 0/1 decisions otherwise."""
         soft_offsets = rectified_sigmoid(self.rounding)
         return soft_offsets if self.soft else (soft_offsets >= 0.5).to(soft_offsets.dtype)
 
+    def _check_weight(self, weight: torch.Tensor) -> None:
+        if weight.shape != self.floor_codes.shape:
+            raise ValueError(f"this AdaRound quantizer rounds a weight of shape {tuple(self.floor_codes.shape)}, "
+                             f"got {tuple(weight.shape)}")
+
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """floor(W/s) + h(V) + z, clamped to the grid (integers in hard mode)."""
-        scale, zero_point = self._grid(weight)
-        floor = torch.floor(weight.detach().float() / scale)
-        return torch.clamp(floor + self.offsets() + zero_point, 0, 2**self.bits - 1)
+        self._check_weight(weight)
+        return torch.clamp(self.floor_codes + self.offsets(), 0, 2**self.bits - 1)
 
     def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
         """W^ = (codes - z) * s, whether or not quantization is switched on."""
         scale, zero_point = self._grid(weight)
+        if self.soft:
+            self._check_weight(weight)
+            return _SoftRoundedWeight.apply(self.rounding, self.floor_codes, scale, zero_point, 2**self.bits - 1)
         return (self.codes(weight) - zero_point) * scale
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -179,7 +241,4 @@ class RoundingRegularizer:
         if not self.active(iteration):
             return reference.new_zeros(())
         beta = self.beta(iteration)
-        total = sum(
-            (1 - (2 * rectified_sigmoid(quantizer.rounding) - 1).abs().pow(beta)).sum() for quantizer in roundings
-        )
-        return self.weight * total
+        return self.weight * sum(rounding_penalty(quantizer.rounding, beta) for quantizer in roundings)
