@@ -271,6 +271,8 @@ class ReconstructionSettings:
     random batches of `batch_size` cached calibration samples. Cached unit inputs and targets larger
     than `memory_budget_mb` go to a temporary folder on disk instead of memory (as the calibration set
     does beyond it, `tfmq.quant.calibration`); a budget below one batch of a unit's data is an error.
+    `rounding_stop` ends a unit's AdaRound steps early (None: all of them); `rounding_start` is "nearest"
+    (AdaRound's own start) or "gptq" (from GPTQ's rounding where it measures better, `tfmq.quant.methods.gptq`).
     """
 
     weight_iters: int
@@ -279,6 +281,25 @@ class ReconstructionSettings:
     weight_lr: float
     act_lr: float
     memory_budget_mb: float
+    rounding_stop: RoundingStop | None = None
+    rounding_start: str = "nearest"
+
+
+@dataclass(frozen=True)
+class RoundingStop:
+    """A stopping rule for a unit's AdaRound steps, so that each unit runs as many as it gains from.
+
+    Every `check_every` steps the unit's loss with its weights rounded hard is measured on `holdout_samples`
+    calibration samples kept out of its training batches (at most a quarter of them; all of them when
+    there are too few to hold any out); the rounding stops once `patience` checks in a row have not lowered
+    the best loss so far by `tolerance` (relative), and the decisions of the best check are kept. The first
+    check is at step 0, round-to-nearest, so a unit never ends worse than that on its held-out samples.
+    """
+
+    check_every: int = 100
+    patience: int = 3
+    tolerance: float = 0.01
+    holdout_samples: int = 128
 
 
 # "paper": the Q-Diffusion / TFMQ-DM scripts (20k AdaRound and 5k LSQ steps a unit, batch 32, Adam at 1e-3
@@ -286,11 +307,16 @@ class ReconstructionSettings:
 # ten times the learning rate (V lives in logit space: 200 steps of 1e-2 can flip a decision). The step
 # sizes keep 4e-5: Adam moves every step by about lr whatever its size, and 50 steps of 4e-4 already
 # wreck a softmax step of 1/255. "balanced": fast's settings with ten times its rounding steps (README,
-# "Reconstruction length").
+# "Reconstruction length"). "auto": half of balanced's rounding steps, started from GPTQ's rounding where
+# that is better, each unit ending at its best held-out decisions, or earlier by the stopping rule (README,
+# "Calibration cost").
+ROUNDING_STARTS = ("nearest", "gptq")
 RECON_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"weight_iters": 20_000, "act_iters": 5_000, "batch_size": 32, "weight_lr": 1e-3, "act_lr": 4e-5},
     "balanced": {"weight_iters": 2_000, "act_iters": 50, "batch_size": 32, "weight_lr": 1e-2, "act_lr": 4e-5},
     "fast": {"weight_iters": 200, "act_iters": 50, "batch_size": 32, "weight_lr": 1e-2, "act_lr": 4e-5},
+    "auto": {"weight_iters": 1_000, "act_iters": 50, "batch_size": 32, "weight_lr": 1e-2, "act_lr": 4e-5,
+             "rounding_start": "gptq", "rounding_stop": RoundingStop()},
 }
 
 
@@ -303,7 +329,7 @@ class RTNConfig(QuantConfig, method="rtn"):
 class QDiffusionConfig(QuantConfig, method="qdiff"):
     """Q-Diffusion: BRECQ block reconstruction on time-step-aware calibration data.
 
-    `recon_preset` ("fast", "balanced" or "paper", see RECON_PRESETS) gives iteration counts, batch size and
+    `recon_preset` ("fast", "balanced", "auto" or "paper", see RECON_PRESETS) gives iteration counts, batch size and
     learning rates; each `recon_*` field that is not None overrides its preset value. With FSC over every
     activation (`fsc_scope="all"`) the tables replace the ranges LSQ would learn, so no LSQ step runs, as in
     the authors' scripts.
@@ -315,6 +341,8 @@ class QDiffusionConfig(QuantConfig, method="qdiff"):
     recon_batch_size: int | None = None
     recon_weight_lr: float | None = None
     recon_act_lr: float | None = None
+    recon_rounding_start: str | None = None
+    recon_rounding_stop: bool | None = None
     memory_budget_mb: float = 2048.0
 
     def __post_init__(self) -> None:
@@ -325,6 +353,10 @@ class QDiffusionConfig(QuantConfig, method="qdiff"):
         _check_count("recon_batch_size", self.recon_batch_size, 1)
         _check_number("recon_weight_lr", self.recon_weight_lr, optional=True)
         _check_number("recon_act_lr", self.recon_act_lr, optional=True)
+        if self.recon_rounding_start is not None:
+            _check_choice("recon_rounding_start", self.recon_rounding_start, ROUNDING_STARTS)
+        if self.recon_rounding_stop is not None:
+            _check_flag("recon_rounding_stop", self.recon_rounding_stop)
         _check_number("memory_budget_mb", self.memory_budget_mb, allow_zero=True)
 
     @property
@@ -335,11 +367,15 @@ class QDiffusionConfig(QuantConfig, method="qdiff"):
                     "batch_size": self.recon_batch_size, "weight_lr": self.recon_weight_lr,
                     "act_lr": self.recon_act_lr}
         values = {key: preset[key] if value is None else value for key, value in explicit.items()}
+        stop = preset.get("rounding_stop")
+        if self.recon_rounding_stop is not None:
+            stop = (stop or RoundingStop()) if self.recon_rounding_stop else None
         return ReconstructionSettings(
             weight_iters=values["weight_iters"],
             act_iters=0 if self.fsc_scope == "all" else values["act_iters"],
             batch_size=values["batch_size"], weight_lr=float(values["weight_lr"]),
             act_lr=float(values["act_lr"]), memory_budget_mb=float(self.memory_budget_mb),
+            rounding_stop=stop, rounding_start=self.recon_rounding_start or preset.get("rounding_start", "nearest"),
         )
 
     def summary(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from torch import nn
 
 from tests.quant.methods.helpers import calibrated, input_batches
 from tests.quant.tiny_unets import pixel_unet
-from tfmq.quant.config import QDiffusionConfig, QuantConfig, ReconstructionSettings, RTNConfig
+from tfmq.quant.config import QDiffusionConfig, QuantConfig, ReconstructionSettings, RoundingStop, RTNConfig
+from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.wrap import set_quant_state
 from tfmq.quant.methods.capture import Call, capture
 from tfmq.quant.methods.reconstruction import reconstruct, reconstruction_loss
@@ -181,10 +182,65 @@ def test_settings_come_from_the_preset_unless_given() -> None:
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
+def test_the_auto_preset_starts_from_gptq_and_stops_each_units_rounding_by_rule() -> None:
+    auto = QDiffusionConfig(recon_preset="auto", recon_weight_iters=500).reconstruction
+    assert auto.rounding_stop == RoundingStop() and auto.weight_iters == 500 and auto.rounding_start == "gptq"
+    assert QDiffusionConfig(recon_preset="auto", recon_rounding_start="nearest").reconstruction.rounding_start == "nearest"
+    balanced = QDiffusionConfig(recon_preset="balanced").reconstruction
+    assert balanced.rounding_stop is None and balanced.rounding_start == "nearest"
+    # The explicit fields switch either lever on or off whatever the preset.
+    assert QDiffusionConfig(recon_preset="auto", recon_rounding_stop=False).reconstruction.rounding_stop is None
+    balanced = QDiffusionConfig(recon_preset="balanced", recon_rounding_stop=True, recon_rounding_start="gptq")
+    assert balanced.reconstruction.rounding_stop == RoundingStop()
+    assert balanced.reconstruction.rounding_start == "gptq"
+    assert QuantConfig.from_dict(json.loads(json.dumps(balanced.to_dict()))) == balanced
+
+
+def _reconstructed(rule: RoundingStop | None, **overrides: object) -> tuple[nn.Module, nn.Module, list]:
+    """The first four units of a tiny W4A8 UNet reconstructed under `rule`, with the reference they started from."""
+    full_precision = pixel_unet()
+    batches = input_batches(full_precision, 2, 8, seed=0)
+    reference = calibrated(full_precision, W4A8, batches)
+    model = copy.deepcopy(reference)
+    units = unet_units(model, full_precision, batches[0])[:4]
+    values = dict(weight_iters=40, act_iters=0, rounding_stop=rule, **overrides)
+    results = reconstruct(model, full_precision, units, batches, settings(**values), progress=False)
+    return model, reference, results
+
+
+def test_a_stopping_rule_ends_a_units_rounding_after_its_stale_checks() -> None:
+    _, _, endless = _reconstructed(RoundingStop(check_every=5, patience=10**6))
+    assert [result.rounding_steps for result in endless] == [40] * 4
+    # No check lowers the best loss by 99 %: the second check (the first after step 0) is the last.
+    _, _, strict = _reconstructed(RoundingStop(check_every=5, patience=1, tolerance=0.99, holdout_samples=4))
+    assert [result.rounding_steps for result in strict] == [5] * 4
+
+
+def test_a_stopping_rule_keeps_round_to_nearest_when_learning_only_makes_it_worse() -> None:
+    # Adam at a learning rate of 10 flips decisions at random: every check is worse than step 0's
+    # round-to-nearest, so the rule keeps it, bit for bit.
+    model, reference, results = _reconstructed(RoundingStop(check_every=10, patience=2, holdout_samples=4),
+                                               weight_lr=10.0)
+    assert [result.rounding_steps for result in results] == [20] * 4
+    nearest = _rounded_weights(reference)
+    assert nearest and all(torch.equal(weight, nearest[name]) for name, weight in _rounded_weights(model).items())
+    # Without the rule the same steps leave other decisions behind.
+    unruled, _, _ = _reconstructed(None, weight_lr=10.0)
+    assert any(not torch.equal(weight, nearest[name]) for name, weight in _rounded_weights(unruled).items())
+
+
+@torch.no_grad()
+def _rounded_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The quantized weights of the layers in the first four units of `_reconstructed`."""
+    return {name: module.weight_quantizer(module.weight) for name, module in model.named_modules()
+            if isinstance(module, QuantLayer) and name.startswith(("time_embedding.", "down_blocks.0.resnets.0"))}
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("recon_preset", "slow"), ("recon_weight_iters", -1), ("recon_act_iters", 2.0), ("recon_batch_size", 0),
-     ("recon_weight_lr", 0.0), ("recon_act_lr", float("nan")), ("memory_budget_mb", -1), ("memory_budget_mb", True)],
+     ("recon_weight_lr", 0.0), ("recon_act_lr", float("nan")), ("memory_budget_mb", -1), ("memory_budget_mb", True),
+     ("recon_rounding_start", "best"), ("recon_rounding_stop", 1)],
 )
 def test_bad_reconstruction_settings_are_refused_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):

@@ -87,6 +87,18 @@ def test_scale_gradient_is_the_lsq_gradient() -> None:
     assert quantizer.scale.grad.item() == pytest.approx(15 - zero_point, abs=1e-5)
 
 
+@pytest.mark.parametrize("channels", [None, 16])
+def test_the_no_gradient_path_gives_the_values_of_the_gradient_path(channels: int | None) -> None:
+    weight = heavy_tailed_weight()
+    quantizer = initialised(4, weight, channels=channels)
+    with torch.no_grad():
+        without = quantizer(weight)
+    with_gradient = quantizer(weight.clone().requires_grad_(True))
+    assert with_gradient.requires_grad and not without.requires_grad
+    assert torch.equal(without, with_gradient.detach())
+    assert len(without.unique()) > 2  # a real grid, not a constant
+
+
 def test_identity_when_full_precision_or_disabled() -> None:
     values = torch.randn(100)
     assert torch.equal(UniformQuantizer(None)(values), values)

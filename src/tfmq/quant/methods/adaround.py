@@ -14,7 +14,7 @@ original quantizer is back in place.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -147,11 +147,12 @@ class AdaRoundQuantizer(UniformQuantizer):
         return super().extra_repr() + f", adaround={'soft' if self.soft else 'hard'}"
 
 
-def attach(layer: QuantLayer) -> AdaRoundQuantizer:
-    """Switch `layer` to learnt rounding, V initialised so that W^ = W inside the grid."""
+def attach(layer: QuantLayer, start: torch.Tensor | None = None) -> AdaRoundQuantizer:
+    """Switch `layer` to learnt rounding, V initialised so that W^ = W inside the grid; with `start` (a weight
+    of the layer's shape, e.g. GPTQ's) the rounding is learnt around it instead of the layer's weight."""
     if isinstance(layer.weight_quantizer, AdaRoundQuantizer):
         raise ValueError("this layer is already in AdaRound mode")
-    rounding = AdaRoundQuantizer(layer.weight_quantizer, layer.weight)
+    rounding = AdaRoundQuantizer(layer.weight_quantizer, layer.weight if start is None else start)
     layer.weight_quantizer = rounding
     return rounding
 
@@ -182,8 +183,10 @@ def harden(layer: QuantLayer) -> None:
 
 
 @contextmanager
-def adaptive_rounding(layers: Sequence[QuantLayer]) -> Iterator[list[AdaRoundQuantizer]]:
-    """Learnt rounding for `layers` (those with quantized weights) while the block is open.
+def adaptive_rounding(layers: Sequence[QuantLayer], starts: Mapping[QuantLayer, torch.Tensor] | None = None
+                      ) -> Iterator[list[AdaRoundQuantizer]]:
+    """Learnt rounding for `layers` (those with quantized weights) while the block is open, each around its
+    weight or its entry in `starts` (see `attach`).
 
     Yields the AdaRound quantizers (their `rounding` are the parameters to train). On a normal exit
     every layer is rounded hard and its weight overwritten; on an exception the layers go back to
@@ -193,7 +196,7 @@ def adaptive_rounding(layers: Sequence[QuantLayer]) -> Iterator[list[AdaRoundQua
     attached: list[QuantLayer] = []
     try:
         for layer in roundable:
-            attach(layer)
+            attach(layer, (starts or {}).get(layer))
             attached.append(layer)
         yield [layer.weight_quantizer for layer in attached]  # type: ignore[misc]
     except BaseException:
@@ -202,6 +205,21 @@ def adaptive_rounding(layers: Sequence[QuantLayer]) -> Iterator[list[AdaRoundQua
         raise
     for layer in attached:
         harden(layer)
+
+
+@contextmanager
+def hard_rounding(layers: Sequence[QuantLayer], starts: Mapping[QuantLayer, torch.Tensor]) -> Iterator[None]:
+    """Each of `layers` rounded to nearest from its entry in `starts` while the block is open, to measure a
+    start; afterwards the layers are as they were."""
+    attached: list[QuantLayer] = []
+    try:
+        for layer in layers:
+            attach(layer, starts.get(layer)).soft = False
+            attached.append(layer)
+        yield
+    finally:
+        for layer in attached:
+            detach(layer)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,13 +32,15 @@ from torch import nn
 from tqdm import tqdm
 
 from tfmq import distributed
-from tfmq.quant.config import ReconstructionSettings
-from tfmq.quant.methods.adaround import RoundingRegularizer, adaptive_rounding
+from tfmq.quant.config import ReconstructionSettings, RoundingStop
+from tfmq.quant.methods import gptq
+from tfmq.quant.methods.adaround import AdaRoundQuantizer, RoundingRegularizer, adaptive_rounding, hard_rounding
 from tfmq.quant.methods.capture import Call, ModelInputs, batch_size, capture, inputs_of_samples, output_tensors
 from tfmq.quant.methods.unit_cache import UnitCache
 from tfmq.quant.methods.resume import UnitCheckpoints
 from tfmq.quant.methods.units import ReconstructionUnit
-from tfmq.quant.nn.quantizer import UniformQuantizer
+from tfmq.quant.nn.layers import QuantLayer
+from tfmq.quant.nn.quantizer import MIN_SCALE, UniformQuantizer
 
 # The unit's error is reported (not trained) on this many of its cached samples, before and after.
 REPORT_SAMPLES = 256
@@ -46,7 +49,8 @@ REPORT_SAMPLES = 256
 @dataclass(frozen=True)
 class UnitResult:
     """How one unit went: mean squared error against the target (on up to REPORT_SAMPLES of its
-    cached samples) before and after reconstruction, and whether its cache went to disk."""
+    cached samples) before and after reconstruction, whether its cache went to disk, its time in all
+    and capturing its data, and how many AdaRound steps it ran (fewer than set when a stopping rule ended them)."""
 
     name: str
     samples: int
@@ -54,6 +58,8 @@ class UnitResult:
     mse_after: float
     on_disk: bool
     seconds: float
+    capture_seconds: float | None = None  # None: a checkpoint of an earlier version, which did not record it
+    rounding_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,12 +88,13 @@ def reconstruction_loss(outputs: Sequence[torch.Tensor], targets: Sequence[torch
 class _UnitData:
     """Random batches of a captured unit, and its output replayed from them.
 
-    Batches are drawn from all `total` samples by the same seeded generator on every rank; this rank's
-    cache holds the samples `held` (all of them with one process) and it computes their share of each batch.
+    Batches are drawn from the first `total - holdout` samples by the same seeded generator on every rank (the
+    last `holdout` are kept out of training); this rank's cache holds the samples `held` (all of them with one
+    process) and it computes their share of each batch.
     """
 
     def __init__(self, unit: ReconstructionUnit, cache: UnitCache, templates: list[Call], seed: int,
-                 total: int, held: range) -> None:
+                 total: int, held: range, holdout: int = 0) -> None:
         self.unit = unit
         self.cache = cache
         self.templates = templates
@@ -95,9 +102,15 @@ class _UnitData:
         self.generator = torch.Generator().manual_seed(seed)
         self.total = total
         self.held = held
+        self.training = total - holdout
+
+    @property
+    def held_out(self) -> range:
+        """The samples kept out of training batches (all of them when none are)."""
+        return range(self.training, self.total) if self.training < self.total else range(self.total)
 
     def random_indices(self, batch_size: int) -> torch.Tensor:
-        return torch.randperm(self.total, generator=self.generator, device="cpu")[:batch_size]
+        return torch.randperm(self.training, generator=self.generator, device="cpu")[:batch_size]
 
     def loss(self, indices: torch.Tensor) -> torch.Tensor | None:
         """This rank's share of the loss of the batch `indices`, None if it holds none of them: the shares
@@ -111,15 +124,20 @@ class _UnitData:
         loss = reconstruction_loss(outputs, [rows[key] for key in self.target_keys])
         return loss if len(local) == len(indices) else loss * (len(local) / len(indices))
 
-    @torch.no_grad()
-    def mse(self, batch_size: int) -> float:
-        """Mean squared error per element on the first REPORT_SAMPLES samples (of all ranks)."""
-        count = min(len(self.held), max(min(self.total, REPORT_SAMPLES) - self.held.start, 0))  # of them here
-        total, elements = 0.0, 0
-        for start in range(0, count, batch_size):
-            rows = self.cache.rows(torch.arange(start, min(start + batch_size, count), device="cpu"))
+    def replay(self, samples: range, batch_size: int) -> Iterator[tuple[list[torch.Tensor], dict[str, torch.Tensor]]]:
+        """The unit's outputs and cached rows, batch by batch, for this rank's share of `samples`."""
+        first, stop = max(samples.start, self.held.start), min(samples.stop, self.held.stop)
+        for start in range(first, stop, batch_size):
+            rows = self.cache.rows(torch.arange(start, min(start + batch_size, stop), device="cpu") - self.held.start)
             calls = [template.filled(rows) for template in self.templates]
-            outputs = output_tensors(self.unit.forward(*calls))
+            yield output_tensors(self.unit.forward(*calls)), rows
+
+    @torch.no_grad()
+    def mse(self, batch_size: int, samples: range | None = None) -> float:
+        """Mean squared error per element on `samples` (of all ranks; the first REPORT_SAMPLES by default)."""
+        samples = range(min(self.total, REPORT_SAMPLES)) if samples is None else samples
+        total, elements = 0.0, 0
+        for outputs, rows in self.replay(samples, batch_size):
             for output, key in zip(outputs, self.target_keys):
                 total += (output.float() - rows[key].float()).pow(2).sum().item()
                 elements += output.numel()
@@ -131,6 +149,15 @@ def _sum(terms: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
     """The sum of the terms that are there (None if none is)."""
     present = [term for term in terms if term is not None]
     return functools.reduce(operator.add, present) if present else None
+
+
+def _adam(parameters: Sequence[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """Adam in one fused kernel where the device has it (CPU and CUDA do): the step of a unit's many small
+    rounding tensors costs a fraction of the per-tensor loop's."""
+    try:
+        return torch.optim.Adam(parameters, lr=lr, fused=True)
+    except RuntimeError:  # a device without the fused kernel
+        return torch.optim.Adam(parameters, lr=lr)
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor | None) -> None:
@@ -161,22 +188,118 @@ def _activations_off(activation_quantizers: Sequence[UniformQuantizer]) -> Itera
             quantizer.enabled = state
 
 
-def _learn_rounding(data: _UnitData, settings: ReconstructionSettings, bar: tqdm) -> None:
-    """AdaRound on the unit's layers with its activations unquantized, then hard rounding."""
+class _BestRounding:
+    """The hard decisions with the lowest held-out loss so far, and when a `RoundingStop` ends the steps."""
+
+    def __init__(self, rule: RoundingStop, data: _UnitData, roundings: Sequence[AdaRoundQuantizer],
+                 batch_size: int) -> None:
+        self.rule = rule
+        self.data = data
+        self.roundings = roundings
+        self.batch_size = batch_size
+        self.best_loss = self.reference = math.inf
+        self.best: list[torch.Tensor] = []
+        self.stale_checks = 0
+        self.check()
+
+    def hard_loss(self) -> float:
+        for quantizer in self.roundings:
+            quantizer.soft = False
+        try:
+            return self.data.mse(self.batch_size, self.data.held_out)
+        finally:
+            for quantizer in self.roundings:
+                quantizer.soft = True
+
+    def check(self) -> bool:
+        """Measure the current decisions, keep them if best; True once the rule says stop."""
+        loss = self.hard_loss()  # the same on every rank: they all stop at the same step
+        if loss < self.best_loss:
+            self.best_loss = loss
+            self.best = [quantizer.rounding.detach().clone() for quantizer in self.roundings]
+        if loss < self.reference * (1 - self.rule.tolerance):
+            self.reference, self.stale_checks = loss, 0
+        else:
+            self.stale_checks += 1
+        return self.stale_checks >= self.rule.patience
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for quantizer, best in zip(self.roundings, self.best):
+                quantizer.rounding.copy_(best)
+
+
+# GPTQ's Hessians are gathered on this many training samples of the unit (every rank's share).
+HESSIAN_SAMPLES = 256
+
+
+@torch.no_grad()
+def _gptq_starts(data: _UnitData, layers: Sequence[QuantLayer], batch_size: int) -> dict[QuantLayer, torch.Tensor]:
+    """GPTQ's compensated weight of each layer (`tfmq.quant.methods.gptq`), from the inputs it gets when the unit
+    is replayed as it is (activations unquantized, earlier layers rounded to nearest); {} when round-to-nearest
+    has the lower loss on the held-out samples, so that the rounding never starts worse than it would have."""
+    layers = [layer for layer in layers if layer.weight_quantizer.bits is not None and gptq.supports(layer)]
+    if not layers:
+        return {}
+    samples = range(min(data.training, HESSIAN_SAMPLES))
+    calls = math.ceil(len(samples) / batch_size)
+    generator = torch.Generator().manual_seed(0)
+    hessians = {layer: gptq.InputHessian(layer, math.ceil(gptq.MAX_ROWS / calls), generator) for layer in layers}
+    handles = [layer.register_forward_pre_hook(lambda _, args, h=hessians[layer]: h.add(args[0])) for layer in layers]
+    try:
+        for _ in data.replay(samples, batch_size):
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    starts = {}
+    for layer, hessian in hessians.items():
+        quantizer = layer.weight_quantizer
+        starts[layer] = gptq.compensated_weight(layer.weight, distributed.sum_over_ranks(hessian.sum),
+                                                quantizer.scale.detach().clamp_min(MIN_SCALE),
+                                                quantizer.zero_point, 2**quantizer.bits - 1)
+    nearest = data.mse(batch_size, data.held_out)
+    with hard_rounding(layers, starts):
+        compensated = data.mse(batch_size, data.held_out)
+    return starts if compensated < nearest else {}
+
+
+def _learn_rounding(data: _UnitData, settings: ReconstructionSettings, bar: tqdm) -> int:
+    """AdaRound on the unit's layers with its activations unquantized, then hard rounding; the steps run.
+
+    With `settings.rounding_start == "gptq"` the rounding starts from GPTQ's where that is better. With a stopping
+    rule the regulariser's schedule spans `settings.weight_iters` wherever the steps end: what is kept are the
+    hard decisions the rule measured best.
+    """
     unit = data.unit
-    if settings.weight_iters == 0 or not any(layer.weight_quantizer.bits is not None for layer in unit.layers):
-        return
+    if not any(layer.weight_quantizer.bits is not None for layer in unit.layers) or (
+            settings.weight_iters == 0 and settings.rounding_start == "nearest"):
+        return 0
     regularizer = RoundingRegularizer(settings.weight_iters)
-    with _activations_off(unit.activation_quantizers), adaptive_rounding(unit.layers) as roundings:
-        optimizer = torch.optim.Adam([rounding.rounding for rounding in roundings], lr=settings.weight_lr)
-        for iteration in range(settings.weight_iters):
-            reconstruction = data.loss(data.random_indices(settings.batch_size))
-            # the regulariser counts once, on the main rank: the ranks' gradients are summed
-            regularization = regularizer(roundings, iteration) if distributed.is_main() else None
-            _step(optimizer, _sum([reconstruction, regularization]))
-            bar.update()
-            if iteration % 50 == 0:
-                bar.set_postfix(phase="weights", loss=f"{_batch_loss(reconstruction):.3g}")
+    rule = settings.rounding_stop
+    steps = 0
+    with _activations_off(unit.activation_quantizers):
+        starts = _gptq_starts(data, unit.layers, settings.batch_size) if settings.rounding_start == "gptq" else {}
+        with adaptive_rounding(unit.layers, starts) as roundings:
+            optimizer = _adam([rounding.rounding for rounding in roundings], settings.weight_lr)
+            best = None if rule is None else _BestRounding(rule, data, roundings, settings.batch_size)
+            for iteration in range(settings.weight_iters):
+                reconstruction = data.loss(data.random_indices(settings.batch_size))
+                # the regulariser counts once, on the main rank: the ranks' gradients are summed
+                regularization = regularizer(roundings, iteration) if distributed.is_main() else None
+                _step(optimizer, _sum([reconstruction, regularization]))
+                steps += 1
+                bar.update()
+                if iteration % 50 == 0:
+                    bar.set_postfix(phase="weights", loss=f"{_batch_loss(reconstruction):.3g}")
+                if best is not None and steps % rule.check_every == 0 and best.check():
+                    break
+            if best is not None:
+                if steps % rule.check_every:
+                    best.check()
+                best.restore()
+    bar.update(settings.weight_iters - steps)
+    return steps
 
 
 def _learn_step_sizes(data: _UnitData, settings: ReconstructionSettings, bar: tqdm) -> None:
@@ -187,7 +310,7 @@ def _learn_step_sizes(data: _UnitData, settings: ReconstructionSettings, bar: tq
     for step in steps:
         step.requires_grad_(True)
     try:
-        optimizer = torch.optim.Adam(steps, lr=settings.act_lr)
+        optimizer = _adam(steps, settings.act_lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.act_iters, eta_min=0.0)
         for iteration in range(settings.act_iters):
             loss = data.loss(data.random_indices(settings.batch_size))
@@ -261,6 +384,8 @@ def reconstruct(
                                         "the reconstruction")
     held = distributed.shard(num_samples)
     held_inputs = inputs_of_samples(inputs, held)
+    rule = settings.rounding_stop
+    holdout = 0 if rule is None else min(rule.holdout_samples, num_samples // 4)
     budget_bytes = settings.memory_budget_mb * 2**20
     results = []
     with _frozen(model, full_precision), tqdm(units, desc="reconstruction", unit="unit", disable=not progress) as bar:
@@ -270,18 +395,20 @@ def reconstruct(
             def reconstruct_unit(unit: ReconstructionUnit = unit) -> dict[str, Any]:
                 started = time.perf_counter()
                 cache, templates = capture(unit, model, full_precision, held_inputs, budget_bytes, cache_dir)
+                captured = time.perf_counter()
                 with cache:
                     _check_batch_fits(unit, cache, min(settings.batch_size, num_samples), settings.memory_budget_mb)
-                    data = _UnitData(unit, cache, templates, seed, num_samples, held)
+                    data = _UnitData(unit, cache, templates, seed, num_samples, held, holdout)
                     before = data.mse(settings.batch_size)
                     total = settings.weight_iters + settings.act_iters
                     with tqdm(total=total, desc=unit.name, leave=False, disable=not progress) as unit_bar:
-                        _learn_rounding(data, settings, unit_bar)
+                        rounding_steps = _learn_rounding(data, settings, unit_bar)
                         _learn_step_sizes(data, settings, unit_bar)
                     after = data.mse(settings.batch_size)
                 on_disk = distributed.sum_over_ranks(torch.tensor([float(cache.on_disk)], device="cpu")).item() > 0  # any rank
                 return UnitResult(unit.name, num_samples, before, after, on_disk,
-                                  round(time.perf_counter() - started, 3)).to_dict()
+                                  round(time.perf_counter() - started, 3), round(captured - started, 3),
+                                  rounding_steps).to_dict()
 
             result = reconstruct_unit() if checkpoints is None else checkpoints.run(model, unit, reconstruct_unit)
             results.append(UnitResult(**result))

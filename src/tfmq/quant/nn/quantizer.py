@@ -52,6 +52,13 @@ def quantize_codes(
     return torch.clamp(round_ste(values / scale) + zero_point, 0, 2**bits - 1)
 
 
+def _fake_quantized(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """`(quantize_codes(...) - zero_point) * scale` without a gradient: the same values from one new tensor
+    worked on in place, which is most of a quantizer's cost per call at small batches."""
+    codes = torch.div(values, scale)
+    return codes.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
+
+
 def search_range(
     rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, method: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,7 +320,10 @@ class UniformQuantizer(nn.Module):
         scale, zero_point = self._grid(values)
         # the grid arithmetic in float32 (a half-precision step of 8-bit codes is not exact); the result
         # in the input's dtype, for the layer that reads it
-        quantized = (quantize_codes(values.float(), scale, zero_point, self.bits) - zero_point) * scale
+        if torch.is_grad_enabled() and (values.requires_grad or scale.requires_grad):
+            quantized = (quantize_codes(values.float(), scale, zero_point, self.bits) - zero_point) * scale
+        else:
+            quantized = _fake_quantized(values.float(), scale, zero_point, self.bits)
         return quantized.to(values.dtype)
 
     def integer_values(self, values: torch.Tensor) -> torch.Tensor:
