@@ -12,9 +12,11 @@ from tests.export.conftest import SAMPLER
 from tests.quant.tiny_unets import pixel_unet, text_unet, unet_inputs
 from tfmq.errors import TfmqError
 from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
+from tfmq.export.conv_outputs import runs_on_integer_kernels
 from tfmq.export.runtime import widen_uint4_weights
 from tfmq.quant.api import quantize
 from tfmq.quant.config import RTNConfig
+from tfmq.quant.nn.layers import QuantConv2d
 from tfmq.sampling import Conditioning, SamplerConfig, sample
 
 
@@ -100,19 +102,26 @@ def test_pixel_unet_graphs_match_the_fake_quant_model(pixel_graphs, pixel_w4a8, 
     assert max(engine_vs_fake_quant(integer, pixel_w4a8, schedule)) < INTEGER_TOLERANCE
 
 
-def test_graph_holds_qdq_pairs_packed_4bit_weights_and_fuses_into_integer_kernels(pixel_graphs, tmp_path):
+def test_graph_holds_qdq_pairs_packed_4bit_weights_and_fuses_into_integer_kernels(pixel_graphs, pixel_w4a8,
+                                                                                   tmp_path):
     model = onnx.load(str(pixel_graphs["integer"]))
     ops = collections.Counter(node.op_type for node in model.graph.node)
     types = collections.Counter(onnx.TensorProto.DataType.Name(tensor.data_type) for tensor in model.graph.initializer)
     details = OnnxUNet(pixel_graphs["integer"], threads=1).info.details
-    # Every quantized layer outside the TIB: 4-bit weights packed two a byte; an input QDQ pair each,
-    # plus an output pair per integer conv and the four attention operands per attention.
+    # Every quantized layer outside the TIB: 4-bit weights packed two a byte (codes and zero points; a split
+    # conv's per input part); an input QDQ pair each, plus an output pair per integer conv and input part,
+    # and the four attention operands per attention.
     layers = details["int8_weights"] + details["uint8_weights"]
-    assert types["UINT4"] == 2 * layers and details["uint4_weights"] == layers > 10
-    assert ops["QuantizeLinear"] >= layers + details["integer_convs"] + 4
+    split = details["split_integer_convs"]
+    assert types["UINT4"] == 2 * (layers + split) and details["uint4_weights"] == layers + split > 10
+    assert ops["QuantizeLinear"] >= layers + details["integer_convs"] + split + 4
     assert ops["DequantizeLinear"] >= ops["QuantizeLinear"] + layers
     fused = optimized_op_counts(pixel_graphs["integer"], tmp_path)
-    assert fused["QLinearConv"] == details["integer_convs"] > 10
+    # the split shortcuts as one QLinearConv per input part; float convs only where an operand is unquantized
+    assert split >= 1 and fused["QLinearConv"] == details["integer_convs"] + split > 10
+    float_convs = [module for module in pixel_w4a8.modules() if isinstance(module, torch.nn.Conv2d)
+                   and not (isinstance(module, QuantConv2d) and runs_on_integer_kernels(module))]
+    assert fused["Conv"] == len(float_convs) == 2  # conv_in and conv_out, kept in full precision
     assert fused["MatMulIntegerToFloat"] >= 4 + 2  # attention projections and both attention matmuls
 
 

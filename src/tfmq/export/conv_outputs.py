@@ -2,7 +2,9 @@
 
 QLinearConv writes uint8: a conv runs on integer kernels only if a QuantizeLinear follows it. The grids are
 calibrated like the model's own activation ranges (MSE-searched per tensor) on the fake-quant model's
-outputs, over inputs of every scheduled step.
+outputs, over inputs of every scheduled step. A conv with a split input (two grids, Q-Diffusion's shortcut
+splitting) runs as two integer convs, one per input part, whose outputs are added: each part's output gets
+its own grid.
 """
 
 from __future__ import annotations
@@ -25,11 +27,23 @@ UNetInputs = Mapping[str, Any]
 
 
 def runs_on_integer_kernels(layer: QuantLayer) -> bool:
-    """True if both operands are quantized to at most 8 bits on one grid each (a split input has two)."""
+    """True if the weight and every part of the input are quantized to at most 8 bits (a split input has
+    two parts, which need an ungrouped layer to be convolved apart)."""
     def quantized(quantizer: UniformQuantizer | None) -> bool:
         return quantizer is not None and quantizer.enabled and quantizer.bits is not None \
             and quantizer.bits <= KERNEL_BITS
-    return layer.split is None and quantized(layer.input_quantizer) and quantized(layer.weight_quantizer)
+    if layer.split is not None and (getattr(layer, "groups", 1) != 1 or not quantized(layer.split_input_quantizer)):
+        return False
+    return quantized(layer.input_quantizer) and quantized(layer.weight_quantizer)
+
+
+def split_conv_parts(layer: QuantConv2d, inputs: torch.Tensor) -> list[torch.Tensor]:
+    """A split fake-quant conv's output as the sum of one conv per input part (the bias in the first): what
+    the integer graph computes before each part's output grid."""
+    weight = layer.weight_quantizer(layer.weight)
+    head, tail = inputs.split([layer.split, inputs.shape[1] - layer.split], dim=1)
+    return [layer._conv_forward(layer.input_quantizer(head), weight[:, :layer.split], layer.bias),
+            layer._conv_forward(layer.split_input_quantizer(tail), weight[:, layer.split:], None)]
 
 
 def integer_conv_names(model: nn.Module) -> list[str]:
@@ -53,15 +67,23 @@ def _single_timestep_batches(inputs: UNetInputs) -> Iterator[dict[str, Any]]:
 @torch.no_grad()
 def conv_output_grids(
     model: nn.Module, names: list[str], calibration: Iterable[UNetInputs]
-) -> dict[str, QdqActivation]:
-    """{conv name: its output grid}, from the outputs of `model` (fake-quant) on `calibration` (UNet
-    keyword inputs)."""
-    observers = {name: UniformQuantizer(KERNEL_BITS, init="mse") for name in names}
+) -> dict[str, tuple[QdqActivation, ...]]:
+    """{conv name: the output grid of each of its input parts (one, or two for a split input)}, from the
+    outputs of `model` (fake-quant) on `calibration` (UNet keyword inputs)."""
+    observers: dict[str, list[UniformQuantizer]] = {}
     handles = []
-    for name, observer in observers.items():
-        observer.start_observing()
-        handles.append(model.get_submodule(name).register_forward_hook(
-            lambda module, args, output, observer=observer: observer.observe(output)))
+    for name in names:
+        layer = model.get_submodule(name)
+        observers[name] = [UniformQuantizer(KERNEL_BITS, init="mse") for _ in range(1 if layer.split is None else 2)]
+        for observer in observers[name]:
+            observer.start_observing()
+
+        def observe(module: QuantConv2d, args: tuple, output: torch.Tensor,
+                    parts_observers: list[UniformQuantizer] = observers[name]) -> None:
+            parts = [output] if module.split is None else split_conv_parts(module, args[0])
+            for observer, part in zip(parts_observers, parts):
+                observer.observe(part)
+        handles.append(layer.register_forward_hook(observe))
     try:
         for inputs in calibration:
             for batch in _single_timestep_batches(inputs):
@@ -70,12 +92,14 @@ def conv_output_grids(
         for handle in handles:
             handle.remove()
     grids = {}
-    for name, observer in observers.items():
-        observed = observer.take_observed_range()
-        if observed is None:
-            raise ValueError(f"the calibration inputs never reached {name}: give UNet inputs (sample, timestep)")
-        observer.set_range(*observed)
-        grids[name] = QdqActivation.of(observer)
+    for name, parts_observers in observers.items():
+        grids[name] = ()
+        for observer in parts_observers:
+            observed = observer.take_observed_range()
+            if observed is None:
+                raise ValueError(f"the calibration inputs never reached {name}: give UNet inputs (sample, timestep)")
+            observer.set_range(*observed)
+            grids[name] += (QdqActivation.of(observer),)
     return grids
 
 

@@ -61,10 +61,11 @@ class TimestepGraph(nn.Module):
 
 
 def integer_twin(
-    model: nn.Module, schedule: torch.Tensor, output_grids: dict[str, QdqActivation], requantize_weights: bool = False
+    model: nn.Module, schedule: torch.Tensor, output_grids: dict[str, tuple[QdqActivation, ...]],
+    requantize_weights: bool = False
 ) -> tuple[StepGraph, dict[str, int]]:
     """The export twin of `model` (left untouched), and how many layers hold symmetric int8, uint8 (8-bit
-    weights with zero points) and float weights. Convs in `output_grids` get that output grid;
+    weights with zero points) and float weights. Convs in `output_grids` get those output grids (one per input part);
     `requantize_weights`: see WeightCodes."""
     tib = find_tib(model)
     with torch.no_grad():

@@ -3,7 +3,8 @@
 A conv becomes QLinearConv only with a QuantizeLinear on its output, which the fake-quant model does not
 have: `output` is that extra 8-bit grid (None keeps the conv in float on dequantized operands, exact but
 not faster). A linear needs none: onnxruntime fuses DQ -> MatMul into MatMulIntegerToFloat, whose float
-output is exact.
+output is exact. A conv with a split input (two input grids) becomes two integer convs, one per input part
+over its slice of the weight, each with an output grid, added in float.
 """
 
 from __future__ import annotations
@@ -64,21 +65,39 @@ class _FloatWeight(nn.Module):
 
 
 class IntegerConv2d(IntegerLayer):
-    """A conv as DQ(input) * DQ(weight) [-> QDQ output]: QLinearConv when it has the output grid."""
+    """A conv as DQ(input) * DQ(weight) [-> QDQ output]: QLinearConv when it has the output grid(s).
+
+    `outputs`: None (float output), or one grid per input part: a split conv given two runs as two
+    QLinearConvs whose dequantized outputs are added.
+    """
 
     channel_dim = 1
 
-    def __init__(self, layer: QuantConv2d, output: QdqActivation | None, requantize_weights: bool = False) -> None:
+    def __init__(self, layer: QuantConv2d, outputs: tuple[QdqActivation, ...] | None,
+                 requantize_weights: bool = False) -> None:
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding_mode={layer.padding_mode!r} has no ONNX Conv equivalent; only 'zeros'")
-        super().__init__(layer, self.weight_of(layer, requantize_weights), output)
+        parts = 1 if layer.split is None else 2
+        if outputs is not None and len(outputs) != parts:
+            raise ValueError(f"a conv with {parts} input part(s) takes {parts} output grid(s), got {len(outputs)}")
+        super().__init__(layer, self.weight_of(layer, requantize_weights), None if outputs is None else outputs[0])
+        self.split_output_quantizer = outputs[1] if outputs is not None and parts == 2 else None
+        if self.split_output_quantizer is not None:
+            self.split_weights = nn.ModuleList([self.weight.input_channels(0, layer.split),
+                                                self.weight.input_channels(layer.split, layer.in_channels)])
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
 
+    def _conv(self, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return functional.conv2d(inputs, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        outputs = functional.conv2d(self.quantize_input(inputs), self.weight(), self.bias, self.stride, self.padding,
-                                    self.dilation, self.groups)
-        return self.quantize_output(outputs)
+        if self.split_output_quantizer is None:
+            return self.quantize_output(self._conv(self.quantize_input(inputs), self.weight(), self.bias))
+        head, tail = inputs.split([self.split, inputs.shape[1] - self.split], dim=1)
+        head_weight, tail_weight = self.split_weights
+        return (self.output_quantizer(self._conv(self.input_quantizer(head), head_weight(), self.bias))
+                + self.split_output_quantizer(self._conv(self.split_input_quantizer(tail), tail_weight(), None)))
 
 
 class IntegerLinear(IntegerLayer):

@@ -185,7 +185,8 @@ def _integer_graph(
                          "calibration= (e.g. trajectory_inputs(unet, scheduler, sampler)) or integer_convs=False")
     grids = conv_output_grids(unet, names, calibration) if names else {}
     graph, counts = integer_twin(unet, schedule, grids, requantize_weights)
-    return graph, {**counts, "integer_convs": len(grids)}
+    split = sum(len(parts) == 2 for parts in grids.values())
+    return graph, {**counts, "integer_convs": len(grids), "split_integer_convs": split}
 
 
 def _json_config(unet: nn.Module) -> dict[str, Any]:

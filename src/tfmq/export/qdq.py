@@ -109,5 +109,12 @@ class DequantizedWeight(nn.Module):
         self.register_buffer("zero_point", weight.zero_point)
         self.axis = axis
 
+    def input_channels(self, start: int, stop: int) -> DequantizedWeight:
+        """The weight of input channels start..stop-1 (dimension 1 of a conv weight), for a conv split by input
+        part; the scales stay per output channel."""
+        if self.axis != 0:
+            raise ValueError("input channels slice a conv weight (scales along axis 0)")
+        return DequantizedWeight(WeightCodes(self.codes[:, start:stop].contiguous(), self.scale, self.zero_point))
+
     def forward(self) -> torch.Tensor:
         return _DequantizeWeight.apply(self.codes, self.scale, self.zero_point, self.axis)
