@@ -12,6 +12,9 @@ engine time.
 Then times a full sampling run at batch 1 and 64 with each engine in its own process (with its peak
 memory), samples `--images` images with each integer engine and with its fake-quant torch model from the same
 seeds (PSNR between them), and profiles the W4A8 engine (all-s8 weights) per op type at batch 64.
+With `--openvino` (the `bench` extra), OpenVINO's CPU runtime joins the per-step table and the image
+comparison: the fp32 graph at f32 and at bf16 precision, NNCF's own INT8 post-training quantization of the
+fp32 graph (calibrated on the model's trajectories), and our W8A8/W4A8 QDQ graphs as OpenVINO reads them.
 Writes benchmarks/results/integer_inference.{json,md}.
 """
 
@@ -26,6 +29,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from tfmq import SamplerConfig, load_model, sample
 from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
@@ -108,6 +113,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--work", type=Path, default=Path("runs/integer_inference"), help="where the .onnx go")
     parser.add_argument("--name", default="integer_inference")
+    parser.add_argument("--openvino", action="store_true", help="add OpenVINO engines (needs the bench extra)")
     parser.add_argument("--run", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,6 +146,17 @@ def main() -> None:
         "ort w4a8 as stored (u4 DQ to float)": OnnxUNet(files["w4a8"], threads=args.threads, widen_4bit=False),
         "torch fake-quant w8a8": fake_quant["w8a8"],
     }
+    openvino_engines = {}
+    if args.openvino:
+        openvino_engines = {
+            "openvino fp32 (f32)": OpenVinoUNet(files["fp32"], args.threads),
+            "openvino fp32 (bf16 hint)": OpenVinoUNet(files["fp32"], args.threads, "bf16"),
+            "openvino nncf int8 of fp32 graph": OpenVinoUNet(
+                files["fp32"], args.threads, int8_calibration=trajectory_inputs(unet, scheduler, sampler, 8)),
+            "openvino tfmq w8a8 graph": OpenVinoUNet(files["w8a8 requantized"], args.threads),
+            "openvino tfmq w4a8 graph": OpenVinoUNet(files["w4a8"], args.threads),
+        }
+        engines.update(openvino_engines)
     config = unet.config
     timestep = int(schedule[len(schedule) // 2])
     speed_rows = []
@@ -165,6 +182,10 @@ def main() -> None:
         quality_rows.append({"engine": f"ort {graph}", "reference": f"torch fake-quant {name}",
                              "images": args.images, **_similarity(images, references[name])})
     full_precision = sample(unet, scheduler, args.images, 0, sampler, batch_size=args.images, progress=False)
+    for name, engine in openvino_engines.items():
+        images = sample(engine, scheduler, args.images, 0, sampler, batch_size=args.images, progress=False)
+        quality_rows.append({"engine": name, "reference": "torch fp32", "images": args.images,
+                             **_similarity(images, full_precision)})
     for name, images in references.items():
         quality_rows.append({"engine": f"torch fake-quant {name}", "reference": "torch fp32", "images": args.images,
                              **_similarity(images, full_precision)})
@@ -195,12 +216,51 @@ def main() -> None:
         "export_details": details, "threads": args.threads, "steps": args.steps, "timestep": timestep})
     command = "python benchmarks/integer_inference.py " + " ".join(sys.argv[1:])
     write_text_atomic(RESULTS / f"{args.name}.md", (
-        f"# Integer inference (onnxruntime)\n\n`{command}`\n\n{args.model}, RTN quantization, DDIM {args.steps} "
+        f"# Integer inference (onnxruntime{' and OpenVINO' if args.openvino else ''})\n\n`{command}`\n\n{args.model}, RTN quantization, DDIM {args.steps} "
         f"steps (quad), {args.threads} threads for torch and onnxruntime, timestep {timestep}; median of 3 "
         f"rounds of {args.repeats} calls per engine.\n\n## Time per UNet step\n\n{speed_table}\n\n"
         f"## Full sampling runs ({args.steps} steps, one batch, each engine in its own process)\n\n{run_table}\n\n"
         f"## File sizes\n\n{size_table}\n\n## Images vs the fake-quant model (same seeds)\n\n{quality_table}\n\n"
         f"## Where the W4A8 engine spends its time (batch 64, onnxruntime profile)\n\n{profile_table}\n"))
+
+
+class OpenVinoUNet:
+    """An OpenVINO compiled graph called like a UNet (and so like `OnnxUNet`): it feeds the graph's inputs as
+    `OnnxUNet` would, the timestep or, for an exported schedule, the step row, and runs them in OpenVINO."""
+
+    def __init__(self, path: Path, threads: int, precision: str = "f32", int8_calibration: list | None = None):
+        ov, nncf = _openvino()
+        self.reference = OnnxUNet(path, threads=threads)  # the graph's inputs, schedule and UNet config
+        self.config = self.reference.config
+        model = ov.Core().read_model(str(path))
+        if int8_calibration is not None:
+            feeds = [self._feeds(inputs["sample"], inputs["timestep"]) for inputs in int8_calibration]
+            model = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds))
+        self.compiled = ov.Core().compile_model(model, "CPU", {
+            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
+
+    def _feeds(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> dict[str, object]:
+        timesteps = torch.as_tensor(timestep).reshape(-1)
+        feeds = {"sample": sample.float().numpy()}
+        if self.reference.info.schedule is None:
+            feeds[self.reference.info.timestep_input] = timesteps.to(torch.int64).expand(len(sample)).numpy().copy()
+        else:
+            feeds["step"] = torch.tensor(self.reference.step_index(timesteps)).numpy()
+        return feeds
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True):
+        noise = torch.from_numpy(self.compiled(self._feeds(sample, timestep))[0].copy())
+        return UNet2DOutput(sample=noise) if return_dict else (noise,)
+
+
+def _openvino():
+    """OpenVINO and NNCF, or an exit that names the extra that installs them."""
+    try:
+        import nncf
+        import openvino
+    except ImportError as exc:
+        raise SystemExit(f"--openvino needs OpenVINO and NNCF: pip install -e '.[bench]' ({exc})") from exc
+    return openvino, nncf
 
 
 def _similarity(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
