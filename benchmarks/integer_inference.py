@@ -35,6 +35,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from tfmq import SamplerConfig, load_model, sample
 from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
+from tfmq.export.metadata import SAMPLE, STEP
 from tfmq.export.timing import time_steps
 from tfmq.files import write_json, write_text_atomic
 from tfmq.metrics import paired_similarity
@@ -219,11 +220,13 @@ def main() -> None:
         "export_details": details, "threads": args.threads, "steps": args.steps, "timestep": timestep})
     command = "python benchmarks/integer_inference.py " + " ".join(sys.argv[1:])
     write_text_atomic(RESULTS / f"{args.name}.md", (
-        f"# Integer inference (onnxruntime{' and OpenVINO' if args.openvino else ''})\n\n`{command}`\n\n{args.model}, RTN quantization, DDIM {args.steps} "
+        f"# Integer inference (onnxruntime{' and OpenVINO' if args.openvino else ''})\n\n`{command}`\n\n"
+        f"{args.model}, RTN quantization, DDIM {args.steps} "
         f"steps (quad), {args.threads} threads for torch and onnxruntime, timestep {timestep}; median of 3 "
         f"rounds of {args.repeats} calls per engine.\n\n## Time per UNet step\n\n{speed_table}\n\n"
         f"## Full sampling runs ({args.steps} steps, one batch, each engine in its own process)\n\n{run_table}\n\n"
-        f"## File sizes\n\n{size_table}\n\n## Images vs the fake-quant model and vs fp32 (same seeds)\n\n{quality_table}\n\n"
+        f"## File sizes\n\n{size_table}\n\n"
+        f"## Images vs the fake-quant model and vs fp32 (same seeds)\n\n{quality_table}\n\n"
         f"## Where the W4A8 engine spends its time (batch 64, onnxruntime profile)\n\n{profile_table}\n"))
 
 
@@ -250,11 +253,11 @@ class OpenVinoUNet:
 
     def _feeds(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> dict[str, object]:
         timesteps = torch.as_tensor(timestep).reshape(-1)
-        feeds = {"sample": sample.float().numpy()}
+        feeds = {SAMPLE: sample.float().numpy()}
         if self.reference.info.schedule is None:
             feeds[self.reference.info.timestep_input] = timesteps.to(torch.int64).expand(len(sample)).numpy().copy()
         else:
-            feeds["step"] = torch.tensor(self.reference.step_index(timesteps)).numpy()
+            feeds[STEP] = torch.tensor(self.reference.step_index(timesteps)).numpy()
         return feeds
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True):
