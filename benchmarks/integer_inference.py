@@ -35,7 +35,6 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from tfmq import SamplerConfig, load_model, sample
 from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
-from tfmq.export.metadata import SAMPLE, STEP
 from tfmq.export.timing import time_steps
 from tfmq.files import write_json, write_text_atomic
 from tfmq.metrics import paired_similarity
@@ -231,8 +230,8 @@ def main() -> None:
 
 
 class OpenVinoUNet:
-    """An OpenVINO compiled graph called like a UNet (and so like `OnnxUNet`): it feeds the graph's inputs as
-    `OnnxUNet` would, the timestep or, for an exported schedule, the step row, and runs them in OpenVINO."""
+    """An OpenVINO compiled graph called like a UNet (and so like `OnnxUNet`): `OnnxUNet.feeds` makes the
+    graph's inputs, OpenVINO runs them."""
 
     def __init__(self, path: Path, threads: int, precision: str = "f32", int8_calibration: list | None = None):
         ov, nncf = _openvino()
@@ -240,7 +239,7 @@ class OpenVinoUNet:
         self.config = self.reference.config
         model = ov.Core().read_model(str(path))
         if int8_calibration is not None:
-            feeds = [self._feeds(inputs["sample"], inputs["timestep"]) for inputs in int8_calibration]
+            feeds = [self.reference.feeds(inputs["sample"], inputs["timestep"]) for inputs in int8_calibration]
             convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
             # tuned as a user would: first and last conv float (tfmq's default rules keep conv_in and conv_out),
             # the time embedding float (quantized per tensor over all timesteps it ruins the images), and the
@@ -251,17 +250,8 @@ class OpenVinoUNet:
         self.compiled = ov.Core().compile_model(model, "CPU", {
             "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
 
-    def _feeds(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> dict[str, object]:
-        timesteps = torch.as_tensor(timestep).reshape(-1)
-        feeds = {SAMPLE: sample.float().numpy()}
-        if self.reference.info.schedule is None:
-            feeds[self.reference.info.timestep_input] = timesteps.to(torch.int64).expand(len(sample)).numpy().copy()
-        else:
-            feeds[STEP] = torch.tensor(self.reference.step_index(timesteps)).numpy()
-        return feeds
-
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True):
-        noise = torch.from_numpy(self.compiled(self._feeds(sample, timestep))[0].copy())
+        noise = torch.from_numpy(self.compiled(self.reference.feeds(sample, timestep))[0].copy())
         return UNet2DOutput(sample=noise) if return_dict else (noise,)
 
 

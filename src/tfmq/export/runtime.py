@@ -92,6 +92,14 @@ class OnnxUNet:
     ) -> UNet2DOutput | tuple[torch.Tensor]:
         if class_labels is not None:
             raise TfmqError("class labels are not supported by exported graphs")
+        noise = torch.from_numpy(self.session.run(None, self.feeds(sample, timestep, encoder_hidden_states))[0])
+        noise = noise.to(sample.device, sample.dtype)
+        return UNet2DOutput(sample=noise) if return_dict else (noise,)
+
+    def feeds(self, sample: torch.Tensor, timestep: torch.Tensor | int | float,
+              encoder_hidden_states: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """The graph's inputs for one UNet call: the sample, the timestep or its schedule row, and the text
+        states of a text-conditional graph (any runtime reading the graph takes these)."""
         feeds: dict[str, np.ndarray] = {SAMPLE: sample.detach().float().cpu().numpy()}
         timesteps = torch.as_tensor(timestep).detach().reshape(-1).cpu()
         if self._rows is None:
@@ -104,8 +112,7 @@ class OnnxUNet:
             feeds[ENCODER_HIDDEN_STATES] = encoder_hidden_states.detach().float().cpu().numpy()
         elif encoder_hidden_states is not None:
             raise TfmqError("this graph takes no encoder_hidden_states (it is not text-conditional)")
-        noise = torch.from_numpy(self.session.run(None, feeds)[0]).to(sample.device, sample.dtype)
-        return UNet2DOutput(sample=noise) if return_dict else (noise,)
+        return feeds
 
     def step_index(self, timesteps: torch.Tensor) -> int:
         """The row of the schedule a batch's timestep selects; an error for mixed or unscheduled timesteps."""
