@@ -60,7 +60,7 @@ def test_missing_model_path(capsys, tmp_path):
 def test_folder_without_unet_config(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     code, _, err = _run(capsys, "sample", "--model", tmp_path / "empty", "--out", tmp_path / "o")
-    _assert_one_line_error(code, err, "no UNet config")
+    _assert_one_line_error(code, err, "has no unet/config.json")
 
 
 @pytest.mark.parametrize("number", ["0", "-3"])
@@ -73,7 +73,7 @@ def test_corrupt_safetensors(capsys, tmp_path, tiny_model_folder):
     weights = tiny_model_folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(b"\x00" * 64)
     code, _, err = _run(capsys, "sample", "--model", tiny_model_folder, "--out", tmp_path / "o")
-    _assert_one_line_error(code, err, "cannot load UNet weights")
+    _assert_one_line_error(code, err, "cannot load UNet2DModel weights")
     assert not (tmp_path / "o").exists()
 
 

@@ -40,9 +40,12 @@ TABLE = {
         ("--model {missing}", "neither a shipped model"),
         ("--out {blocked}", "blocked.tfmq-progress exists and it was not written by tfmq"),
         ("--model {user_file}", "not a checkpoint"),
-        ("--model {empty}", "no UNet config"),
+        ("--model {empty}", "has no unet/config.json"),
         ("--model {list_config}", "JSON object"),
         ("--model {binary_config}", "cannot read"),
+        ("--model {unknown_transformer}", "holds a SD3Transformer2DModel; tfmq quantizes"),
+        ("--model fashion-dit --class-label 10", "class labels [10] out of range: fashion-dit draws classes 0..9"),
+        ("--model fashion-dit --prompt coat", "class-conditional: give class labels"),
         ("--quantized {missing}", "not a tfmq quantized checkpoint"),
         ("--quantized {user_file}", "not a tfmq quantized checkpoint"),
         ("--prompts {missing}", "cannot read prompts"),
@@ -79,6 +82,8 @@ TABLE = {
         ("--temporal-cache --method rtn", "--temporal-cache applies to method tfmq, not rtn"),
         ("--preset fast --method rtn", "--preset applies to method qdiff, tfmq, not rtn"),
         ("--a-bits none --fsc-scope temporal --method tfmq", "a_bits is None"),
+        ("--model fashion-dit --method tfmq --temporal-cache", "temporal feature cache per (timestep, class)"),
+        ("--model {unknown_transformer}", "holds a SD3Transformer2DModel; tfmq quantizes"),
     ],
     "eval": [
         ("{missing}", "does not exist"),
@@ -134,7 +139,8 @@ def place(tmp_path_factory) -> dict[str, Path]:
     """A folder of bad inputs: missing paths, a user's file and folder, broken configs, non-images."""
     root = tmp_path_factory.mktemp("bad_input")
     paths = {name: root / name for name in ("missing", "user_file", "user_folder", "empty", "list_config",
-                                            "binary_config", "not_images", "images", "new", "blocked")}
+                                            "binary_config", "not_images", "images", "new", "blocked",
+                                            "unknown_transformer")}
     (root / "blocked.tfmq-checkpoints").mkdir()
     (root / "blocked.tfmq-checkpoints" / "notes.txt").write_text("keep\n")
     (root / "blocked.tfmq-progress").mkdir()
@@ -146,6 +152,8 @@ def place(tmp_path_factory) -> dict[str, Path]:
     for name, content in (("list_config", b"[1, 2]"), ("binary_config", b"\xff\xfe\x00{")):
         (paths[name] / "unet").mkdir(parents=True)
         (paths[name] / "unet" / "config.json").write_bytes(content)
+    paths["unknown_transformer"].mkdir()  # a bare model folder of a transformer class tfmq does not know
+    (paths["unknown_transformer"] / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
     paths["not_images"].mkdir()
     (paths["not_images"] / "a.png").write_text("not a picture")
     (paths["not_images"] / "b.png").write_text("not a picture")

@@ -196,6 +196,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     progress = not args.quiet and distributed.is_main()
     # what would fail after the calibration work fails now: the step count, layer rules that keep everything
     sampling_timesteps(model.scheduler, sampler)
+    config.check_model(model.unet)
     try:
         layers_to_quantize(model.unet, config)
     except ValueError as exc:
@@ -275,8 +276,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
     else:
         if args.autoencoder is None:
             raise TfmqError(f"training {args.what} needs --autoencoder (a folder written by `tfmq train autoencoder`)")
-        out = latent_training.train_latent_diffusion(args.out, args.work_dir, args.autoencoder,
-                                                     conditional=args.what == "cond", **common)
+        if args.what == "dit":
+            out = latent_training.train_dit(args.out, args.work_dir, args.autoencoder, **common)
+        else:
+            out = latent_training.train_latent_diffusion(args.out, args.work_dir, args.autoencoder,
+                                                         conditional=args.what == "cond", **common)
     print(f"wrote {out}")
 
 
@@ -391,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a shipped model (fashion-ddpm, the autoencoder, fashion-ldm, "
                                 "fashion-cond, or the metrics classifier)")
-    train.add_argument("what", choices=["ddpm", "autoencoder", "ldm", "cond", "classifier"])
-    train.add_argument("--autoencoder", type=Path, default=None, help="ldm/cond: the trained autoencoder folder")
+    train.add_argument("what", choices=["ddpm", "autoencoder", "ldm", "cond", "dit", "classifier"])
+    train.add_argument("--autoencoder", type=Path, default=None, help="ldm/cond/dit: the trained autoencoder folder")
     train.add_argument("--out", type=Path, required=True)
     add_overwrite_argument(train)
     train.add_argument("--work-dir", type=Path, default=Path("runs/train"), help="resume checkpoint and loss log")

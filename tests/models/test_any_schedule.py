@@ -55,19 +55,21 @@ def quantized(tmp_path_factory):
             calibration = collect_calibration(model.unet, model.scheduler, 4, CALIBRATION_SAMPLER, 2, progress=False,
                                               conditioning=_conditioning(model, 4))
             # a class-conditional model's temporal features depend on the label: no cache, tables only
-            config = dataclasses.replace(SCHEDULE_FREE, temporal_cache=family != "class")
+            config = dataclasses.replace(SCHEDULE_FREE, temporal_cache=family not in ("class", "dit"))
             built[family] = (model, calibration, quantize(model.unet, config, calibration, progress=False))
     return built
 
 
 def served_rows(unet: nn.Module, run: Callable[[], object]) -> list[tuple[float, int]]:
-    """(timestep, table row served) of every UNet call of `run`, the row read where the call ends (conv_out)."""
+    """(timestep, table row served) of every denoiser call of `run`, the row read where the call ends (a UNet's
+    conv_out, a DiT's proj_out_2)."""
     step_rows = timestep_tables(unet).step_rows
     timesteps, rows = [], []
+    last = getattr(unet, "conv_out", None) or unet.proj_out_2
     handles = [unet.register_forward_pre_hook(
                    lambda _m, args, kwargs: timesteps.append(float(torch.as_tensor(
                        kwargs["timestep"] if "timestep" in kwargs else args[1]).reshape(-1)[0])), with_kwargs=True),
-               unet.conv_out.register_forward_pre_hook(lambda _m, _args: rows.append(int(step_rows.rows)))]
+               last.register_forward_pre_hook(lambda _m, _args: rows.append(int(step_rows.rows)))]
     try:
         result = run()
     finally:

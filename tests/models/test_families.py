@@ -1,5 +1,6 @@
 """Every model family end to end on tiny random models: load, calibrate (both guidance branches),
-quantize with each method, save, load, sample, and drop the quantized UNet into the diffusers pipeline."""
+quantize with each method, save, load, sample, and drop the quantized denoiser (UNet or DiT) into the
+diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -43,18 +44,19 @@ def _conditioning(model, count: int, scale: float = GUIDANCE):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_layout_loads_with_its_parts(folders, family):
     model = load_model(folders[family])
-    assert model.conditioning_kind == {"pixel": None, "latent": None, "class": "class", "text": "text"}[family]
-    assert (model.autoencoder is not None) == (family in ("latent", "text"))
+    assert model.conditioning_kind == {"pixel": None, "latent": None, "class": "class", "text": "text",
+                                       "dit": "class"}[family]
+    assert (model.autoencoder is not None) == (family in ("latent", "text", "dit"))
     images = sample(model.unet, model.scheduler, 2, config=SAMPLER, progress=False,
                     conditioning=_conditioning(model, 2), decoder=model.decoder)
-    assert images.shape == (2, 1 if family != "class" else 3, 16 if family in ("latent", "text") else 8,
-                            16 if family in ("latent", "text") else 8)
+    size = 16 if model.autoencoder is not None else 8
+    assert images.shape == (2, 1 if family != "class" else 3, size, size)
 
 
-@pytest.mark.parametrize("family", ["class", "text"])
+@pytest.mark.parametrize("family", ["class", "text", "dit"])
 def test_guided_calibration_holds_both_branches_and_scale_one_only_the_conditional(folders, family):
     model = load_model(folders[family])
-    key = "class_labels" if family == "class" else "encoder_hidden_states"
+    key = "encoder_hidden_states" if family == "text" else "class_labels"
     unconditional = _conditioning(model, 3).unconditional[key]
     for scale, expected_unconditional in ((GUIDANCE, 3), (1.0, 0)):
         calibration = collect_calibration(model.unet, model.scheduler, 3, SAMPLER, 2, progress=False,
@@ -66,7 +68,7 @@ def test_guided_calibration_holds_both_branches_and_scale_one_only_the_condition
         assert int(is_unconditional.sum()) == steps * expected_unconditional
 
 
-def _w8a8(method: str, **reconstruction: int) -> QuantConfig:
+def _w8a8(method: str, **reconstruction: int | str) -> QuantConfig:
     """W8A8 of `method`, with short reconstruction settings for the methods that reconstruct."""
     return config_for(method, {"w_bits": 8, "a_bits": 8, **(reconstruction if method != "rtn" else {})})
 
@@ -92,24 +94,29 @@ def test_every_family_quantizes_saves_loads_and_w8a8_stays_close(folders, tmp_pa
     assert error < 0.1, error
 
 
-@pytest.mark.parametrize("family", ["pixel", "latent", "text"])
+@pytest.mark.parametrize("family", ["pixel", "latent", "text", "dit"])
 def test_quantized_unet_drops_into_the_matching_diffusers_pipeline(folders, family):
     model = load_model(folders[family])
     steps = 4
     # tfmq's tables follow the timesteps the pipeline's own scheduler visits: calibrate on that sampler
     sampler = SamplerConfig(name="plms" if family == "text" else "ddpm" if family == "pixel" else "ddim",
                             steps=steps, skip_type="uniform")
-    if family == "latent":  # LDMPipeline's DDIMScheduler spaces steps as its config says, not as tfmq's DDIM
+    if family in ("latent", "dit"):  # their DDIMScheduler spaces steps as its config says, not as tfmq's DDIM
         sampler = None
     calibration = collect_calibration(model.unet, model.scheduler, 2, sampler or SamplerConfig(steps=steps), 1,
                                       progress=False, conditioning=_conditioning(model, 2, 1.0))
-    method = "rtn" if sampler is None else "tfmq"
-    config = _w8a8(method, recon_weight_iters=2, recon_act_iters=1)
+    method = "rtn" if family == "latent" else "tfmq"
+    # a schedule-free DiT (tables for every training timestep) serves DiTPipeline's own DDIM spacing
+    schedule_free = {"train_timesteps": 1000, "fsc_scope": "all"} if family == "dit" else {}
+    config = _w8a8(method, recon_weight_iters=2, recon_act_iters=1, **schedule_free)
     pipeline = model.pipeline(quantize(model.unet, config, calibration, progress=False))
     assert type(pipeline).__name__ == model.layout
     generator = torch.Generator().manual_seed(0)
     if family == "text":
         images = pipeline(PROMPTS[:2], num_inference_steps=steps, guidance_scale=1.0, generator=generator,
+                          output_type="np").images
+    elif family == "dit":  # guidance 1: DiTPipeline's null label is ImageNet's 1000, not this model's
+        images = pipeline(class_labels=[0, 2], num_inference_steps=steps, guidance_scale=1.0, generator=generator,
                           output_type="np").images
     else:
         images = pipeline(batch_size=2, num_inference_steps=steps, generator=generator, output_type="np").images

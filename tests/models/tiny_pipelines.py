@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, LDMPipeline, PNDMScheduler, StableDiffusionPipeline
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMPipeline, DiTPipeline, LDMPipeline, PNDMScheduler,
+                       StableDiffusionPipeline)
 from diffusers import UNet2DModel
-from tests.quant.tiny_unets import class_unet, pixel_unet, text_unet
+from tests.quant.tiny_unets import class_unet, pixel_unet, text_unet, tiny_dit
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from tfmq.models.architectures import fashion_ddpm_scheduler, latent_scheduler
 from tfmq.models.prompts import build_tokenizer
 
-FAMILIES = ("pixel", "latent", "class", "text")
+FAMILIES = ("pixel", "latent", "class", "text", "dit")
 
 
 def tiny_autoencoder(seed: int = 0) -> AutoencoderKL:
@@ -44,13 +45,17 @@ def tiny_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
 
 
 def write_pipeline(family: str, folder: Path) -> Path:
-    """A pipeline folder of `family`: DDPMPipeline (pixel, class-conditional), LDMPipeline, StableDiffusion."""
+    """A pipeline folder of `family`: DDPMPipeline (pixel, class-conditional), LDMPipeline, StableDiffusion,
+    DiTPipeline (a class-conditional latent transformer)."""
     if family == "pixel":
         pipeline = DDPMPipeline(unet=pixel_unet(channels=1), scheduler=fashion_ddpm_scheduler())
     elif family == "class":
         pipeline = DDPMPipeline(unet=class_unet(), scheduler=fashion_ddpm_scheduler())
     elif family == "latent":
         pipeline = LDMPipeline(vqvae=tiny_autoencoder(), unet=latent_unet(),
+                               scheduler=DDIMScheduler.from_config(latent_scheduler().config))
+    elif family == "dit":
+        pipeline = DiTPipeline(transformer=tiny_dit(), vae=tiny_autoencoder(),
                                scheduler=DDIMScheduler.from_config(latent_scheduler().config))
     else:
         tokenizer = build_tokenizer()

@@ -4,13 +4,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import PixArtTransformer2DModel, Transformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from tests.quant.methods.helpers import unit_outputs
-from tests.quant.tiny_unets import pixel_unet, text_unet
+from tests.quant.tiny_unets import pixel_unet, text_unet, tiny_dit, tiny_pixart
 from tfmq.quant.config import RTNConfig
 from tfmq.quant.nn.layers import QuantLinear
 from tfmq.quant.wrap import quantize_model
@@ -217,3 +217,95 @@ def test_refuses_a_time_embedding_that_reads_more_than_the_timestep() -> None:
     )
     with pytest.raises(ValueError, match="UNet2DConditionModel.*timestep_cond"):
         find_tib(model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Diffusion transformers: the adaLN modulation path
+
+# Written out, not derived: the tiny DiT's two blocks, each with its own embedder, and the output layer.
+DIT_EMBEDDERS = ("transformer_blocks.0.norm1.emb", "transformer_blocks.1.norm1.emb")
+DIT_FEATURES = ("transformer_blocks.0.norm1.linear", "transformer_blocks.1.norm1.linear", "proj_out_1")
+DIT_LINEARS = (
+    "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1",
+    "transformer_blocks.0.norm1.emb.timestep_embedder.linear_2",
+    "transformer_blocks.1.norm1.emb.timestep_embedder.linear_1",
+    "transformer_blocks.1.norm1.emb.timestep_embedder.linear_2",
+    *DIT_FEATURES,
+)
+PIXART_FEATURES = ("adaln_single.linear", "adaln_single.emb.timestep_embedder.linear_2")
+PIXART_LINEARS = ("adaln_single.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_2",
+                  "adaln_single.linear")
+
+
+def _transformer_inputs(model: nn.Module, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    count = len(timesteps)
+    inputs = {"hidden_states": torch.randn(count, 4, 8, 8, generator=generator), "timestep": timesteps}
+    if isinstance(model, PixArtTransformer2DModel):
+        inputs["encoder_hidden_states"] = torch.randn(count, 3, 8, generator=generator)
+    else:
+        inputs["class_labels"] = torch.arange(count) % 3
+    return inputs
+
+
+def test_finds_exactly_the_modulation_path_of_a_dit() -> None:
+    tib = find_tib(tiny_dit())
+    assert tib.embedders == DIT_EMBEDDERS
+    assert tib.feature_names == DIT_FEATURES
+    assert tib.linear_names == DIT_LINEARS
+    assert tib.feature_reader_names == (DIT_LINEARS[1], DIT_LINEARS[3], *DIT_FEATURES)
+    assert tib.class_conditional
+
+
+def test_finds_exactly_the_modulation_path_of_pixart() -> None:
+    tib = find_tib(tiny_pixart())
+    assert tib.embedders == ("adaln_single.emb",)
+    assert tib.feature_names == PIXART_FEATURES
+    assert tib.linear_names == PIXART_LINEARS
+    assert tib.feature_reader_names == ("adaln_single.emb.timestep_embedder.linear_2", "adaln_single.linear")
+    assert not tib.class_conditional
+
+
+@pytest.mark.parametrize("make", [tiny_dit, tiny_pixart])
+def test_transformer_temporal_features_equal_those_of_a_full_forward(make: Callable[[], nn.Module]) -> None:
+    model = make()
+    inputs = _transformer_inputs(model, torch.tensor([999, 500, 3]))
+    tib = find_tib(model)
+    expected = unit_outputs(model, tib.feature_names, [inputs])
+    with torch.no_grad():
+        features = tib.temporal_features(inputs["timestep"], inputs.get("class_labels"))
+    assert tuple(features) == tib.feature_names
+    for name, feature in features.items():
+        assert torch.equal(feature, expected[name]), name
+        assert not torch.equal(feature[0], feature[1]), name  # they change with t
+
+
+def test_a_dit_label_changes_its_features_and_is_required() -> None:
+    tib = find_tib(tiny_dit())
+    with torch.no_grad():
+        features = tib.temporal_features(torch.tensor([400, 400]), torch.tensor([0, 3]))  # 3: the null label
+    for feature in features.values():
+        assert not torch.equal(feature[0], feature[1])
+    with pytest.raises(ValueError, match="class-conditional: pass class_labels"):
+        tib.temporal_features(torch.tensor([5]))
+    with pytest.raises(ValueError, match="no class embedding"):
+        find_tib(tiny_pixart()).temporal_features(torch.tensor([5]), torch.tensor([1]))
+
+
+def test_a_quantized_transformer_has_the_same_tib() -> None:
+    model = tiny_dit()
+    quantized = quantize_model(model, RTNConfig(w_bits=8, a_bits=8))
+    assert find_tib(quantized) == find_tib(model)
+    assert all(isinstance(quantized.get_submodule(name), QuantLinear) for name in DIT_LINEARS)
+
+
+def test_refuses_a_transformer_without_a_modulation_path() -> None:
+    torch.manual_seed(0)
+    plain = Transformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, norm_num_groups=1)
+    with pytest.raises(ValueError, match="Transformer2DModel has no adaLN modulation"):
+        find_tib(plain)
+    sized = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                     sample_size=8, cross_attention_dim=16, caption_channels=8, norm_num_groups=1,
+                                     use_additional_conditions=True)
+    with pytest.raises(ValueError, match="also reads the resolution and aspect ratio"):
+        find_tib(sized)

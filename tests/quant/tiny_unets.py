@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 
 def pixel_unet(seed: int = 0, channels: int = 3, size: int = 8) -> UNet2DModel:
@@ -38,6 +38,27 @@ def class_unet(seed: int = 0, num_classes: int = 3) -> UNet2DModel:
         sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
         norm_num_groups=4, attention_head_dim=8, num_class_embeds=num_classes + 1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def tiny_dit(seed: int = 0, num_classes: int = 3) -> DiTTransformer2DModel:
+    """Class-conditional DiT on 8x8x4 latents, patch 2 (16 tokens of width 16), 2 adaLN-Zero blocks: every
+    block has its own timestep + label embedder (a null label after the classes) and modulation Linear."""
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=num_classes,
+    ).eval()
+
+
+def tiny_pixart(seed: int = 0, caption_width: int = 8) -> PixArtTransformer2DModel:
+    """Text-conditional PixArt-alpha transformer on 8x8x4 latents, 2 blocks, adaLN-single (one timestep
+    embedder and one modulation Linear for all blocks), cross-attention to captions of width `caption_width`,
+    learned variance (8 output channels)."""
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, cross_attention_dim=16, caption_channels=caption_width, norm_num_groups=1,
     ).eval()
 
 

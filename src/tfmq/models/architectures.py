@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 FASHION_RESOLUTION = 16
@@ -125,6 +125,27 @@ def fashion_cond_unet(text_width: int = 64) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=text_width, **_LATENT_UNET,
+    )
+
+
+FASHION_CLASSES = 10
+
+
+def fashion_dit_transformer() -> DiTTransformer2DModel:
+    """A class-conditional diffusion transformer on the 8x8x4 latents (the DiT analogue): patch 2, so 16
+    tokens of width 128, 6 blocks with adaLN-Zero modulation. The 10 garment classes plus a null label (the
+    11th row of every block's label table, `num_embeds_ada_norm`) for classifier-free guidance. It predicts
+    epsilon only (no learned variance), so `out_channels` equals `in_channels`.
+    """
+    return DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=6,
+        sample_size=LATENT_RESOLUTION,
+        patch_size=2,
+        num_embeds_ada_norm=FASHION_CLASSES,
     )
 
 

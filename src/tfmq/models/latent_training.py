@@ -3,11 +3,13 @@ latents. Same resumable, step-seeded loop as `fashion-ddpm` (tfmq.models.trainin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline, PNDMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, LDMPipeline, PNDMScheduler, StableDiffusionPipeline
+from diffusers.models.embeddings import LabelEmbedding
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -17,6 +19,7 @@ from tfmq.models.architectures import (
     FASHION_RESOLUTION,
     fashion_autoencoder,
     fashion_cond_unet,
+    fashion_dit_transformer,
     fashion_ldm_unet,
     latent_scheduler,
 )
@@ -35,7 +38,7 @@ from tfmq.models.training import (
 # LDM's first stages are trained with a KL weight of 1e-6: a near-deterministic autoencoder whose latents
 # are rescaled to unit variance before diffusion.
 KL_WEIGHT = 1e-6
-UNCONDITIONAL_PROBABILITY = 0.1  # prompts dropped to "" in training: what classifier-free guidance needs
+UNCONDITIONAL_PROBABILITY = 0.1  # prompts or labels dropped to "" in training: what classifier-free guidance needs
 
 
 def train_autoencoder(
@@ -82,6 +85,40 @@ def _encoded_training_set(
     return encoded["latents"], encoded["flipped"]
 
 
+@dataclass(frozen=True)
+class LatentTrainingData:
+    """What every latent model trains on: the frozen autoencoder (its `scaling_factor` set from the data),
+    the posterior means of the training images and of their mirror images, and the images' class labels."""
+
+    autoencoder: AutoencoderKL
+    latents: torch.Tensor
+    flipped: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def prepare(cls, autoencoder_dir: str | Path, work_dir: Path, data_dir: str | Path | None) -> LatentTrainingData:
+        """Encode the training set once (cached in `work_dir`) and scale the latents to unit variance: the
+        scale goes into the autoencoder's `scaling_factor`, as diffusers pipelines expect."""
+        work_dir.mkdir(parents=True, exist_ok=True)
+        autoencoder = AutoencoderKL.from_pretrained(autoencoder_dir, local_files_only=True).requires_grad_(False)
+        images, labels = load_fashion_mnist("train", FASHION_RESOLUTION, data_dir)
+        latents, flipped = _encoded_training_set(autoencoder, images, work_dir / "latents.safetensors")
+        autoencoder.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        return cls(autoencoder, latents, flipped, labels)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.autoencoder.config.scaling_factor)
+
+    def batch(self, batch_size: int, step: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices, scaled latents, generator) of training step `step`: a seeded epoch shuffle, mirrored
+        half of the time, and the generator the step draws the rest of its randomness from."""
+        index = batch_indices(len(self.latents), batch_size, step, seed)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        source = self.flipped if torch.rand(1, generator=generator).item() < 0.5 else self.latents
+        return index, source[index] * self.scaling_factor, generator
+
+
 def train_latent_diffusion(
     out_dir: str | Path, work_dir: str | Path, autoencoder_dir: str | Path, *, conditional: bool,
     steps: int = 6_000, batch_size: int = 64, learning_rate: float = 5e-4, seed: int = 0,
@@ -97,12 +134,8 @@ def train_latent_diffusion(
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     name = "fashion-cond" if conditional else "fashion-ldm"
     run = TrainingRun(name, work_dir, steps, learning_rate)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    autoencoder = AutoencoderKL.from_pretrained(autoencoder_dir, local_files_only=True).requires_grad_(False)
-    images, labels = load_fashion_mnist("train", FASHION_RESOLUTION, data_dir)
-    latents, flipped = _encoded_training_set(autoencoder, images, work_dir / "latents.safetensors")
-    scaling_factor = float(1.0 / latents.std())
-    autoencoder.register_to_config(scaling_factor=scaling_factor)
+    data = LatentTrainingData.prepare(autoencoder_dir, work_dir, data_dir)
+    autoencoder, labels, scaling_factor = data.autoencoder, data.labels, data.scaling_factor
     scheduler = latent_scheduler()
     tokenizer = build_tokenizer()
     modules: dict[str, nn.Module] = {"unet": fashion_cond_unet() if conditional else fashion_ldm_unet()}
@@ -110,10 +143,8 @@ def train_latent_diffusion(
         modules["text_encoder"] = build_text_encoder(len(tokenizer))
 
     def step_loss(step: int) -> torch.Tensor:
-        index = batch_indices(len(latents), batch_size, step, seed)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        source = flipped if torch.rand(1, generator=generator).item() < 0.5 else latents
-        noisy, timesteps, noise = noised(source[index] * scaling_factor, scheduler, generator)
+        index, clean, generator = data.batch(batch_size, step, seed)
+        noisy, timesteps, noise = noised(clean, scheduler, generator)
         if not conditional:
             return F.mse_loss(modules["unet"](noisy, timesteps).sample, noise)
         keep = torch.rand(len(index), generator=generator) >= UNCONDITIONAL_PROBABILITY
@@ -139,4 +170,48 @@ def train_latent_diffusion(
                                   unconditional_probability=UNCONDITIONAL_PROBABILITY if conditional else None)
 
     run_training(run, modules, step_loss, export)
+    return out_dir
+
+
+def train_dit(
+    out_dir: str | Path, work_dir: str | Path, autoencoder_dir: str | Path, *, steps: int = 8_000,
+    batch_size: int = 64, learning_rate: float = 5e-4, seed: int = 0, data_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Train `fashion-dit`, the class-conditional diffusion transformer, on the autoencoder's latents and
+    write a diffusers DiTPipeline folder.
+
+    One label in ten is replaced by the null label (the class count) with the step's seeded generator, for
+    classifier-free guidance; the blocks' own random label drop is switched off, since each of diffusers'
+    DiT blocks has its own label table and would drop a different set.
+    """
+    torch.manual_seed(seed)
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    run = TrainingRun("fashion-dit", work_dir, steps, learning_rate)
+    data = LatentTrainingData.prepare(autoencoder_dir, work_dir, data_dir)
+    scheduler = latent_scheduler()
+    transformer = fashion_dit_transformer()
+    for module in transformer.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0  # the table keeps its null row; the drop happens below, seeded
+    null_label = transformer.config.num_embeds_ada_norm
+
+    def step_loss(step: int) -> torch.Tensor:
+        index, clean, generator = data.batch(batch_size, step, seed)
+        noisy, timesteps, noise = noised(clean, scheduler, generator)
+        dropped = torch.rand(len(index), generator=generator) < UNCONDITIONAL_PROBABILITY
+        labels = torch.where(dropped, null_label, data.labels[index])
+        return F.mse_loss(transformer(noisy, timesteps, class_labels=labels).sample, noise)
+
+    def export(emas: dict[str, nn.Module], step: int, seconds: float) -> None:
+        # the switched-off label drop is no config: a loaded model has diffusers' rate again (unused in eval)
+        pipeline = DiTPipeline(transformer=emas["transformer"], vae=data.autoencoder,
+                               scheduler=DDIMScheduler.from_config(dict(scheduler.config)))
+        with trained_model_folder(out_dir, overwrite) as staging:
+            pipeline.save_pretrained(staging)
+            write_training_record(staging, run, step, seconds, batch_size=batch_size, seed=seed,
+                                  scaling_factor=data.scaling_factor, autoencoder=str(autoencoder_dir),
+                                  unconditional_probability=UNCONDITIONAL_PROBABILITY)
+
+    run_training(run, {"transformer": transformer}, step_loss, export)
     return out_dir

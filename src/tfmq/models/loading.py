@@ -1,8 +1,8 @@
 """Load a diffusion model by zoo name or from a local folder in the diffusers layout, offline.
 
 Layouts: `DDPMPipeline` / `DDIMPipeline` (unet, scheduler), `LDMPipeline` (unet, vqvae, scheduler),
-`StableDiffusionPipeline` (unet, vae, text_encoder, tokenizer, scheduler), or a bare `unet/` +
-`scheduler/` folder. Each component is read from its own subfolder with `local_files_only`, so a broken
+`StableDiffusionPipeline` (unet, vae, text_encoder, tokenizer, scheduler), `DiTPipeline` (transformer, vae,
+scheduler), or a bare `unet/` + `scheduler/` folder. Each component is read from its own subfolder with `local_files_only`, so a broken
 one is named in the error and nothing is fetched from a hub; a Stable Diffusion safety checker is not
 loaded (it is no part of what is quantized). An original single-file Stable Diffusion v1 checkpoint loads
 with a folder of its pipeline's configs (`tfmq.models.single_file`).
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from tfmq.devices import module_device, module_dtype
@@ -28,25 +28,31 @@ from tfmq.errors import TfmqError
 from tfmq.sampling.guidance import Conditioning
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
-ZOO_MODELS = ("fashion-ddpm", "fashion-ldm", "fashion-cond")
+ZOO_MODELS = ("fashion-ddpm", "fashion-ldm", "fashion-cond", "fashion-dit")
 CALIBRATION_PROMPTS_FILE = "calibration_prompts.txt"
-UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+DENOISER_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel,
+                    "DiTTransformer2DModel": DiTTransformer2DModel}
 # The files of a component folder that can ask for custom code (`auto_map`).
 CONFIG_FILES = ("config.json", "tokenizer_config.json", "scheduler_config.json")
-# The components each supported pipeline needs besides its unet and scheduler.
+# The components each supported pipeline needs besides its denoiser and scheduler.
 PIPELINE_COMPONENTS = {
     "DDPMPipeline": (),
     "DDIMPipeline": (),
     "LDMPipeline": ("vqvae",),
     "StableDiffusionPipeline": ("vae", "text_encoder", "tokenizer"),
+    "DiTPipeline": ("vae",),
 }
+# The folder (and pipeline argument) of each layout's denoiser, where it is not `unet`.
+DENOISER_FOLDERS = {"DiTPipeline": "transformer"}
+UNET = "unet"
 
 
 @dataclass
 class DiffusionModel:
-    """A UNet with the noise schedule it was trained with and, for latent or text-conditional models, the
-    full-precision parts around it (autoencoder, text encoder, tokenizer); `source` names where it came
-    from, `layout` the diffusers pipeline class of its folder."""
+    """A denoiser (`unet`: a diffusers UNet or diffusion transformer) with the noise schedule it was trained
+    with and, for latent or text-conditional models, the full-precision parts around it (autoencoder, text
+    encoder, tokenizer); `source` names where it came from, `layout` the diffusers pipeline class of its
+    folder."""
 
     unet: nn.Module
     scheduler: DDPMScheduler
@@ -92,15 +98,20 @@ class DiffusionModel:
         """"text" (cross-attention on a prompt), "class" (class labels) or None (unconditional)."""
         if "text_encoder" in self.components:
             return "text"
-        if getattr(self.unet.config, "num_class_embeds", None):
+        config = self.unet.config
+        if getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None):
             return "class"
         return None
 
     @property
     def num_classes(self) -> int:
-        """Labels a class-conditional model draws; its last class embedding is the null label of the
-        unconditional branch (the LDM ImageNet convention: 1000 classes + 1)."""
-        return int(self.unet.config.num_class_embeds) - 1
+        """Labels a class-conditional model draws; the label after them is the null label of the unconditional
+        branch: a UNet's last class embedding (the LDM ImageNet convention: 1000 classes + 1), a DiT's extra
+        row of its label tables."""
+        config = self.unet.config
+        if getattr(config, "num_embeds_ada_norm", None):
+            return int(config.num_embeds_ada_norm)
+        return int(config.num_class_embeds) - 1
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from the sampler's latents, as the diffusers pipelines decode them."""
@@ -161,7 +172,8 @@ class DiffusionModel:
         pipeline_class = getattr(diffusers, self.layout)
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
             if self.layout == "StableDiffusionPipeline" else {}
-        return pipeline_class(unet=unet if unet is not None else self.unet, scheduler=self.components["scheduler"],
+        denoiser = {DENOISER_FOLDERS.get(self.layout, UNET): unet if unet is not None else self.unet}
+        return pipeline_class(**denoiser, scheduler=self.components["scheduler"],
                               **{name: self.components[name] for name in PIPELINE_COMPONENTS[self.layout]}, **extra)
 
 
@@ -207,17 +219,19 @@ def _class_name(config: dict, path: Path, default: str) -> str:
     return name
 
 
-def _load_unet(unet_dir: Path) -> nn.Module:
-    if not (unet_dir / "config.json").is_file():
-        raise TfmqError(f"{unet_dir.parent} has no UNet config (expected unet/config.json)")
-    class_name = _class_name(_read_json(unet_dir / "config.json"), unet_dir / "config.json", "UNet2DModel")
-    if class_name not in UNET_CLASSES:
-        raise TfmqError(f"{unet_dir} holds a {class_name}, not a UNet2DModel or UNet2DConditionModel")
+def _load_denoiser(folder: Path, subfolder: str) -> nn.Module:
+    """The UNet or diffusion transformer of `folder/subfolder` (or of `folder` itself, a bare model folder)."""
+    model_dir = folder / subfolder if (folder / subfolder).is_dir() else folder
+    if not (model_dir / "config.json").is_file():
+        raise TfmqError(f"{folder} has no {subfolder}/config.json (nor a model config.json of its own)")
+    class_name = _class_name(_read_json(model_dir / "config.json"), model_dir / "config.json", "UNet2DModel")
+    if class_name not in DENOISER_CLASSES:
+        raise TfmqError(f"{model_dir} holds a {class_name}; tfmq quantizes {', '.join(DENOISER_CLASSES)}")
     try:
-        unet = UNET_CLASSES[class_name].from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
+        model = DENOISER_CLASSES[class_name].from_pretrained(model_dir, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as exc:  # diffusers raises OSError, ValueError, SafetensorError... for bad weights
-        raise TfmqError(f"cannot load UNet weights from {unet_dir}: {str(exc).splitlines()[0]}") from exc
-    return unet.eval().requires_grad_(False)
+        raise TfmqError(f"cannot load {class_name} weights from {model_dir}: {str(exc).splitlines()[0]}") from exc
+    return model.eval().requires_grad_(False)
 
 
 def _component_class(folder: Path, name: str, library: str, class_name: str) -> type:
@@ -314,7 +328,7 @@ def load_model(name_or_path: str | Path, config: str | Path | None = None) -> Di
         layout, index = _pipeline_index(path)
         for name in PIPELINE_COMPONENTS[layout]:
             components[name] = _load_component(path, name, *index[name])
-    unet = _load_unet(path / "unet" if (path / "unet").is_dir() else path)
+    unet = _load_denoiser(path, DENOISER_FOLDERS.get(layout, UNET))
     scheduler = _training_schedule(path, layout, components)
     return DiffusionModel(unet=unet, scheduler=scheduler, source=source, layout=layout, components=components,
                           folder=path)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from tfmq.denoiser import denoiser_call
 from tfmq.devices import module_device, on_device
 from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.wrap import observe_activations, set_quant_state
@@ -22,5 +23,5 @@ def calibrate_activation_ranges(
     device = module_device(model)
     with observe_activations(model):
         for inputs in tqdm(batches, desc="activation ranges", unit="batch", disable=not progress):
-            model(**on_device(inputs, device))
+            denoiser_call(model, on_device(inputs, device))
     set_quant_state(model, weight=True, act=True)

@@ -13,6 +13,7 @@ from torch import nn
 
 import tfmq.quant.methods  # noqa: F401  (registers the built-in methods)
 from tfmq import distributed
+from tfmq.denoiser import denoiser_call
 from tfmq.devices import module_device, resolve_device
 from tfmq.errors import TfmqError
 from tfmq.quant.activation_ranges import calibrate_activation_ranges
@@ -51,6 +52,7 @@ def quantize(
     if not isinstance(config, QuantConfig):
         raise TfmqError(f"config must be a method's QuantConfig (RTNConfig, TFMQConfig, ...), got {config!r}")
     handler = handler_for(config)
+    config.check_model(unet)
     if device is not None:
         unet.to(resolve_device(device))
     if len(calibration) == 0:
@@ -93,8 +95,8 @@ def relative_output_error(quantized: nn.Module, full_precision: nn.Module, held_
     timestep at a time as a sampler calls it (per-timestep tables select their row by it)."""
     error_sq = reference_sq = 0.0
     for inputs in held_out.timestep_groups(module_device(quantized)):
-        reference = full_precision(**inputs).sample.float()
-        error_sq += (quantized(**inputs).sample.float() - reference).pow(2).sum().item()
+        reference = denoiser_call(full_precision, inputs).float()
+        error_sq += (denoiser_call(quantized, inputs).float() - reference).pow(2).sum().item()
         reference_sq += reference.pow(2).sum().item()
     return (error_sq / reference_sq) ** 0.5
 

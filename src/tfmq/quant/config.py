@@ -219,6 +219,12 @@ class QuantConfig:
         """The FSC scope of `fsc_scope=None`."""
         return "none"
 
+    def check_model(self, model: Any) -> None:
+        """Refuse, before any calibration work, a model this config cannot quantize (a TfmqError): FSC's
+        temporal scope needs the model's Temporal Information Block."""
+        if self.fsc_scope == "temporal":
+            _temporal_information_block(model)
+
     def layer_bits(self, name: str) -> LayerBits:
         """The bit widths of the layer (or attention) `name` under the rules, in order."""
         w_bits, a_bits, matched = self.w_bits, self.a_bits, False
@@ -409,3 +415,27 @@ class TFMQConfig(QDiffusionConfig, method="tfmq"):
 
     def default_fsc_scope(self) -> str:
         return "none" if self.a_bits is None else "temporal"
+
+    def check_model(self, model: Any) -> None:
+        """Also refuse a model without a TIB for TIAR, and one whose temporal features a cache cannot hold."""
+        super().check_model(model)
+        if self.tiar or self.temporal_cache:
+            tib = _temporal_information_block(model)
+            if self.temporal_cache:
+                from tfmq.quant.tib import check_temporal_cache_supported
+
+                _as_user_error(check_temporal_cache_supported, model, tib)
+
+
+def _as_user_error(check: Any, *args: Any) -> Any:
+    try:
+        return check(*args)
+    except ValueError as error:
+        raise TfmqError(str(error)) from error
+
+
+def _temporal_information_block(model: Any) -> Any:
+    """`find_tib(model)`, its refusal as a TfmqError (imported here: the config types stay free of torch)."""
+    from tfmq.quant.tib import find_tib
+
+    return _as_user_error(find_tib, model)

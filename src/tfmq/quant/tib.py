@@ -1,5 +1,5 @@
-"""The Temporal Information Block (TIB) of a diffusers UNet: every module whose output depends on the
-timestep (and class label) alone, and the temporal features it hands to the residual blocks.
+"""The Temporal Information Block (TIB) of a diffusers UNet or diffusion transformer: every module whose
+output depends on the timestep (and class label) alone, and the temporal features it hands to the blocks.
 
 In diffusers the TIB is `time_proj` (sinusoidal or learned projection of t), `time_embedding` (the
 Linear-SiLU-Linear MLP), the optional `class_embedding` (added to, or concatenated with, the time
@@ -7,6 +7,12 @@ embedding), the optional `time_embed_act`, and in every `ResnetBlock2D` its `non
 `time_emb_proj` applied to that embedding. The output of each `time_emb_proj` is one temporal feature.
 Since these depend on (t, y) only, the TIB can be run on its own, without images: this is what TIAR
 reconstructs as one unit and what a cache of temporal features per timestep is computed from.
+
+In a diffusion transformer the TIB is the adaLN modulation path (`AdaLNTemporalInformationBlock`): a
+timestep (+ class) embedder, then Linear(SiLU(c)) giving every block its shift, scale and gate. DiT
+(adaLN-Zero) gives each block its own embedder and modulation Linear, and its output layer reads block 0's
+embedder through `proj_out_1`; PixArt (adaLN-single) has one embedder and one modulation Linear for all
+blocks, and its output layer reads the embedding itself.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.models.embeddings import TimestepEmbedding
+import torch.nn.functional as F
+from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, TimestepEmbedding
+from diffusers.models.normalization import AdaLayerNormSingle, AdaLayerNormZero
 from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
 from torch import nn
 
@@ -46,6 +54,10 @@ class TemporalInformationBlock:
     class_embedding: str | None
     time_embed_act: str | None
     resnets: tuple[str, ...]
+
+    @property
+    def class_conditional(self) -> bool:
+        return self.class_embedding is not None
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -135,14 +147,108 @@ class TemporalInformationBlock:
         return inputs
 
 
-def find_tib(model: nn.Module) -> TemporalInformationBlock:
-    """The TIB of a diffusers UNet2DModel / UNet2DConditionModel, or of its quantized copy.
+@dataclass(frozen=True)
+class AdaLNTemporalInformationBlock:
+    """The TIB of a diffusion transformer: its timestep (+ class) embedders and the Linears that turn their
+    embedding into the blocks' and the output layer's modulation (qualified module names).
+
+    `features` maps each temporal feature, named by the Linear producing it, to the embedder it reads and
+    whether it reads Linear(SiLU(c)) of the embedding c (a modulation Linear) or is the embedder's own last
+    Linear (PixArt's output layer reads the embedding itself). The names are the same in a model and in its
+    quantized copy.
+    """
+
+    model: nn.Module = field(repr=False, compare=False)
+    embedders: tuple[str, ...]
+    features: dict[str, tuple[str, bool]]
+    class_conditional: bool
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(self.features)
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        """Every Linear of the TIB (the layers TIAR reconstructs jointly): the embedders' and the modulations'."""
+        inside = [f"{embedder}.{name}" for embedder in self.embedders
+                  for name, module in self.model.get_submodule(embedder).named_modules() if isinstance(module, nn.Linear)]
+        return tuple(inside) + tuple(name for name in self.feature_names if name not in inside)
+
+    @property
+    def feature_reader_names(self) -> tuple[str, ...]:
+        """The Linears whose input changes with t: each embedder's second time-MLP layer and every modulation
+        Linear (the first layer reads the bounded sinusoid, the label table reads labels only)."""
+        second_layers = tuple(f"{embedder}.timestep_embedder.linear_2" for embedder in self.embedders)
+        return second_layers + tuple(name for name, (_, modulation) in self.features.items() if modulation)
+
+    def embedding(self, embedder: str, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """The embedding c of `embedder` for (timesteps, class_labels), one row per sample, as the model's
+        forward computes it."""
+        module = self.model.get_submodule(embedder)
+        dtype = next(module.parameters()).dtype
+        if isinstance(module, CombinedTimestepLabelEmbeddings):
+            if class_labels is None:
+                raise ValueError(f"{type(self.model).__name__} is class-conditional: pass class_labels")
+            return module(timesteps, torch.as_tensor(class_labels, device=timesteps.device), hidden_dtype=dtype)
+        if class_labels is not None:
+            raise ValueError(f"{type(self.model).__name__} has no class embedding: class_labels must be None")
+        return module(timesteps, resolution=None, aspect_ratio=None, batch_size=len(timesteps), hidden_dtype=dtype)
+
+    def temporal_features(
+        self, timesteps: torch.Tensor | int | float, class_labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every temporal feature for `timesteps` (and `class_labels`) without the image path: {feature name:
+        (N, width)}, equal to what each Linear outputs in a full forward. Runs the model's modules as they are."""
+        reference = next(self.model.get_submodule(self.embedders[0]).parameters())
+        timesteps = torch.as_tensor(timesteps, device=reference.device).reshape(-1)
+        if class_labels is not None and len(timesteps) == 1:
+            timesteps = timesteps.expand(len(class_labels))
+        embeddings = {embedder: self.embedding(embedder, timesteps, class_labels) for embedder in self.embedders}
+        features = {}
+        for name, (embedder, modulation) in self.features.items():
+            embedding = embeddings[embedder]
+            features[name] = self.model.get_submodule(name)(F.silu(embedding)) if modulation else embedding
+        return features
+
+
+def _adaln_tib(model: nn.Module) -> AdaLNTemporalInformationBlock:
+    """The adaLN modulation path of a DiT (adaLN-Zero in every block) or PixArt (adaLN-single) transformer."""
+    model_class = type(model).__name__
+    modules = dict(model.named_modules())
+    single = modules.get("adaln_single")
+    if isinstance(single, AdaLayerNormSingle):
+        if single.emb.use_additional_conditions:
+            raise ValueError(f"{model_class}'s modulation also reads the resolution and aspect ratio "
+                             "(use_additional_conditions): its temporal features are not a function of the timestep")
+        features = {"adaln_single.linear": ("adaln_single.emb", True),
+                    "adaln_single.emb.timestep_embedder.linear_2": ("adaln_single.emb", False)}
+        return AdaLNTemporalInformationBlock(model, ("adaln_single.emb",), features, class_conditional=False)
+    blocks = [name for name, module in modules.items() if isinstance(module, AdaLayerNormZero)]
+    if not blocks:
+        raise ValueError(f"{model_class} has no adaLN modulation (AdaLayerNormZero per block or AdaLayerNormSingle): "
+                         "its blocks read no temporal features, so it has no Temporal Information Block")
+    refused = [name for name in blocks if not isinstance(modules[name].emb, CombinedTimestepLabelEmbeddings)]
+    if refused:
+        raise ValueError(f"{model_class}'s {refused[0]} reads an embedding made elsewhere (not its own timestep + "
+                         "class embedder): not supported")
+    features = {f"{block}.linear": (f"{block}.emb", True) for block in blocks}
+    if isinstance(modules.get("proj_out_1"), nn.Linear):  # DiT's output layer reads the first block's embedder
+        features["proj_out_1"] = (f"{blocks[0]}.emb", True)
+    return AdaLNTemporalInformationBlock(model, tuple(f"{block}.emb" for block in blocks), features,
+                                         class_conditional=True)
+
+
+def find_tib(model: nn.Module) -> TemporalInformationBlock | AdaLNTemporalInformationBlock:
+    """The TIB of a diffusers UNet2DModel / UNet2DConditionModel or diffusion transformer (DiT, PixArt), or
+    of its quantized copy.
 
     Refuses, naming the model class, a model without a time embedding or without residual blocks that
     read it, and models whose time embedding also depends on other inputs (`timestep_cond`, added
     text/image embeddings) or reaches blocks other than ResnetBlock2D: for those the temporal features
     would not be a function of (t, y), or not all of them would be found.
     """
+    if hasattr(model, "transformer_blocks"):
+        return _adaln_tib(model)
     model_class = type(model).__name__
     modules = dict(model.named_modules())
     time_proj, time_embedding = modules.get(TIME_PROJ), modules.get(TIME_EMBEDDING)
@@ -178,3 +284,14 @@ def find_tib(model: nn.Module) -> TemporalInformationBlock:
         time_embed_act=TIME_EMBED_ACT if modules.get(TIME_EMBED_ACT) is not None else None,
         resnets=resnets,
     )
+
+
+def check_temporal_cache_supported(model: nn.Module, tib: TemporalInformationBlock | AdaLNTemporalInformationBlock) -> None:
+    """Refuse what the temporal feature caches cannot hold yet: features that depend on the class label (one
+    row per timestep would not do), and a transformer's adaLN modulation (its caches are not built)."""
+    if tib.class_conditional:
+        raise ValueError(f"{type(model).__name__} is class-conditional: its temporal features depend on the label, "
+                         "and a temporal feature cache per (timestep, class) is not supported; use temporal_cache=False")
+    if not isinstance(tib, TemporalInformationBlock):
+        raise ValueError(f"a temporal feature cache for {type(model).__name__}'s adaLN modulation is not supported "
+                         "yet; use temporal_cache=False")

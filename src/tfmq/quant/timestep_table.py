@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from tfmq.denoiser import denoiser_call
 from tfmq.devices import module_device
 from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.config import FSC_FILLS, FSC_SCOPES
@@ -221,7 +222,7 @@ def calibrate_timestep_tables(
 
     tib = find_tib(model) if scope == "temporal" and not through_unet else None
     labels = calibration.conditions.get("class_labels")
-    if tib is not None and tib.class_embedding is not None and labels is None:
+    if tib is not None and tib.class_conditional and labels is None:
         raise ValueError(f"{model_class} is class-conditional: the calibration set needs class_labels")
     device = module_device(model)
 
@@ -230,7 +231,7 @@ def calibrate_timestep_tables(
             tib.temporal_features(calibration.timesteps[indices].to(device),
                                   None if labels is None else labels[indices].to(device))
         else:
-            model(**calibration.inputs(indices, device))
+            denoiser_call(model, calibration.inputs(indices, device))
 
     named = list(table_quantizers(model))
     quantizers = [quantizer for _, quantizer in named]

@@ -16,6 +16,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from tqdm import tqdm
 
 from tfmq import distributed
+from tfmq.denoiser import denoiser_call, predicted_noise
 from tfmq.devices import module_device, module_dtype
 from tfmq.errors import TfmqError
 from tfmq.sampling.guidance import Conditioning
@@ -148,7 +149,8 @@ def sample_batch(
         if observer is not None:
             observer(step_index, t, sample_input, kwargs)
         timestep = torch.full((len(sample_input),), t, dtype=torch.long, device=device)
-        eps = conditioning.combine(unet(sample_input, timestep, **kwargs).sample).float()
+        output = denoiser_call(unet, {"sample": sample_input, "timestep": timestep, **kwargs})
+        eps = conditioning.combine(predicted_noise(unet, output)).float()
         if stepper is not None:
             extra = {"generator": generators} if config.name == "ddpm" else {}
             x = stepper.step(eps, t, x, **extra).prev_sample

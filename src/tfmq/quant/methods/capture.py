@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tfmq.denoiser import denoiser_call
 from tfmq.devices import module_device, on_device
 from tfmq.quant.methods.unit_cache import UnitCache
 
@@ -163,7 +164,7 @@ def _record_outputs(modules: Sequence[nn.Module], outputs: list[Any]) -> list[An
 def _run_until_captured(model: nn.Module, inputs: ModelInputs, register: Callable[[], list[Any]]) -> None:
     handles = register()
     try:
-        model(**on_device(inputs, module_device(model)))
+        denoiser_call(model, on_device(inputs, module_device(model)))
     except _Captured:
         return
     finally:

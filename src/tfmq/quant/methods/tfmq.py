@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from tfmq.devices import module_device
-from tfmq.errors import TfmqError
 from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.config import TFMQConfig
 from tfmq.quant.methods.capture import Call, ModelInputs
@@ -42,7 +41,7 @@ from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.nn.quantizer import quantize_codes, range_to_scale_zero_point
 from tfmq.quant.nn.step_table import StepTable
 from tfmq.quant.nn.temporal import cache_code_dtype, install_temporal_cache, temporal_features_by_timestep
-from tfmq.quant.tib import TemporalInformationBlock, find_tib
+from tfmq.quant.tib import TemporalInformationBlock, check_temporal_cache_supported, find_tib
 from tfmq.quant.wrap import quantizers
 
 TIB_UNIT = "temporal_information_block"
@@ -155,9 +154,6 @@ def quantize_tfmq(model: nn.Module, inputs: MethodInputs) -> dict[str, Any]:
     are reconstructed as in Q-Diffusion, and the caches are chosen after FSC.
     """
     config, full_precision, calibration = inputs.config, inputs.full_precision, inputs.calibration
-    if config.temporal_cache and "class_labels" in calibration.conditions:
-        raise TfmqError("a temporal feature cache per (timestep, class) is not supported: a class-conditional "
-                        "model's temporal features depend on the label; use temporal_cache=False")
     batches = inputs.weight_batches()
     schedule = inputs.table_schedule
     chosen = None
@@ -223,9 +219,7 @@ def cached_temporal_features(
     """{residual block: its cache}: the full-precision temporal feature of every block at every timestep of
     `schedule`, each row quantized to `bits` on its own range."""
     tib = find_tib(full_precision)
-    if tib.class_embedding is not None:
-        raise ValueError(f"{type(full_precision).__name__} is class-conditional: a temporal feature cache per "
-                         "(timestep, class) is not supported; use temporal_cache=False")
+    check_temporal_cache_supported(full_precision, tib)
     features = tib.temporal_features(torch.as_tensor(schedule, device=module_device(full_precision)))
     return {resnet: quantize_rows(features[name], bits) for resnet, name in zip(tib.resnets, tib.feature_names)}
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
@@ -15,14 +16,17 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
+from tfmq.denoiser import denoiser_call
 from tfmq.quant.methods.capture import Call, ModelInputs
 from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.nn.quantizer import UniformQuantizer
 from tfmq.quant.wrap import activation_quantizers, quant_layers, quantizers
 
 # The blocks of BRECQ in a diffusers UNet; quantized layers outside all of them are units of their own.
+# A diffusion transformer's blocks are units of their own (in a UNet they lie inside a Transformer2DModel).
 BLOCK_TYPES: tuple[type[nn.Module], ...] = (
-    ResnetBlock2D, ResnetBlockCondNorm2D, Transformer2DModel, Attention, Downsample2D, Upsample2D,
+    ResnetBlock2D, ResnetBlockCondNorm2D, Transformer2DModel, BasicTransformerBlock, Attention, Downsample2D,
+    Upsample2D,
 )
 
 
@@ -104,7 +108,7 @@ def _call_order(model: nn.Module, names: Sequence[str], inputs: ModelInputs) -> 
         handles.append(model.get_submodule(name).register_forward_pre_hook(record))
     try:
         with torch.no_grad():
-            model(**inputs)
+            denoiser_call(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
