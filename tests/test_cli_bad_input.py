@@ -82,7 +82,6 @@ TABLE = {
         ("--temporal-cache --method rtn", "--temporal-cache applies to method tfmq, not rtn"),
         ("--preset fast --method rtn", "--preset applies to method qdiff, tfmq, not rtn"),
         ("--a-bits none --fsc-scope temporal --method tfmq", "a_bits is None"),
-        ("--model fashion-dit --method tfmq --temporal-cache", "temporal feature cache per (timestep, class)"),
         ("--model {unknown_transformer}", "holds a SD3Transformer2DModel; tfmq quantizes"),
     ],
     "eval": [

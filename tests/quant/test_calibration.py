@@ -12,7 +12,7 @@ from tests.quant.tiny_unets import class_unet, pixel_unet
 from tfmq.errors import TfmqError
 from tfmq.files import owned_safetensors
 from tfmq.models.architectures import fashion_ddpm_scheduler
-from tfmq.quant.calibration import CalibrationProvenance, CalibrationSet, collect_calibration
+from tfmq.quant.calibration import CalibrationProvenance, CalibrationSet, collect_calibration, spread
 from tfmq.quant.provenance import model_fingerprint
 from tfmq.sampling import Conditioning, SamplerConfig, sampling_timesteps
 
@@ -170,3 +170,21 @@ def test_beyond_its_budget_a_set_is_recorded_on_disk_with_the_same_bits(tmp_path
     del spilled, subset, batch
     gc.collect()
     assert list(tmp_path.iterdir()) == []  # the folder goes with the last set that reads it
+
+
+def test_per_step_takes_both_branches_of_a_guided_set():
+    # a guided set records each batch's unconditional rows (label 3, the null label) before its conditional ones
+    labels = torch.tensor([3, 3, 3, 3, 0, 1, 2, 0] * 2)
+    steps = torch.tensor([0] * 8 + [1] * 8)
+    calibration = CalibrationSet(torch.randn(16, 1, 2, 2), torch.tensor([900] * 8 + [100] * 8), steps,
+                                 torch.tensor([900, 100]), conditions={"class_labels": labels})
+    subset = calibration.per_step(2)
+    assert subset.conditions["class_labels"].tolist() == [3, 0, 3, 0]
+    assert torch.bincount(subset.step_indices).tolist() == [2, 2]
+
+
+def test_spread_keeps_the_ends_and_never_repeats():
+    indices = torch.arange(10, 20)
+    assert spread(indices, 3).tolist() == [10, 14, 19]  # 0, 4.5 (rounded to even), 9
+    assert spread(indices, 10).tolist() == indices.tolist() and spread(indices, 50).tolist() == indices.tolist()
+    assert len(set(spread(indices, 7).tolist())) == 7

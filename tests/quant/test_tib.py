@@ -309,3 +309,19 @@ def test_refuses_a_transformer_without_a_modulation_path() -> None:
                                      use_additional_conditions=True)
     with pytest.raises(ValueError, match="also reads the resolution and aspect ratio"):
         find_tib(sized)
+
+
+@pytest.mark.parametrize("make", [tiny_dit, tiny_pixart])
+def test_cache_sites_output_what_a_full_forward_computes_there(make: Callable[[], nn.Module]) -> None:
+    model = make()
+    inputs = _transformer_inputs(model, torch.tensor([999, 500, 3]))
+    tib = find_tib(model)
+    sites = {f"{owner}.{attribute}": owner for owner, attribute in tib.cache_sites.items()}
+    expected = unit_outputs(model, list(sites), [inputs])
+    with torch.no_grad():
+        outputs = tib.site_outputs(inputs["timestep"])
+    for site, owner in sites.items():  # a DiT runs block 0's embedder twice a forward (its block, the output layer)
+        assert torch.equal(outputs[owner], expected[site][:3]), site
+    # a DiT caches its time MLPs only (the label comes after them), PixArt its whole modulation path
+    assert set(tib.cache_sites.values()) == ({"timestep_embedder"} if tib.class_conditional
+                                             else {"timestep_embedder", "linear"})

@@ -1,6 +1,6 @@
 """Diffusion transformers through the methods: the text-conditional PixArt (adaLN-single, learned variance)
-quantized, saved, loaded and sampled, and run inside PixArtAlphaPipeline; DiT's family runs with the
-pipeline folders in tests/models/test_families.py."""
+quantized, saved, loaded and sampled, and run inside PixArtAlphaPipeline; the temporal feature caches of
+DiT and PixArt; DiT's family runs with the pipeline folders in tests/models/test_families.py."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from diffusers import DDIMScheduler, PixArtAlphaPipeline
 from tests.models.tiny_pipelines import tiny_autoencoder
 from tests.quant.tiny_unets import one_thread, tiny_dit, tiny_pixart
 
-from tfmq.errors import TfmqError
 from tfmq.models.architectures import latent_scheduler
 from tfmq.quant.api import quantize, relative_output_error
 from tfmq.quant.calibration import collect_calibration
 from tfmq.quant.checkpoint import load_quantized, save_quantized
 from tfmq.quant.config import TFMQConfig, config_for
+from tfmq.quant.methods.tfmq import temporal_cache_stats
+from tfmq.quant.nn.step_table import StepTable
+from tfmq.quant.tib import find_tib
 from tfmq.quant.wrap import quant_layers
 from tfmq.sampling import Conditioning, SamplerConfig, sample
 
@@ -76,13 +78,34 @@ def test_a_quantized_pixart_runs_inside_pixart_alpha_pipeline(pixart):
     assert images.shape == (2, 16, 16, 1) and images.min() >= 0 and images.max() <= 1
 
 
-@pytest.mark.parametrize(("make", "message"), [(tiny_dit, "class-conditional"),
-                                               (tiny_pixart, "adaLN modulation is not supported yet")])
-def test_a_temporal_cache_on_a_transformer_is_refused_before_reconstruction(make, message):
+def _labels(count: int) -> Conditioning:
+    return Conditioning({"class_labels": torch.arange(count) % 3}, {"class_labels": torch.tensor([3])},
+                        guidance_scale=2.0)
+
+
+@pytest.mark.parametrize(("make", "conditioning", "sites"), [
+    (tiny_dit, _labels, {"transformer_blocks.0.norm1.emb": "timestep_embedder",
+                         "transformer_blocks.1.norm1.emb": "timestep_embedder"}),
+    (tiny_pixart, _captions, {"adaln_single.emb": "timestep_embedder", "adaln_single": "linear"}),
+])
+def test_a_transformer_temporal_cache_serves_the_full_precision_values_and_survives_a_checkpoint(
+        tmp_path, make, conditioning, sites):
     model = make()
-    conditioning = _captions(2) if message.startswith("adaLN") else Conditioning(
-        {"class_labels": torch.tensor([0, 1])}, {"class_labels": torch.tensor([3])})
-    calibration = collect_calibration(model, latent_scheduler(), 2, SamplerConfig(steps=2), 1, progress=False,
-                                      conditioning=conditioning)
-    with pytest.raises(TfmqError, match=message):
-        quantize(model, TFMQConfig(w_bits=8, a_bits=8, temporal_cache=True), calibration, progress=False)
+    with one_thread():
+        calibration = collect_calibration(model, latent_scheduler(), 2, SAMPLER, 1, progress=False,
+                                          conditioning=conditioning(2))
+        config = TFMQConfig(w_bits=4, a_bits=8, recon_weight_iters=2, recon_act_iters=1, temporal_cache=True,
+                            temporal_selection=True)
+        quantized = quantize(model, config, calibration, progress=False)
+        cached = {owner: getattr(quantized.get_submodule(owner), attribute) for owner, attribute in sites.items()}
+        assert all(isinstance(cache, StepTable) for cache in cached.values())
+        assert find_tib(quantized).cache_sites == sites
+        reference = find_tib(model).site_outputs(calibration.schedule)
+        for owner, cache in cached.items():  # every row within half a step of its own 8-bit grid
+            assert torch.all((cache.values() - reference[owner]).abs() <= cache.scale[:, None] / 2 + 1e-6), owner
+        stats = temporal_cache_stats(quantized)
+        assert stats.values == sum(values.numel() for values in reference.values())
+        assert quantized.tfmq_info.method_results["temporal_cache"]["cached_blocks"] == list(sites)
+        loaded = load_quantized(save_quantized(quantized, tmp_path / "q"), model)
+        run = {"config": SAMPLER, "progress": False, "seed": 4, "conditioning": conditioning(2)}
+        assert torch.equal(sample(loaded, latent_scheduler(), 2, **run), sample(quantized, latent_scheduler(), 2, **run))

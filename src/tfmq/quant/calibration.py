@@ -95,10 +95,11 @@ class CalibrationSet:
         return self.at_steps(list(range(0, len(self.schedule), self.interval_length)))
 
     def per_step(self, count: int) -> CalibrationSet:
-        """At most `count` samples of every sampling step (the first trajectories): a balanced subset."""
+        """At most `count` samples of every sampling step, spread evenly over the step's samples (`spread`):
+        a balanced subset, of both branches of a guided set."""
         keep = torch.zeros(len(self), dtype=torch.bool, device=self.step_indices.device)
         for step in self.step_indices.unique():
-            keep[(self.step_indices == step).nonzero().flatten()[:count]] = True
+            keep[spread((self.step_indices == step).nonzero().flatten(), count)] = True
         return self._subset(keep)
 
     def inputs(self, indices: torch.Tensor, device: torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -187,6 +188,15 @@ class CalibrationSet:
         if (digest is None and recorded is not None) or (digest is not None and digest != _digest(tensors, metadata)):
             raise TfmqError(f"calibration data {path} fails its digest check: it was changed after tfmq wrote it")
         return calibration
+
+
+def spread(indices: torch.Tensor, count: int) -> torch.Tensor:
+    """At most `count` of `indices`, evenly spaced: a guided set records each batch's unconditional branch
+    before its conditional one, so the first rows of a step would all be of one branch (and, for a
+    class-conditional model, of the null label)."""
+    if len(indices) <= count:
+        return indices
+    return indices[torch.linspace(0, len(indices) - 1, count, device=indices.device).round().long()]
 
 
 def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:

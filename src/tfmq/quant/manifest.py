@@ -37,8 +37,9 @@ class TimestepTablesEntry:
 
 @dataclass(frozen=True)
 class TemporalCachesEntry:
-    """The residual blocks that read a temporal feature cache, its codes' dtype, and whether the time MLP
-    is skipped (no block reads the time embedding any more)."""
+    """The modules whose cache site reads a temporal feature cache (`cache_sites`: residual blocks,
+    transformer embedders), its codes' dtype, and whether a UNet's time MLP is skipped (no block reads the
+    time embedding any more)."""
 
     blocks: tuple[str, ...]
     code_dtype: str
@@ -69,7 +70,8 @@ class ModelManifest:
             dtypes = {str(cache.codes.dtype).removeprefix("torch.") for cache in caches.values()}
             if len(dtypes) != 1:
                 raise ValueError(f"the temporal feature caches hold codes of several dtypes: {sorted(dtypes)}")
-            skipped = isinstance(model.get_submodule(find_tib(model).time_embedding), SkippedTimestepEmbedding)
+            embedding = find_tib(model).skippable_embedding
+            skipped = embedding is not None and isinstance(model.get_submodule(embedding), SkippedTimestepEmbedding)
             caches_entry = TemporalCachesEntry(tuple(caches), dtypes.pop(), skipped)
         return cls(WrappingPlan(layers, attentions), tables_entry, caches_entry)
 

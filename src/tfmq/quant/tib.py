@@ -8,6 +8,10 @@ embedding), the optional `time_embed_act`, and in every `ResnetBlock2D` its `non
 Since these depend on (t, y) only, the TIB can be run on its own, without images: this is what TIAR
 reconstructs as one unit and what a cache of temporal features per timestep is computed from.
 
+A temporal feature cache replaces the TIB's modules whose output depends on the timestep alone, one row per
+timestep: the TIB names them as `cache_sites`, {owner module: attribute}, with what they read and return at
+given timesteps (`site_inputs`, `site_outputs`).
+
 In a diffusion transformer the TIB is the adaLN modulation path (`AdaLNTemporalInformationBlock`): a
 timestep (+ class) embedder, then Linear(SiLU(c)) giving every block its shift, scale and gate. DiT
 (adaLN-Zero) gives each block its own embedder and modulation Linear, and its output layer reads block 0's
@@ -30,6 +34,7 @@ TIME_PROJ = "time_proj"
 TIME_EMBEDDING = "time_embedding"
 CLASS_EMBEDDING = "class_embedding"
 TIME_EMBED_ACT = "time_embed_act"
+TIME_MLP = "timestep_embedder"  # a transformer embedder's time MLP
 # diffusers UNets run their blocks in this order; named_modules lists the mid block last.
 _FORWARD_ORDER = ("down_blocks", "mid_block", "up_blocks")
 
@@ -146,6 +151,25 @@ class TemporalInformationBlock:
             inputs[resnet_name] = embedding if resnet.skip_time_act else resnet.nonlinearity(embedding)
         return inputs
 
+    # What a temporal feature cache replaces (the module docstring).
+
+    @property
+    def cache_sites(self) -> dict[str, str]:
+        """Every block's `time_emb_proj`; none in a class-conditional UNet, whose features depend on the label."""
+        return {} if self.class_conditional else {resnet: "time_emb_proj" for resnet in self.resnets}
+
+    @property
+    def skippable_embedding(self) -> str | None:
+        """The time MLP, which nothing reads once every block reads a cache."""
+        return self.time_embedding
+
+    def site_inputs(self, timesteps: torch.Tensor | int | float) -> dict[str, torch.Tensor]:
+        return self.projection_inputs(timesteps)
+
+    def site_outputs(self, timesteps: torch.Tensor | int | float) -> dict[str, torch.Tensor]:
+        features = self.temporal_features(timesteps)
+        return {resnet: features[f"{resnet}.time_emb_proj"] for resnet in self.resnets}
+
 
 @dataclass(frozen=True)
 class AdaLNTemporalInformationBlock:
@@ -169,17 +193,61 @@ class AdaLNTemporalInformationBlock:
 
     @property
     def linear_names(self) -> tuple[str, ...]:
-        """Every Linear of the TIB (the layers TIAR reconstructs jointly): the embedders' and the modulations'."""
+        """Every Linear of the TIB (the layers TIAR reconstructs jointly): the embedders' and the modulations'
+        (those a cache stands in for are no longer there)."""
+        linears = {name for name, module in self.model.named_modules() if isinstance(module, nn.Linear)}
         inside = [f"{embedder}.{name}" for embedder in self.embedders
                   for name, module in self.model.get_submodule(embedder).named_modules() if isinstance(module, nn.Linear)]
-        return tuple(inside) + tuple(name for name in self.feature_names if name not in inside)
+        return tuple(inside) + tuple(name for name in self.feature_names if name not in inside and name in linears)
 
     @property
     def feature_reader_names(self) -> tuple[str, ...]:
         """The Linears whose input changes with t: each embedder's second time-MLP layer and every modulation
-        Linear (the first layer reads the bounded sinusoid, the label table reads labels only)."""
-        second_layers = tuple(f"{embedder}.timestep_embedder.linear_2" for embedder in self.embedders)
+        Linear (the first layer reads the bounded sinusoid, the label table reads labels only). A time MLP
+        a cache stands in for has no layers to read anything."""
+        modules = dict(self.model.named_modules())
+        second_layers = tuple(name for embedder in self.embedders
+                              if (name := f"{embedder}.timestep_embedder.linear_2") in modules)
         return second_layers + tuple(name for name, (_, modulation) in self.features.items() if modulation)
+
+    # What a temporal feature cache replaces (the module docstring).
+
+    @property
+    def cache_sites(self) -> dict[str, str]:
+        """Every embedder's time MLP (`timestep_embedder`: the label is added after it, so it depends on t
+        alone) and, without class labels, every modulation Linear too (PixArt's `adaln_single.linear`)."""
+        sites = {embedder: TIME_MLP for embedder in self.embedders}
+        if not self.class_conditional:
+            sites.update(name.rpartition(".")[::2] for name, (_, modulation) in self.features.items() if modulation)
+        return sites
+
+    @property
+    def skippable_embedding(self) -> str | None:
+        return None  # the sinusoid is all that is left to compute
+
+    def _time_mlp_input(self, embedder: str, timesteps: torch.Tensor) -> torch.Tensor:
+        module = self.model.get_submodule(embedder)
+        return module.time_proj(timesteps).to(next(module.parameters()).dtype)
+
+    def _sites(self, timesteps: torch.Tensor | int | float) -> dict[str, tuple[torch.Tensor, nn.Module]]:
+        """{owner: (what the site module reads at `timesteps`, the site module)}."""
+        reference = next(self.model.get_submodule(self.embedders[0]).parameters())
+        timesteps = torch.as_tensor(timesteps, device=reference.device).reshape(-1)
+        sites = {}
+        for owner, attribute in self.cache_sites.items():
+            module = getattr(self.model.get_submodule(owner), attribute)
+            if attribute == TIME_MLP:
+                sites[owner] = (self._time_mlp_input(owner, timesteps), module)
+            else:
+                embedder = self.features[f"{owner}.{attribute}"][0]
+                sites[owner] = (F.silu(self.embedding(embedder, timesteps, None)), module)
+        return sites
+
+    def site_inputs(self, timesteps: torch.Tensor | int | float) -> dict[str, torch.Tensor]:
+        return {owner: site_input for owner, (site_input, _) in self._sites(timesteps).items()}
+
+    def site_outputs(self, timesteps: torch.Tensor | int | float) -> dict[str, torch.Tensor]:
+        return {owner: module(site_input) for owner, (site_input, module) in self._sites(timesteps).items()}
 
     def embedding(self, embedder: str, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         """The embedding c of `embedder` for (timesteps, class_labels), one row per sample, as the model's
@@ -287,11 +355,9 @@ def find_tib(model: nn.Module) -> TemporalInformationBlock | AdaLNTemporalInform
 
 
 def check_temporal_cache_supported(model: nn.Module, tib: TemporalInformationBlock | AdaLNTemporalInformationBlock) -> None:
-    """Refuse what the temporal feature caches cannot hold yet: features that depend on the class label (one
-    row per timestep would not do), and a transformer's adaLN modulation (its caches are not built)."""
-    if tib.class_conditional:
+    """Refuse a temporal feature cache where the TIB has no module whose output depends on the timestep
+    alone: a class-conditional UNet adds the label before every block's projection, and a cache per
+    (timestep, class) is not supported."""
+    if not tib.cache_sites:
         raise ValueError(f"{type(model).__name__} is class-conditional: its temporal features depend on the label, "
                          "and a temporal feature cache per (timestep, class) is not supported; use temporal_cache=False")
-    if not isinstance(tib, TemporalInformationBlock):
-        raise ValueError(f"a temporal feature cache for {type(model).__name__}'s adaLN modulation is not supported "
-                         "yet; use temporal_cache=False")

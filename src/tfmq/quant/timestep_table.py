@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from tfmq.denoiser import denoiser_call
 from tfmq.devices import module_device
-from tfmq.quant.calibration import CalibrationSet
+from tfmq.quant.calibration import CalibrationSet, spread
 from tfmq.quant.config import FSC_FILLS, FSC_SCOPES
 from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.nn.quantizer import UniformQuantizer
@@ -136,7 +136,7 @@ def _step_ranges(
     """The range of every quantizer over one step's samples `indices`."""
     if momentum is None:
         return _observe(quantizers, run, list(indices.split(batch_size)), None)
-    ranges = _observe(quantizers, run, list(indices[:init_samples].split(batch_size)), None)
+    ranges = _observe(quantizers, run, list(spread(indices, init_samples).split(batch_size)), None)
     for batch in indices.split(batch_size):
         batch_ranges = _observe(quantizers, run, [batch], "minmax")
         ranges = [

@@ -1,8 +1,9 @@
-"""The temporal feature caches served to the residual blocks while they are reconstructed.
+"""The temporal feature caches served to the blocks while they are reconstructed.
 
-Reconstruction replays blocks without the UNet, on batches that mix timesteps, so no UNet call selects a
-row: the row of each sample is found from the time embedding it carries, matched against the embeddings of
-the schedule, and handed to the block's cache (a `StepTable`) as data.
+Reconstruction replays blocks without the whole model, on batches that mix timesteps, so no model call
+selects a row: the row of each sample is found from what the cache site reads (the time embedding, or a
+transformer's sinusoid), matched against what it reads at the timesteps of the schedule, and handed to the
+site's cache (a `StepTable`) as data.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from tfmq.devices import module_device
@@ -19,9 +19,10 @@ from tfmq.quant.tib import find_tib
 
 
 class ScheduledFeatureLookup(nn.Module):
-    """Stands in for a cached block's `time_emb_proj` while the blocks are reconstructed: finds the row of
-    each sample by matching the embedding it receives against `keys` (what the projection receives at the
-    timesteps of cache rows `key_rows`) and serves the cache at those rows, one per sample."""
+    """Stands in for a cache site (a block's `time_emb_proj`, an embedder's time MLP) while the blocks are
+    reconstructed: finds the row of each sample by matching the input it receives against `keys` (what the
+    site receives at the timesteps of cache rows `key_rows`) and serves the cache at those rows, one per
+    sample."""
 
     def __init__(self, keys: torch.Tensor, key_rows: torch.Tensor, cache: StepTable, projection: nn.Module) -> None:
         super().__init__()
@@ -36,7 +37,7 @@ class ScheduledFeatureLookup(nn.Module):
         apart = torch.cdist(keys, keys) + torch.diag(torch.full((len(keys),), float("inf"), device=keys.device))
         self.tolerance = 0.25 * float(apart.min()) if len(keys) > 1 else 0.25 * float(keys.norm())
         self.cache = cache
-        self.projection = projection  # the `time_emb_proj` it stands in for, put back by `restore_projections`
+        self.projection = projection  # the site it stands in for, put back by `restore_projections`
 
     @property
     def out_features(self) -> int:
@@ -59,8 +60,8 @@ def serve_caches_for_reconstruction(
     model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, StepTable], *,
     keyed_at: torch.Tensor | None = None,
 ) -> None:
-    """Make each block of `caches` (rows: the timesteps of `schedule`) read its cache through a
-    `ScheduledFeatureLookup`, keyed by what its `time_emb_proj` receives at every timestep of `keyed_at`
+    """Make each cache site of `caches` (rows: the timesteps of `schedule`) read its cache through a
+    `ScheduledFeatureLookup`, keyed by what the site receives at every timestep of `keyed_at`
     (default: all of `schedule`; the calibration's timesteps, for a cache with rows beyond them). Changes
     `model` in place until `restore_projections`."""
     schedule = torch.as_tensor(schedule, device="cpu")
@@ -71,15 +72,18 @@ def serve_caches_for_reconstruction(
         raise ValueError(f"timesteps {missing[:5]} have no row in the caches' schedule")
     device = module_device(model)
     key_rows = torch.tensor([positions[int(t)] for t in keyed_at.tolist()], device=device)
-    keys = find_tib(model).projection_inputs(keyed_at.to(device))
-    for block, cache in caches.items():
-        module = model.get_submodule(block)
-        module.time_emb_proj = ScheduledFeatureLookup(keys[block], key_rows, cache, module.time_emb_proj)
+    tib = find_tib(model)
+    keys, sites = tib.site_inputs(keyed_at.to(device)), tib.cache_sites
+    for owner, cache in caches.items():
+        module = model.get_submodule(owner)
+        site = getattr(module, sites[owner])
+        setattr(module, sites[owner], ScheduledFeatureLookup(keys[owner], key_rows, cache, site))
 
 
 def restore_projections(model: nn.Module) -> None:
-    """Put back every `time_emb_proj` that `serve_caches_for_reconstruction` replaced (FSC then calibrates
-    the TIB as the blocks' reconstruction left it; `install_temporal_cache` follows)."""
+    """Put back every cache site that `serve_caches_for_reconstruction` replaced (FSC then calibrates the
+    TIB as the blocks' reconstruction left it; `install_temporal_cache` follows)."""
     for module in model.modules():
-        if isinstance(module, ResnetBlock2D) and isinstance(module.time_emb_proj, ScheduledFeatureLookup):
-            module.time_emb_proj = module.time_emb_proj.projection
+        for name, child in module.named_children():
+            if isinstance(child, ScheduledFeatureLookup):
+                setattr(module, name, child.projection)

@@ -40,7 +40,7 @@ from tfmq.quant.methods.units import ReconstructionUnit, unet_units
 from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.nn.quantizer import quantize_codes, range_to_scale_zero_point
 from tfmq.quant.nn.step_table import StepTable
-from tfmq.quant.nn.temporal import cache_code_dtype, install_temporal_cache, temporal_features_by_timestep
+from tfmq.quant.nn.temporal import cache_code_dtype, cache_site_outputs_by_timestep, install_temporal_cache
 from tfmq.quant.tib import TemporalInformationBlock, check_temporal_cache_supported, find_tib
 from tfmq.quant.wrap import quantizers
 
@@ -216,31 +216,31 @@ def quantize_rows(features: torch.Tensor, bits: int | None) -> StepTable:
 def cached_temporal_features(
     full_precision: nn.Module, schedule: torch.Tensor, bits: int | None
 ) -> dict[str, StepTable]:
-    """{residual block: its cache}: the full-precision temporal feature of every block at every timestep of
+    """{owner: its cache}: the full-precision output of every cache site of the TIB (`cache_sites`: each
+    residual block's temporal feature, each transformer embedder's time MLP) at every timestep of
     `schedule`, each row quantized to `bits` on its own range."""
     tib = find_tib(full_precision)
     check_temporal_cache_supported(full_precision, tib)
-    features = tib.temporal_features(torch.as_tensor(schedule, device=module_device(full_precision)))
-    return {resnet: quantize_rows(features[name], bits) for resnet, name in zip(tib.resnets, tib.feature_names)}
+    outputs = tib.site_outputs(torch.as_tensor(schedule, device=module_device(full_precision)))
+    return {owner: quantize_rows(values, bits) for owner, values in outputs.items()}
 
 
 @torch.no_grad()
 def temporal_path_errors(
     model: nn.Module, full_precision: nn.Module, schedule: torch.Tensor, cached: Mapping[str, StepTable]
 ) -> dict[str, dict[str, Any]]:
-    """Per residual block, the mean squared error over all timesteps of `schedule` against the full-precision
-    temporal feature of the TIB path (the quantized model's TIB, with its timestep rows if it has tables)
-    and of the cache `cached`, and the choice: "cache" unless the TIB path is strictly better."""
-    tib = find_tib(full_precision)
+    """Per cache site (owner), the mean squared error over all timesteps of `schedule` against the
+    full-precision output of the TIB path (the quantized model's TIB, with its timestep rows if it has
+    tables) and of the cache `cached`, and the choice: "cache" unless the TIB path is strictly better."""
     schedule = torch.as_tensor(schedule, device=module_device(full_precision))
-    reference = tib.temporal_features(schedule)
-    tib_path = temporal_features_by_timestep(model, schedule)
+    reference = find_tib(full_precision).site_outputs(schedule)
+    tib_path = cache_site_outputs_by_timestep(model, schedule)
     errors = {}
-    for resnet, name in zip(tib.resnets, tib.feature_names):
-        tib_error = (tib_path[name] - reference[name]).pow(2).mean().item()
-        cache_error = (cached[resnet].values() - reference[name]).pow(2).mean().item()
-        errors[resnet] = {"tib_path_mse": tib_error, "cache_mse": cache_error,
-                          "choice": "cache" if cache_error <= tib_error else "tib"}
+    for owner, values in reference.items():
+        tib_error = (tib_path[owner] - values).pow(2).mean().item()
+        cache_error = (cached[owner].values() - values).pow(2).mean().item()
+        errors[owner] = {"tib_path_mse": tib_error, "cache_mse": cache_error,
+                         "choice": "cache" if cache_error <= tib_error else "tib"}
     return errors
 
 

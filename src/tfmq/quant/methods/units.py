@@ -75,7 +75,9 @@ def unet_units(model: nn.Module, full_precision: nn.Module, example_inputs: Mode
     when they are quantized). Modules with nothing quantized, or that the forward never calls, are
     left out. The resnets' `time_emb_proj` belongs to its block, as in Q-Diffusion.
     """
-    names = _unit_names(model)
+    present = dict(full_precision.named_modules())
+    # a cache site's stand-in keeps the quantized layers it replaces, which the forward no longer calls
+    names = [name for name in _unit_names(model) if name in present]
     order = _call_order(full_precision, names, example_inputs)
     return [ReconstructionUnit.block(name, model, full_precision) for name in order]
 

@@ -15,8 +15,10 @@ so the quantized UNet stays a drop-in for diffusers pipelines (`unet(sample, t)`
   serves timestep t, so any scheduler's integer timesteps have their own row, and a fractional timestep (a
   continuous-time scheduler's) is served by the row of the nearest integer. A timestep outside 0..T-1 is an
   error.
-- A temporal feature cache (a `StepTable` quantized per row) stands in for a residual block's
-  `time_emb_proj`; when every block reads one, `SkippedTimestepEmbedding` stands in for the time MLP.
+- A temporal feature cache (a `StepTable` quantized per row) stands in for a module of the TIB whose output
+  depends on the timestep alone (`cache_sites`: a residual block's `time_emb_proj`, a transformer
+  embedder's time MLP); when every block of a UNet reads one, `SkippedTimestepEmbedding` stands in for the
+  time MLP.
   `install_temporal_cache` puts them in place, `restore_temporal_cache` rebuilds them empty from a
   checkpoint's metadata, ready for its state.
 """
@@ -24,7 +26,7 @@ so the quantized UNet stays a drop-in for diffusers pipelines (`unet(sample, t)`
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -36,6 +38,7 @@ from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
 from torch import nn
 
 from tfmq.devices import module_device
+from tfmq.quant.nn.quantizer import UniformQuantizer
 from tfmq.quant.nn.step_table import StepRows, StepTable
 from tfmq.quant.tib import TemporalInformationBlock, find_tib
 
@@ -264,21 +267,36 @@ def temporal_features_by_timestep(
     """The TIB's temporal features of `model` for mixed `timesteps`, each computed with the table rows of
     its own timestep when the model carries tables: what the UNet's blocks receive at that timestep."""
     tib = find_tib(model)
-    tables = timestep_tables(model)
-    if tables is None:
-        return tib.temporal_features(timesteps, class_labels)
+    return _by_timestep(model, timesteps, class_labels, tib.temporal_features)
+
+
+def cache_site_outputs_by_timestep(model: nn.Module, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{owner: output} of the TIB's cache sites of `model` (`TemporalInformationBlock.cache_sites`) for
+    mixed `timesteps`, each with its own timestep's table rows: what a cache would replace."""
+    tib = find_tib(model)
+    return _by_timestep(model, timesteps, None, lambda group, _labels: tib.site_outputs(group))
+
+
+def _by_timestep(
+    model: nn.Module, timesteps: torch.Tensor, class_labels: torch.Tensor | None,
+    compute: Callable[[torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """`compute(timesteps, labels)` for mixed `timesteps`, one timestep at a time under its table rows when
+    `model` carries tables, put back in the order of `timesteps`."""
+    if timestep_tables(model) is None:
+        return compute(timesteps, class_labels)
     timesteps = torch.as_tensor(timesteps, device=module_device(model)).reshape(-1)
-    features: dict[str, torch.Tensor] = {}
+    results: dict[str, torch.Tensor] = {}
     for timestep in timesteps.unique():
         positions = (timesteps == timestep).nonzero().flatten()
         labels = None if class_labels is None else class_labels[positions.to(class_labels.device)]
         with selected_timestep(model, timestep):
-            group = tib.temporal_features(timesteps[positions], labels)
+            group = compute(timesteps[positions], labels)
         for name, values in group.items():
-            if name not in features:
-                features[name] = values.new_empty(len(timesteps), *values.shape[1:])
-            features[name][positions.to(values.device)] = values
-    return features
+            if name not in results:
+                results[name] = values.new_empty(len(timesteps), *values.shape[1:])
+            results[name][positions.to(values.device)] = values
+    return results
 
 
 def _time_embedding_unread(model: nn.Module, tib: TemporalInformationBlock) -> bool:
@@ -303,17 +321,24 @@ def cache_code_dtype(bits: int | None) -> torch.dtype:
     return torch.uint8 if bits <= 8 else torch.int32
 
 
+def site_width(module: nn.Module) -> int:
+    """The output width of a cache site: a projection's, or a time MLP's (its last Linear's)."""
+    return module.out_features if hasattr(module, "out_features") else module.linear_2.out_features
+
+
 def install_temporal_cache(
     model: nn.Module, schedule: torch.Tensor, caches: Mapping[str, StepTable]
 ) -> bool:
-    """Make `caches` ({residual block: its cache}) the `time_emb_proj` of their blocks, serving the row of
-    `schedule` of each call; skip the time MLP when no block reads it any more. Returns whether it was
-    skipped. Changes `model` in place; it then needs timesteps of `schedule`."""
+    """Make `caches` ({owner: its cache}) stand in for the TIB's cache sites of those owners (a residual
+    block's `time_emb_proj`, a transformer embedder's time MLP, PixArt's modulation Linear), serving the row
+    of `schedule` of each call; skip a UNet's time MLP when no block reads it any more. Returns whether it
+    was skipped. Changes `model` in place; it then needs timesteps of `schedule`."""
     tib = find_tib(model)
-    unknown = sorted(set(caches) - set(tib.resnets))
+    sites = tib.cache_sites
+    unknown = sorted(set(caches) - set(sites))
     if unknown:
-        raise ValueError(f"{', '.join(unknown)}: not residual blocks reading the time embedding of "
-                         f"{type(model).__name__}")
+        raise ValueError(f"{', '.join(unknown)}: no module of {type(model).__name__}'s Temporal Information Block "
+                         "whose output depends on the timestep alone")
     schedule = torch.as_tensor(schedule, device="cpu")
     tables = timestep_tables(model)
     if tables is None:
@@ -321,16 +346,19 @@ def install_temporal_cache(
     elif not torch.equal(tables.schedule.cpu(), schedule.to(tables.schedule.dtype)):
         raise ValueError(f"{type(model).__name__}'s timestep tables serve another schedule than the cache's")
     device = next(model.parameters()).device
-    for resnet, cache in caches.items():
-        block = model.get_submodule(resnet)
-        expected = (len(schedule), block.time_emb_proj.out_features)
+    for owner, cache in caches.items():
+        block = model.get_submodule(owner)
+        expected = (len(schedule), site_width(getattr(block, sites[owner])))
         if tuple(cache.codes.shape) != expected:
-            raise ValueError(f"the cache of {resnet} has shape {tuple(cache.codes.shape)}, expected {expected}")
+            raise ValueError(f"the cache of {owner} has shape {tuple(cache.codes.shape)}, expected {expected}")
         cache.step_rows = tables.step_rows
-        block.time_emb_proj = cache.to(device)
-    skipped = _time_embedding_unread(model, tib)
-    if skipped and not isinstance(model.get_submodule(tib.time_embedding), SkippedTimestepEmbedding):
-        setattr(model, tib.time_embedding, SkippedTimestepEmbedding(model.get_submodule(tib.time_embedding)))
+        setattr(block, sites[owner], cache.to(device))
+    if not any(isinstance(module, UniformQuantizer) and module.has_timestep_table for module in model.modules()):
+        tables.scope = "none"  # every quantizer table was in a module a cache now stands in for (PixArt's)
+    embedding = tib.skippable_embedding
+    skipped = embedding is not None and _time_embedding_unread(model, tib)
+    if skipped and not isinstance(model.get_submodule(embedding), SkippedTimestepEmbedding):
+        setattr(model, embedding, SkippedTimestepEmbedding(model.get_submodule(embedding)))
     return skipped
 
 
@@ -340,11 +368,11 @@ def restore_temporal_cache(model: nn.Module, schedule: torch.Tensor, blocks: Seq
     `install_temporal_cache` built, rebuilt from a checkpoint's manifest."""
     caches = {}
     device = module_device(model)
+    sites = find_tib(model).cache_sites
     for block in blocks:
-        try:
-            width = model.get_submodule(block).time_emb_proj.out_features
-        except AttributeError as exc:
-            raise ValueError(f"{block} is not a residual block with a time_emb_proj") from exc
+        if block not in sites:
+            raise ValueError(f"{block} holds no module a temporal feature cache stands in for")
+        width = site_width(getattr(model.get_submodule(block), sites[block]))
         steps = len(schedule)
         caches[block] = StepTable(torch.zeros(steps, width, dtype=code_dtype, device=device),
                                   torch.ones(steps, device=device), torch.zeros(steps, device=device))
