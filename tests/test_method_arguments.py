@@ -23,7 +23,8 @@ def test_no_flags_give_the_config_types_defaults() -> None:
 def test_layer_rules_follow_the_default_rules_in_order() -> None:
     config = _config("--method", "tfmq", "--layer", "time_embedding=w8", "--layer", "*.time_emb_proj=W8A16",
                      "--layer", "re:mid_block\\..*=fp", "--layer", "conv_in=a8")
-    assert config.layers[2:] == (LayerRule("time_embedding", w_bits=8), LayerRule("*.time_emb_proj", w_bits=8, a_bits=16),
+    assert config.layers[:-4] == TFMQConfig().layers
+    assert config.layers[-4:] == (LayerRule("time_embedding", w_bits=8), LayerRule("*.time_emb_proj", w_bits=8, a_bits=16),
                                  LayerRule.full_precision("re:mid_block\\..*"), LayerRule("conv_in", a_bits=8))
     assert config.layer_bits("conv_in").a_bits == 8 and config.layer_bits("conv_in").w_bits is None
 

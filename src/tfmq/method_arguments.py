@@ -87,7 +87,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--act-init", choices=list(RANGE_INITS), **given, help="activation ranges (default mse)")
     parser.add_argument("--layer", type=layer_rule, action="append", default=[], metavar="PATTERN=SPEC",
                         help="per-layer bits by module-name glob (or re:REGEX), after the default rules that keep "
-                             "conv_in and conv_out in fp: e.g. 'conv_in=w8a8', 'time_embedding=w8', "
+                             "the first and last layer in fp (conv_in, conv_out; a transformer's pos_embed.proj "
+                             "and proj_out_2 or proj_out): e.g. 'conv_in=w8a8', 'time_embedding=w8', "
                              "'*.time_emb_proj=w8', 'mid_block=fp' (repeat for several; the last match wins)")
     parser.add_argument("--no-attention-quant", action="store_true", help="leave the attention matmuls in fp",
                         **given)

@@ -31,7 +31,8 @@ def test_each_method_is_a_config_type_named_by_its_method() -> None:
 def test_defaults_are_the_clis_w4a8_setting() -> None:
     config = TFMQConfig()
     assert (config.w_bits, config.a_bits, config.weight_init, config.act_init) == (4, 8, "mse", "mse")
-    assert config.layers == (LayerRule.full_precision("conv_in"), LayerRule.full_precision("conv_out"))
+    assert config.layers == tuple(LayerRule.full_precision(name) for name in
+                                  ("conv_in", "conv_out", "pos_embed.proj", "proj_out_2", "proj_out"))
     assert config.quantize_attention and config.split_shortcut and config.softmax_bits is None
     assert (config.recon_preset, config.fsc_scope, config.tiar, config.temporal_cache) == ("fast", "temporal", True, False)
     assert (config.act_samples_per_step, config.batch_size) == (16, 64)

@@ -14,11 +14,11 @@ from tfmq.models.architectures import latent_scheduler
 from tfmq.quant.api import quantize, relative_output_error
 from tfmq.quant.calibration import collect_calibration
 from tfmq.quant.checkpoint import load_quantized, save_quantized
-from tfmq.quant.config import TFMQConfig, config_for
+from tfmq.quant.config import RTNConfig, TFMQConfig, config_for
 from tfmq.quant.methods.tfmq import temporal_cache_stats
 from tfmq.quant.nn.step_table import StepTable
 from tfmq.quant.tib import find_tib
-from tfmq.quant.wrap import quant_layers
+from tfmq.quant.wrap import quant_layers, quantize_model
 from tfmq.sampling import Conditioning, SamplerConfig, sample
 
 SAMPLER = SamplerConfig(steps=4)
@@ -50,10 +50,11 @@ def test_pixart_quantizes_saves_loads_and_w8a8_stays_close(pixart, tmp_path, met
         quantized = quantize(model, config_for(method, {"w_bits": 8, "a_bits": 8, **settings}), calibration,
                              progress=False)
         names = {name for name, _ in quant_layers(quantized)}
-        # every Linear of the transformer: patch embedding, caption projection, adaLN, attention, MLP, output
-        assert {"pos_embed.proj", "caption_projection.linear_1", "adaln_single.linear",
-                "transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn2.to_k",
-                "transformer_blocks.1.ff.net.2", "proj_out"} <= names
+        # every Linear of the transformer: caption projection, adaLN, attention, MLP; the first and last layer
+        # (patch embedding, output) stay in full precision by default, as a UNet's conv_in and conv_out
+        assert {"caption_projection.linear_1", "adaln_single.linear", "transformer_blocks.0.attn1.to_q",
+                "transformer_blocks.1.attn2.to_k", "transformer_blocks.1.ff.net.2"} <= names
+        assert not names & {"pos_embed.proj", "proj_out"}
         loaded = load_quantized(save_quantized(quantized, tmp_path / "q"), model)
         run = {"config": SAMPLER, "progress": False, "seed": 3, "conditioning": _captions(2, seed=2)}
         images = sample(quantized, latent_scheduler(), 2, **run)
@@ -109,3 +110,10 @@ def test_a_transformer_temporal_cache_serves_the_full_precision_values_and_survi
         loaded = load_quantized(save_quantized(quantized, tmp_path / "q"), model)
         run = {"config": SAMPLER, "progress": False, "seed": 4, "conditioning": conditioning(2)}
         assert torch.equal(sample(loaded, latent_scheduler(), 2, **run), sample(quantized, latent_scheduler(), 2, **run))
+
+
+def test_the_first_and_last_layer_stay_full_precision_unless_the_rules_say_otherwise():
+    dit = {name for name, _ in quant_layers(quantize_model(tiny_dit(), RTNConfig()))}
+    assert "proj_out_1" in dit and not dit & {"pos_embed.proj", "proj_out_2"}  # proj_out_1: the output modulation
+    everything = {name for name, _ in quant_layers(quantize_model(tiny_pixart(), RTNConfig(layers=())))}
+    assert {"pos_embed.proj", "proj_out"} <= everything

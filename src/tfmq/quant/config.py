@@ -67,6 +67,11 @@ def _check_number(name: str, value: Any, *, allow_zero: bool = False, optional: 
         raise TfmqError(f"{name} must be a finite number {bound}{' or None' if optional else ''}, got {value!r}")
 
 
+# The first and last layer of the diffusers denoisers, kept in full precision by default: a UNet's convs, a
+# DiT's or PixArt's patch embedding and final Linear (root names only: a UNet's inner `proj_out`s differ).
+FIRST_AND_LAST_LAYERS = ("conv_in", "conv_out", "pos_embed.proj", "proj_out_2", "proj_out")
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """Bit widths for the layers (Conv2d, Linear, attention) whose qualified name, or a parent's, matches
@@ -142,7 +147,8 @@ class QuantConfig:
     """What every method shares; bit widths of None mean full precision. Use a method's subclass.
 
     `layers`: per-layer rules (LayerRule), by default the first and last layer kept in full precision, as
-    the Q-Diffusion and TFMQ-DM papers do. Activation ranges are observed on `act_samples_per_step` samples
+    the Q-Diffusion and TFMQ-DM papers do (`FIRST_AND_LAST_LAYERS`: a UNet's, a DiT's, PixArt's).
+    Activation ranges are observed on `act_samples_per_step` samples
     of every sampling step (spread over its samples, so both branches of a guided set), run through the
     model `batch_size` at a time.
 
@@ -166,7 +172,7 @@ class QuantConfig:
     a_bits: int | None = 8
     weight_init: str = "mse"
     act_init: str = "mse"
-    layers: tuple[LayerRule, ...] = (LayerRule.full_precision("conv_in"), LayerRule.full_precision("conv_out"))
+    layers: tuple[LayerRule, ...] = tuple(LayerRule.full_precision(name) for name in FIRST_AND_LAST_LAYERS)
     quantize_attention: bool = True
     softmax_bits: int | None = None
     split_shortcut: bool = True
