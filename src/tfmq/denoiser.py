@@ -9,6 +9,7 @@ name of the first: a UNet's forward calls x_t `sample`, a transformer's `hidden_
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -19,9 +20,15 @@ SAMPLE = "sample"
 TRANSFORMER_SAMPLE = "hidden_states"
 
 
+@functools.cache
+def _parameter_names(function: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(function).parameters)
+
+
 def sample_argument(model: nn.Module | Callable) -> str:
-    """The name `model.forward` (an engine's `__call__`) gives x_t: `sample` or a transformer's `hidden_states`."""
-    parameters = inspect.signature(getattr(model, "forward", model)).parameters
+    """The name `model.forward` (an engine's `__call__`) gives x_t: `sample` or a transformer's `hidden_states`.
+    Read once per class (a sampler asks at every step)."""
+    parameters = _parameter_names(getattr(type(model), "forward", type(model).__call__))
     if SAMPLE in parameters:
         return SAMPLE
     if TRANSFORMER_SAMPLE in parameters:

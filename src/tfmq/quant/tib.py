@@ -207,7 +207,7 @@ class AdaLNTemporalInformationBlock:
         a cache stands in for has no layers to read anything."""
         modules = dict(self.model.named_modules())
         second_layers = tuple(name for embedder in self.embedders
-                              if (name := f"{embedder}.timestep_embedder.linear_2") in modules)
+                              if (name := f"{embedder}.{TIME_MLP}.linear_2") in modules)
         return second_layers + tuple(name for name, (_, modulation) in self.features.items() if modulation)
 
     # What a temporal feature cache replaces (the module docstring).
