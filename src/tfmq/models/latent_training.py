@@ -38,7 +38,8 @@ from tfmq.models.training import (
 # LDM's first stages are trained with a KL weight of 1e-6: a near-deterministic autoencoder whose latents
 # are rescaled to unit variance before diffusion.
 KL_WEIGHT = 1e-6
-UNCONDITIONAL_PROBABILITY = 0.1  # prompts or labels dropped to "" in training: what classifier-free guidance needs
+# prompts dropped to "" (labels to the null label) in training: what classifier-free guidance needs
+UNCONDITIONAL_PROBABILITY = 0.1
 
 
 def train_autoencoder(

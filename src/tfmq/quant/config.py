@@ -148,16 +148,15 @@ class QuantConfig:
 
     `layers`: per-layer rules (LayerRule), by default the first and last layer kept in full precision, as
     the Q-Diffusion and TFMQ-DM papers do (`FIRST_AND_LAST_LAYERS`: a UNet's, a DiT's, PixArt's).
-    Activation ranges are observed on `act_samples_per_step` samples
-    of every sampling step (spread over its samples, so both branches of a guided set), run through the
-    model `batch_size` at a time.
+    Activation ranges are observed on `act_samples_per_step` samples of every sampling step (spread over
+    its samples, so both branches of a guided set), run through the model `batch_size` at a time.
 
     Finite-set calibration (FSC, `timestep_table`) gives the activation quantizers in `fsc_scope` one
     range per sampling timestep (None: the method's default). Each step's range is initialised (by
-    `act_init`) on `fsc_init_samples` of its samples (spread over them), then follows the batch min/max of all that step's
-    samples with momentum `fsc_momentum`, as the authors' scripts do; `fsc_momentum=None` instead takes the
-    range of everything the step saw: the paper's plain per-timestep calibration. FSC is only calibration,
-    so every method may use it.
+    `act_init`) on `fsc_init_samples` of its samples (spread over them), then follows the batch min/max of
+    all that step's samples with momentum `fsc_momentum`, as the authors' scripts do; `fsc_momentum=None`
+    instead takes the range of everything the step saw: the paper's plain per-timestep calibration. FSC is
+    only calibration, so every method may use it.
 
     `train_timesteps` (the model's `num_train_timesteps`) makes the model schedule-free: its timestep tables
     and temporal caches get a row for every training timestep, so it samples with any scheduler and step
