@@ -1,9 +1,12 @@
-"""Real low-bit inference of the shipped model: speed of one UNet step, file sizes, and image agreement.
+"""Real low-bit inference of a shipped model: speed of one denoiser step, file sizes, and image agreement.
 
     python benchmarks/integer_inference.py --steps 20 --images 16
+    python benchmarks/integer_inference.py --model fashion-dit --steps 20 --images 16 --name integer_inference_dit
 
-Quantizes fashion-ddpm by RTN at W8A8 and W4A8 (calibration on its own trajectories), exports the
-full-precision UNet and the quantized ones to ONNX, and times one UNet call at batch 1 and 64 for:
+Quantizes the model (default fashion-ddpm) by RTN at W8A8 and W4A8 (calibration on its own trajectories; a
+class-conditional model's guided by scale 3 over every class in turn, as `tfmq sample` does by default),
+exports the full-precision denoiser and the quantized ones to ONNX, and times one denoiser call at batch 1 and
+64 (a conditional model's with class labels) for:
 FP32 torch, FP32 onnxruntime, W8A8 onnxruntime with exact uint8 weights and with weights requantized to
 symmetric int8, W4A8 onnxruntime (4-bit file, int8 kernels), the W4A8 graph as stored (4-bit weights that
 onnxruntime dequantizes to float every call), and the fake-quant torch W8A8 model - all in
@@ -34,6 +37,7 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from tfmq import SamplerConfig, load_model, sample
+from tfmq.arguments import DEFAULT_GUIDANCE_SCALE
 from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
 from tfmq.export.timing import time_steps
 from tfmq.files import write_json, write_text_atomic
@@ -52,14 +56,29 @@ SPEED_COLUMNS = ("engine", "batch", "ms_per_step", "speedup_vs_torch_fp32")
 QUALITY_COLUMNS = ("engine", "reference", "images", "psnr_db", "ssim")
 
 
-def profile_by_op(engine_path: Path, batch: int, channels: int, size: int, timestep: int, threads: int,
-                  calls: int = 10) -> list[dict]:
-    """onnxruntime's per-node profile of `calls` calls, summed by op type, largest first."""
+def step_inputs(model, batch: int, timestep: int) -> dict:
+    """One denoiser call of `model` at `batch`: random x_t, the timestep per sample, and for a class-conditional
+    model labels cycling through its classes."""
+    config = model.unet.config
+    inputs = {"sample": torch.randn(batch, config.in_channels, config.sample_size, config.sample_size),
+              "timestep": torch.full((batch,), timestep)}
+    if model.conditioning_kind == "class":
+        inputs["class_labels"] = torch.arange(batch) % model.num_classes
+    return inputs
+
+
+def conditioning_of(model, images: int):
+    """What `tfmq sample` conditions `images` images on by default: None, or every class in turn at scale 3."""
+    if model.conditioning_kind is None:
+        return None
+    return model.conditioning(images, guidance_scale=DEFAULT_GUIDANCE_SCALE)
+
+
+def profile_by_op(engine_path: Path, inputs: dict, threads: int, calls: int = 10) -> list[dict]:
+    """onnxruntime's per-node profile of `calls` calls on `inputs`, summed by op type, largest first."""
     engine = OnnxUNet(engine_path, threads=threads, profile=True)
-    x = torch.full((batch,), timestep)
-    sample_input = torch.randn(batch, channels, size, size)
     for _ in range(calls):
-        engine(sample_input, x)
+        engine(**inputs)
     trace_file = Path(engine.end_profiling())
     trace = json.loads(trace_file.read_text())
     trace_file.unlink()
@@ -89,9 +108,10 @@ def sampling_run(kind: str, path: str, args: argparse.Namespace, images: int) ->
     model = load_model(args.model)
     engine = _engine(kind, path, args.threads)
     sampler = SamplerConfig(steps=args.steps, skip_type="quad")
-    sample(engine, model.scheduler, 1, 0, sampler, progress=False)  # warm-up
+    sample(engine, model.scheduler, 1, 0, sampler, progress=False, conditioning=conditioning_of(model, 1))  # warm-up
     started = time.perf_counter()
-    sample(engine, model.scheduler, images, 0, sampler, batch_size=images, progress=False)
+    sample(engine, model.scheduler, images, 0, sampler, batch_size=images, progress=False,
+           conditioning=conditioning_of(model, images))
     return {"sampling_s": time.perf_counter() - started,
             "peak_rss_mb": peak_rss_mb()}
 
@@ -127,7 +147,8 @@ def main() -> None:
     unet, scheduler = model.unet.eval(), model.scheduler
     sampler = SamplerConfig(steps=args.steps, skip_type="quad")
     schedule = distinct_timesteps(sampling_timesteps(scheduler, sampler))
-    calibration = collect_calibration(unet, scheduler, args.calibration_images, sampler, progress=False)
+    calibration = collect_calibration(unet, scheduler, args.calibration_images, sampler, progress=False,
+                                      conditioning=conditioning_of(model, args.calibration_images))
     fake_quant = {f"w{bits}a8": quantize(unet, RTNConfig(w_bits=bits, a_bits=8), calibration,
                                          progress=False) for bits in (8, 4)}
     args.work.mkdir(parents=True, exist_ok=True)
@@ -136,7 +157,8 @@ def main() -> None:
     for graph, (name, requantize) in graphs.items():
         quantized = fake_quant[name]
         files[graph] = export_onnx(quantized, args.work / f"{graph.replace(' ', '_')}.onnx", schedule=schedule,
-                                   calibration=trajectory_inputs(quantized, scheduler, sampler, num_images=8),
+                                   calibration=trajectory_inputs(quantized, scheduler, sampler, num_images=8,
+                                                                 conditioning=conditioning_of(model, 8)),
                                    requantize_weights=requantize, details={"sampler": sampler.to_dict()})
     engines = {
         "torch fp32": unet,
@@ -153,17 +175,16 @@ def main() -> None:
             "openvino fp32 (f32)": OpenVinoUNet(files["fp32"], args.threads),
             "openvino fp32 (bf16 hint)": OpenVinoUNet(files["fp32"], args.threads, "bf16"),
             "openvino nncf int8 of fp32 graph": OpenVinoUNet(
-                files["fp32"], args.threads, int8_calibration=trajectory_inputs(unet, scheduler, sampler, 8)),
+                files["fp32"], args.threads,
+                int8_calibration=trajectory_inputs(unet, scheduler, sampler, 8, conditioning=conditioning_of(model, 8))),
             "openvino tfmq w8a8 graph": OpenVinoUNet(files["w8a8 requantized"], args.threads),
             "openvino tfmq w4a8 graph": OpenVinoUNet(files["w4a8"], args.threads),
         }
         engines.update(openvino_engines)
-    config = unet.config
     timestep = int(schedule[len(schedule) // 2])
     speed_rows = []
     for batch in BATCHES:
-        inputs = {"sample": torch.randn(batch, config.in_channels, config.sample_size, config.sample_size),
-                  "timestep": timestep}
+        inputs = step_inputs(model, batch, timestep)
         seconds = time_steps(engines, inputs, args.repeats)
         for name, value in seconds.items():
             speed_rows.append({"engine": name, "batch": batch, "ms_per_step": value * 1000,
@@ -175,18 +196,20 @@ def main() -> None:
                 "fp32/w8a8": sizes["fp32"] / sizes["w8a8"], "fp32/w4a8": sizes["fp32"] / sizes["w4a8"]}
 
     quality_rows = []
-    full_precision = sample(unet, scheduler, args.images, 0, sampler, batch_size=args.images, progress=False)
-    references = {name: sample(quantized, scheduler, args.images, 0, sampler, batch_size=args.images,
-                               progress=False) for name, quantized in fake_quant.items()}
+    run = {"batch_size": args.images, "progress": False, "conditioning": conditioning_of(model, args.images),
+           "decoder": model.decoder}
+    full_precision = sample(unet, scheduler, args.images, 0, sampler, **run)
+    references = {name: sample(quantized, scheduler, args.images, 0, sampler, **run)
+                  for name, quantized in fake_quant.items()}
     for graph, (name, _) in graphs.items():
         engine = OnnxUNet(files[graph], threads=args.threads)
-        images = sample(engine, scheduler, args.images, 0, sampler, batch_size=args.images, progress=False)
+        images = sample(engine, scheduler, args.images, 0, sampler, **run)
         quality_rows.append({"engine": f"ort {graph}", "reference": f"torch fake-quant {name}",
                              "images": args.images, **_similarity(images, references[name])})
         quality_rows.append({"engine": f"ort {graph}", "reference": "torch fp32", "images": args.images,
                              **_similarity(images, full_precision)})
     for name, engine in openvino_engines.items():
-        images = sample(engine, scheduler, args.images, 0, sampler, batch_size=args.images, progress=False)
+        images = sample(engine, scheduler, args.images, 0, sampler, **run)
         quality_rows.append({"engine": name, "reference": "torch fp32", "images": args.images,
                              **_similarity(images, full_precision)})
     for name, images in references.items():
@@ -203,7 +226,7 @@ def main() -> None:
                              "speedup_vs_torch_fp32": runs["torch fp32"]["sampling_s"] / run["sampling_s"]})
     print(format_table(run_rows, RUN_COLUMNS), flush=True)
 
-    profile = profile_by_op(files["w4a8"], 64, config.in_channels, config.sample_size, timestep, args.threads)
+    profile = profile_by_op(files["w4a8"], step_inputs(model, 64, timestep), args.threads)
     details = {name: OnnxUNet(path, threads=1).info.details for name, path in files.items() if name != "fp32"}
 
     speed_table = format_table(speed_rows, SPEED_COLUMNS, markdown=True)
@@ -218,11 +241,14 @@ def main() -> None:
         "profile_w4a8_b64": profile,
         "export_details": details, "threads": args.threads, "steps": args.steps, "timestep": timestep})
     command = "python benchmarks/integer_inference.py " + " ".join(sys.argv[1:])
+    guided = ("" if model.conditioning_kind is None else
+              f"; steps timed with class labels, images sampled with guidance scale {DEFAULT_GUIDANCE_SCALE} "
+              "over every class in turn")
     write_text_atomic(RESULTS / f"{args.name}.md", (
         f"# Integer inference (onnxruntime{' and OpenVINO' if args.openvino else ''})\n\n`{command}`\n\n"
         f"{args.model}, RTN quantization, DDIM {args.steps} "
         f"steps (quad), {args.threads} threads for torch and onnxruntime, timestep {timestep}; median of 3 "
-        f"rounds of {args.repeats} calls per engine.\n\n## Time per UNet step\n\n{speed_table}\n\n"
+        f"rounds of {args.repeats} calls per engine{guided}.\n\n## Time per denoiser step\n\n{speed_table}\n\n"
         f"## Full sampling runs ({args.steps} steps, one batch, each engine in its own process)\n\n{run_table}\n\n"
         f"## File sizes\n\n{size_table}\n\n"
         f"## Images vs the fake-quant model and vs fp32 (same seeds)\n\n{quality_table}\n\n"
@@ -239,19 +265,23 @@ class OpenVinoUNet:
         self.config = self.reference.config
         model = ov.Core().read_model(str(path))
         if int8_calibration is not None:
-            feeds = [self.reference.feeds(inputs["sample"], inputs["timestep"]) for inputs in int8_calibration]
+            feeds = [self.reference.feeds(inputs["sample"], inputs["timestep"], class_labels=inputs.get("class_labels"))
+                     for inputs in int8_calibration]
             convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
             # tuned as a user would: first and last conv float (tfmq's default rules keep conv_in and conv_out),
             # the time embedding float (quantized per tensor over all timesteps it ruins the images), and the
-            # transformer model type (its attention handling)
-            float_scope = nncf.IgnoredScope(names=[convs[0], convs[-1]], patterns=[".*time_emb.*"])
+            # transformer model type (its attention handling); a DiT's time MLPs and final Linear likewise
+            float_scope = nncf.IgnoredScope(names=[convs[0], convs[-1]], validate=False,
+                                            patterns=[".*time_emb.*", ".*timestep_embedder.*", ".*proj_out_2.*"])
             model = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), ignored_scope=float_scope,
                                   model_type=nncf.ModelType.TRANSFORMER)
         self.compiled = ov.Core().compile_model(model, "CPU", {
             "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True):
-        noise = torch.from_numpy(self.compiled(self.reference.feeds(sample, timestep))[0].copy())
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, class_labels: torch.Tensor | None = None,
+                 return_dict: bool = True):
+        feeds = self.reference.feeds(sample, timestep, class_labels=class_labels)
+        noise = torch.from_numpy(self.compiled(feeds)[0].copy())
         return UNet2DOutput(sample=noise) if return_dict else (noise,)
 
 

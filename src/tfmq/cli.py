@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(sample)
     sample.set_defaults(func=_cmd_sample)
 
-    export = commands.add_parser("export", help="export a quantized UNet (or with no folder the FP32 one) to "
+    export = commands.add_parser("export", help="export a quantized UNet or DiT (or with no folder the FP32 one) to "
                                  "ONNX QDQ for onnxruntime's integer kernels")
     export.add_argument("quantized", type=Path, nargs="?", default=None,
                         help="a folder written by `tfmq quantize` (omit: the FP32 graph of --model)")

@@ -85,14 +85,14 @@ def test_the_graph_gathers_at_each_step_the_rows_the_torch_model_serves_at_its_t
     for step in range(len(schedule)):
         noise, *gathered = session.run(None, {SAMPLE: sample.numpy(), STEP: np.array(step, dtype=np.int64)})
         served = reference[step][1]
-        matched = set()  # the graph's tables need not come in the blocks' order
+        matched = set()  # the graph's tables need not come in the blocks' order; a row is one step's, unbatched
         for row in gathered:
             matching = [block for block in range(blocks)
-                        if row.shape == (1, served[block].numel()) and np.array_equal(row[0], served[block].numpy())]
+                        if row.shape == (served[block].numel(),) and np.array_equal(row, served[block].numpy())]
             assert len(matching) == 1, (step, matching)
             matched.add(matching[0])
             for neighbour in {max(step - 1, 0), min(step + 1, len(schedule) - 1)} - {step}:  # an off-by-one
-                assert not np.array_equal(row[0], reference[neighbour][1][matching[0]].numpy()), (step, neighbour)
+                assert not np.array_equal(row, reference[neighbour][1][matching[0]].numpy()), (step, neighbour)
         assert matched == set(range(blocks)), step
         noise = torch.from_numpy(noise)
         shifted = reference[step + 1 if step + 1 < len(schedule) else step - 1][0]

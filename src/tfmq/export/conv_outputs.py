@@ -16,6 +16,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
+from tfmq.denoiser import denoiser_inputs
 from tfmq.export.qdq import KERNEL_BITS, QdqActivation
 from tfmq.quant.nn.layers import QuantConv2d, QuantLayer
 from tfmq.quant.nn.quantizer import UniformQuantizer
@@ -87,7 +88,7 @@ def conv_output_grids(
     try:
         for inputs in calibration:
             for batch in _single_timestep_batches(inputs):
-                model(**batch)
+                model(**denoiser_inputs(model, batch))
     finally:
         for handle in handles:
             handle.remove()

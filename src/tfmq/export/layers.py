@@ -4,7 +4,8 @@ A conv becomes QLinearConv only with a QuantizeLinear on its output, which the f
 have: `output` is that extra 8-bit grid (None keeps the conv in float on dequantized operands, exact but
 not faster). A linear needs none: onnxruntime fuses DQ -> MatMul into MatMulIntegerToFloat, whose float
 output is exact. A conv with a split input (two input grids) becomes two integer convs, one per input part
-over its slice of the weight, each with an output grid, added in float.
+over its slice of the weight, each with an output grid, added in float. An input quantizer with a timestep
+table reads its grid at the graph's step (`step_rows`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from tfmq.export.qdq import DequantizedWeight, QdqActivation, WeightCodes
+from tfmq.export.qdq import DequantizedWeight, QdqActivation, WeightCodes, frozen_activation
 from tfmq.quant.nn.layers import QuantConv2d, QuantLayer, QuantLinear
+from tfmq.quant.nn.step_table import StepRows
 
 
 class IntegerLayer(nn.Module):
@@ -22,11 +24,14 @@ class IntegerLayer(nn.Module):
 
     channel_dim: int
 
-    def __init__(self, layer: QuantLayer, weight: nn.Module, output: QdqActivation | None) -> None:
+    def __init__(self, layer: QuantLayer, weight: nn.Module, output: QdqActivation | None,
+                 step_rows: StepRows | None) -> None:
         super().__init__()
-        self.input_quantizer = QdqActivation.of(layer.input_quantizer)
+        step_rows = StepRows() if step_rows is None else step_rows  # read only by quantizers with tables
+        self.input_quantizer = frozen_activation(layer.input_quantizer, step_rows)
         self.split = layer.split
-        self.split_input_quantizer = None if layer.split is None else QdqActivation.of(layer.split_input_quantizer)
+        self.split_input_quantizer = (None if layer.split is None
+                                      else frozen_activation(layer.split_input_quantizer, step_rows))
         self.weight = weight
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.output_quantizer = output
@@ -74,13 +79,14 @@ class IntegerConv2d(IntegerLayer):
     channel_dim = 1
 
     def __init__(self, layer: QuantConv2d, outputs: tuple[QdqActivation, ...] | None,
-                 requantize_weights: bool = False) -> None:
+                 requantize_weights: bool = False, step_rows: StepRows | None = None) -> None:
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding_mode={layer.padding_mode!r} has no ONNX Conv equivalent; only 'zeros'")
         parts = 1 if layer.split is None else 2
         if outputs is not None and len(outputs) != parts:
             raise ValueError(f"a conv with {parts} input part(s) takes {parts} output grid(s), got {len(outputs)}")
-        super().__init__(layer, self.weight_of(layer, requantize_weights), None if outputs is None else outputs[0])
+        super().__init__(layer, self.weight_of(layer, requantize_weights), None if outputs is None else outputs[0],
+                         step_rows)
         self.split_output_quantizer = outputs[1] if outputs is not None and parts == 2 else None
         if self.split_output_quantizer is not None:
             self.split_weights = nn.ModuleList([self.weight.input_channels(0, layer.split),
@@ -105,8 +111,8 @@ class IntegerLinear(IntegerLayer):
 
     channel_dim = -1
 
-    def __init__(self, layer: QuantLinear, requantize_weights: bool = False) -> None:
-        super().__init__(layer, self.weight_of(layer, requantize_weights, axis=1, transpose=True), None)
+    def __init__(self, layer: QuantLinear, requantize_weights: bool = False, step_rows: StepRows | None = None) -> None:
+        super().__init__(layer, self.weight_of(layer, requantize_weights, axis=1, transpose=True), None, step_rows)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         outputs = torch.matmul(self.quantize_input(inputs), self.weight())

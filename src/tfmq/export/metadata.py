@@ -23,7 +23,9 @@ _HASH_CHUNK_BYTES = 1 << 24
 FORMATS = ("int8", "fp32")
 # The graph's inputs and output. An integer graph reads the step index (position of t in `schedule`),
 # a full-precision graph the timestep itself.
-SAMPLE, STEP, TIMESTEP, ENCODER_HIDDEN_STATES, OUTPUT = "sample", "step", "timestep", "encoder_hidden_states", "noise"
+SAMPLE, STEP, TIMESTEP, OUTPUT = "sample", "step", "timestep", "noise"
+# The condition input, if any: a text-conditional model's, a DiT's.
+ENCODER_HIDDEN_STATES, CLASS_LABELS = "encoder_hidden_states", "class_labels"
 
 
 @dataclass(frozen=True)

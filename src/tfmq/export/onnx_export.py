@@ -1,4 +1,5 @@
-"""`export_onnx`: a UNet as an ONNX graph for onnxruntime, integer (QDQ) or full precision.
+"""`export_onnx`: a UNet or diffusion transformer as an ONNX graph for onnxruntime, integer (QDQ) or full
+precision.
 
 The integer graph takes the step index instead of the timestep (see docs/design/integer_inference.md):
 the TIB is a table over the schedule, so the graph serves exactly the timesteps it was exported for.
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from tfmq.errors import TfmqError
@@ -23,6 +24,7 @@ from tfmq.export.conv_outputs import UNetInputs, conv_output_grids, integer_conv
 from tfmq.export.dependencies import require
 from tfmq.export.graph import StepGraph, TimestepGraph, integer_twin
 from tfmq.export.metadata import (
+    CLASS_LABELS,
     DATA_KEY,
     DIGEST_KEY,
     ENCODER_HIDDEN_STATES,
@@ -58,6 +60,9 @@ EXTERNAL_DATA_THRESHOLD_BYTES = PROTOBUF_LIMIT_BYTES - 2**24
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 _EXAMPLE_BATCH = 2
 _EXAMPLE_TOKENS = 3
+# PixArt is not among them: TorchScript's exporter loses the token axis's size and writes its output squeeze as
+# an If whose branch onnxruntime refuses.
+EXPORTED_CLASSES = (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel)
 
 
 def export_onnx(
@@ -74,7 +79,8 @@ def export_onnx(
     overwrite: bool = False,
     external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD_BYTES,
 ) -> Path:
-    """Write `unet` to `path` as ONNX, to run with `OnnxUNet`; an existing file is replaced only if tfmq
+    """Write `unet` (a UNet or a DiT, see EXPORTED_CLASSES) to `path` as ONNX, to run with
+    `OnnxUNet`; an existing file is replaced only if tfmq
     exported it (or with `overwrite`). A graph of more than `external_data_threshold_bytes` (default: just under
     protobuf's 2 GB) keeps its weights in `<path>.data` beside it, under the graph's digest; the graph file
     alone is then small, and the two travel together.
@@ -87,7 +93,10 @@ def export_onnx(
     Weights are exact: symmetric int8 up to 7 bits, uint8 with zero points at 8 bits (slower kernels);
     `requantize_weights=True` rounds 8-bit weights onto symmetric int8 instead (approximate; fast where the
     CPU's u8s8 kernels do not saturate, elsewhere `OnnxUNet` runs them exactly on u8u8 kernels).
-    format "fp32": a full-precision UNet as it is, any timestep.
+    format "fp32": a full-precision model as it is, any timestep.
+    The graph's inputs: `sample`, `step` (int8) or `timestep` (fp32), and the model's condition if it has one
+    (`encoder_hidden_states` or a DiT's `class_labels`); its output: the predicted noise (a learned variance
+    is left out).
     `details` (JSON values) is stored in the graph's metadata, e.g. the sampler it was exported for.
     """
     onnx = require("onnx")
@@ -102,14 +111,15 @@ def export_onnx(
         raise TfmqError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     if opset not in SUPPORTED_OPSETS:
         raise TfmqError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
-    if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
-        raise TfmqError(f"export takes a diffusers UNet2DModel or UNet2DConditionModel, not {type(unet).__name__}")
+    if not isinstance(unet, EXPORTED_CLASSES):
+        names = ", ".join(model_class.__name__ for model_class in EXPORTED_CLASSES)
+        raise TfmqError(f"export takes a diffusers {names}; not a {type(unet).__name__}")
     quantized = any(isinstance(module, QuantLayer) for module in unet.modules())
     info_details = dict(details or {})
     if format == "fp32":
         if quantized:
-            raise TfmqError("format 'fp32' exports a full-precision UNet; this one is quantized (use format 'int8')")
-        graph, schedule_list = TimestepGraph(unet.eval()), None
+            raise TfmqError("format 'fp32' exports a full-precision model; this one is quantized (use format 'int8')")
+        graph, schedule_list = TimestepGraph(unet.eval(), condition_input(unet)), None
         timestep = torch.full((_EXAMPLE_BATCH,), 10, dtype=torch.int64)
     else:
         schedule_tensor = _checked_schedule(unet, schedule, quantized)
@@ -120,7 +130,8 @@ def export_onnx(
         info_details.update(counts, quant_config=unet.tfmq_info.to_dict()["quant_config"])
         schedule_list, timestep = schedule_tensor.tolist(), torch.tensor(0, dtype=torch.int64)
     info = GraphInfo(format, type(unet).__name__, _json_config(unet), schedule_list, info_details)
-    model = _traced(graph, unet, timestep, info, opset, onnx)
+    # in eval mode, which the exporter restores on the graph and on the model inside it when it is done
+    model = _traced(graph.eval(), unet, timestep, info, opset, onnx)
     external = _proto_bytes(model) > external_data_threshold_bytes
     if opset > TORCH_MAX_OPSET:
         model = _converted(model, opset, onnx, without_weights=external)
@@ -142,7 +153,7 @@ def _checked_schedule(unet: nn.Module, schedule: Sequence[int] | torch.Tensor | 
     if getattr(unet, "tfmq_info", None) is None or not quantized:
         raise TfmqError(f"this {type(unet).__name__} was never quantized (no tfmq_info or no quantized layer): "
                         "format 'int8' needs a model from tfmq.quantize or load_quantized; use format 'fp32' for "
-                        "the full-precision UNet")
+                        "the full-precision model")
     # What the model is (its manifest), not what its config asked for, decides what the graph can hold.
     manifest = ModelManifest.of(unet)
     if manifest.timestep_tables is not None and manifest.timestep_tables.scope == "all":
@@ -184,9 +195,28 @@ def _integer_graph(
         raise ValueError("integer convolutions need calibration inputs for their 8-bit output grids: pass "
                          "calibration= (e.g. trajectory_inputs(unet, scheduler, sampler)) or integer_convs=False")
     grids = conv_output_grids(unet, names, calibration) if names else {}
-    graph, counts = integer_twin(unet, schedule, grids, requantize_weights)
+    graph, counts = integer_twin(unet, schedule, grids, condition_input(unet), requantize_weights)
     split = sum(len(parts) == 2 for parts in grids.values())
     return graph, {**counts, "integer_convs": len(grids), "split_integer_convs": split}
+
+
+def condition_input(model: nn.Module) -> str | None:
+    """The name of the graph's condition input: the text states of a text-conditional UNet, the class labels
+    of a DiT, none for an unconditional UNet."""
+    if isinstance(model, UNet2DConditionModel):
+        return ENCODER_HIDDEN_STATES
+    if isinstance(model, DiTTransformer2DModel):
+        return CLASS_LABELS
+    return None
+
+
+def _example_condition(model: nn.Module) -> torch.Tensor | None:
+    config = model.config
+    if isinstance(model, UNet2DConditionModel):
+        return torch.randn(_EXAMPLE_BATCH, _EXAMPLE_TOKENS, config.cross_attention_dim)
+    if isinstance(model, DiTTransformer2DModel):
+        return torch.arange(_EXAMPLE_BATCH) % config.num_embeds_ada_norm
+    return None
 
 
 def _json_config(unet: nn.Module) -> dict[str, Any]:
@@ -204,10 +234,11 @@ def _traced(graph: nn.Module, unet: nn.Module, timestep: torch.Tensor, info: Gra
     dynamic = {SAMPLE: {0: "batch"}, OUTPUT: {0: "batch"}}
     if timestep.dim() > 0:
         dynamic[info.timestep_input] = {0: "batch"}
-    if isinstance(unet, UNet2DConditionModel):
-        args += (torch.randn(_EXAMPLE_BATCH, _EXAMPLE_TOKENS, config.cross_attention_dim),)
-        names.append(ENCODER_HIDDEN_STATES)
-        dynamic[ENCODER_HIDDEN_STATES] = {0: "batch", 1: "tokens"}
+    condition = condition_input(unet)
+    if condition is not None:
+        args += (_example_condition(unet),)
+        names.append(condition)
+        dynamic[condition] = {0: "batch", 1: "tokens"} if condition == ENCODER_HIDDEN_STATES else {0: "batch"}
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         # diffusers' shape checks (asserts, size branches) are constant for a fixed sample size; the
         # TorchScript exporter is deprecated but the only one that takes our QDQ symbolics as they are
@@ -308,7 +339,8 @@ def _uint4_tensor(name: str, values: np.ndarray, onnx) -> Any:
 
 def _compact_value_names(model: Any) -> None:
     """Drop the shape annotations and give intermediate values short names: with 4-bit weights the exporter's
-    scope-path names took a third of the file. Inputs, outputs, initializers and node names stay."""
+    scope-path names took a third of the file. Inputs, outputs, initializers and node names stay; the
+    branches of an If (the exporter's squeeze of a dynamic axis) read outer values under their new names."""
     del model.graph.value_info[:]
     kept = {value.name for value in (*model.graph.input, *model.graph.output, *model.graph.initializer)}
     short: dict[str, str] = {}
@@ -316,8 +348,16 @@ def _compact_value_names(model: Any) -> None:
         for index, name in enumerate(node.output):
             if name and name not in kept:
                 node.output[index] = short.setdefault(name, f"v{len(short)}")
-    for node in model.graph.node:
+    _rename_inputs(model.graph, short)
+
+
+def _rename_inputs(graph: Any, names: Mapping[str, str]) -> None:
+    """Every node input (and subgraph output) of `graph` and of its subgraphs under its name in `names`."""
+    for node in graph.node:
         for index, name in enumerate(node.input):
-            node.input[index] = short.get(name, name)
-
-
+            node.input[index] = names.get(name, name)
+        for attribute in node.attribute:
+            for subgraph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                for output in subgraph.output:
+                    output.name = names.get(output.name, output.name)
+                _rename_inputs(subgraph, names)

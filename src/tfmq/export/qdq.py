@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tfmq.quant.nn.quantizer import MIN_SCALE, UniformQuantizer
+from tfmq.quant.nn.step_table import StepRows, selected_rows
 
 # Integer kernels of onnxruntime read 8-bit operands: uint8 activations, int8 weights.
 KERNEL_BITS = 8
@@ -62,6 +63,40 @@ class QdqActivation(nn.Module):
         if self.bits < KERNEL_BITS:
             values = values.clamp(-self.zero_point * self.scale, (2**self.bits - 1 - self.zero_point) * self.scale)
         return torch.fake_quantize_per_tensor_affine(values, self.scale, self.zero_point, 0, 2**KERNEL_BITS - 1)
+
+
+class StepQdqActivation(nn.Module):
+    """A quantizer with a timestep table frozen into one scale and zero point per scheduled step, read at the
+    graph's step (a Gather feeding a QDQ pair in ONNX). onnxruntime runs such a pair as it stands, not fused
+    into an integer kernel (its scale is not a constant): for the small modulation Linears of a transformer's
+    TIB, whose input depends on the class as well as the step and so cannot become a table."""
+
+    def __init__(self, quantizer: UniformQuantizer, step_rows: StepRows) -> None:
+        super().__init__()
+        if quantizer.bits > KERNEL_BITS:
+            raise ValueError(f"integer kernels take at most {KERNEL_BITS}-bit activations, got {quantizer.bits} bits")
+        self.register_buffer("scale", quantizer.table_scale.detach().clamp_min(MIN_SCALE).float().cpu().clone())
+        self.register_buffer("zero_point", quantizer.table_zero_point.detach().round().to(torch.int32).cpu().clone())
+        self.bits = quantizer.bits
+        self.step_rows = step_rows
+
+    def extra_repr(self) -> str:
+        return f"steps={len(self.scale)}, bits={self.bits}"
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        row = selected_rows(self.step_rows, self).reshape(())
+        scale, zero_point = self.scale[row], self.zero_point[row]
+        if self.bits < KERNEL_BITS:
+            values = torch.clamp(values, -zero_point * scale, (2**self.bits - 1 - zero_point) * scale)
+        return torch.fake_quantize_per_tensor_affine(values, scale, zero_point, 0, 2**KERNEL_BITS - 1)
+
+
+def frozen_activation(quantizer: UniformQuantizer, step_rows: StepRows) -> QdqActivation | StepQdqActivation | None:
+    """The graph's twin of an activation quantizer: constant QDQ, a QDQ read per step for one with a timestep
+    table (`step_rows`: the graph's), or None for one that passes values through."""
+    if quantizer.bits is not None and quantizer.enabled and quantizer.has_timestep_table:
+        return StepQdqActivation(quantizer, step_rows)
+    return QdqActivation.of(quantizer)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""`OnnxUNet`: an exported graph in onnxruntime, called like a diffusers UNet so the sampler runs unchanged."""
+"""`OnnxUNet`: an exported graph in onnxruntime, called like a diffusers UNet so the sampler runs unchanged
+(whether the graph is a UNet's or a diffusion transformer's)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from tfmq.errors import TfmqError
 from tfmq.export.dependencies import require
-from tfmq.export.metadata import ENCODER_HIDDEN_STATES, SAMPLE, STEP, GraphInfo, check_digest, check_external_data
+from tfmq.export.metadata import (
+    CLASS_LABELS,
+    ENCODER_HIDDEN_STATES,
+    SAMPLE,
+    STEP,
+    GraphInfo,
+    check_digest,
+    check_external_data,
+)
 from tfmq.export.qdq import INT8_MAX
 
 # The largest int8 weight code whose products with uint8 activations never leave int16 in pairs:
@@ -24,8 +33,8 @@ U8S8_SAFE_MAX = 64
 
 
 class OnnxUNet:
-    """`engine(sample, timestep, encoder_hidden_states=None)` -> object with `.sample`, and `.config` as the
-    UNet's, so `tfmq.sampling.sample(engine, scheduler, ...)` runs the whole loop in onnxruntime.
+    """`engine(sample, timestep, encoder_hidden_states=None, class_labels=None)` -> object with `.sample` (the
+    predicted noise), and `.config` as the exported model's, so `tfmq.sampling.sample(engine, scheduler, ...)` runs the whole loop in onnxruntime.
 
     An integer graph serves the timesteps of its schedule only (`info.schedule`), one timestep per batch; a
     schedule-free one (every training timestep) serves any timestep of that range, a fractional one at the
@@ -90,16 +99,17 @@ class OnnxUNet:
         encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple[torch.Tensor]:
-        if class_labels is not None:
-            raise TfmqError("class labels are not supported by exported graphs")
-        noise = torch.from_numpy(self.session.run(None, self.feeds(sample, timestep, encoder_hidden_states))[0])
+        feeds = self.feeds(sample, timestep, encoder_hidden_states, class_labels)
+        noise = torch.from_numpy(self.session.run(None, feeds)[0])
         noise = noise.to(sample.device, sample.dtype)
         return UNet2DOutput(sample=noise) if return_dict else (noise,)
 
     def feeds(self, sample: torch.Tensor, timestep: torch.Tensor | int | float,
-              encoder_hidden_states: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-        """The graph's inputs for one UNet call: the sample, the timestep or its schedule row, and the text
-        states of a text-conditional graph (any runtime reading the graph takes these)."""
+              encoder_hidden_states: torch.Tensor | None = None,
+              class_labels: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """The graph's inputs for one denoiser call: the sample, the timestep or its schedule row, and the text
+        states of a text-conditional graph or the labels of a class-conditional one (any runtime reading the
+        graph takes these)."""
         feeds: dict[str, np.ndarray] = {SAMPLE: sample.detach().float().cpu().numpy()}
         timesteps = torch.as_tensor(timestep).detach().reshape(-1).cpu()
         if self._rows is None:
@@ -112,6 +122,17 @@ class OnnxUNet:
             feeds[ENCODER_HIDDEN_STATES] = encoder_hidden_states.detach().float().cpu().numpy()
         elif encoder_hidden_states is not None:
             raise TfmqError("this graph takes no encoder_hidden_states (it is not text-conditional)")
+        if CLASS_LABELS in self._input_names:
+            if class_labels is None:
+                raise TfmqError("this graph is class-conditional: pass class_labels")
+            labels = torch.as_tensor(class_labels).detach().reshape(-1).cpu().to(torch.int64)
+            null_label = self.config.get("num_embeds_ada_norm")  # a DiT's label table: its classes, then the null
+            if null_label is not None and not bool(((labels >= 0) & (labels <= null_label)).all()):
+                raise TfmqError(f"class label {int(labels[(labels < 0) | (labels > null_label)][0])} is outside "
+                                f"0..{null_label} ({null_label} classes, then the null label)")
+            feeds[CLASS_LABELS] = labels.expand(len(sample)).numpy().copy() if len(labels) == 1 else labels.numpy()
+        elif class_labels is not None:
+            raise TfmqError("this graph takes no class_labels (it is not class-conditional)")
         return feeds
 
     def step_index(self, timesteps: torch.Tensor) -> int:

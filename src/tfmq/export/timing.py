@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from tfmq.denoiser import denoiser_inputs
 from tfmq.devices import module_device, module_dtype
 
-# An engine: anything called like a diffusers UNet with keyword inputs.
+# An engine: anything called like a diffusers UNet or transformer with keyword inputs.
 Engine = Callable[..., object]
 
 
@@ -31,6 +32,7 @@ def time_steps(engines: Mapping[str, Engine], inputs: Mapping[str, object], repe
                 device, dtype = module_device(engine), module_dtype(engine)
                 engine_inputs = {key: value.to(device, dtype if value.is_floating_point() else value.dtype)
                                  if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+                engine_inputs = denoiser_inputs(engine, engine_inputs)
                 engine(**engine_inputs)
                 for _ in range(repeats):
                     started = time.perf_counter()
@@ -55,7 +57,7 @@ def time_engines(model: Any, engines: Mapping[str, Engine], batches: Sequence[in
     rows = []
     for batch in batches:
         inputs = {"sample": torch.randn(batch, config.in_channels, config.sample_size, config.sample_size),
-                  "timestep": timestep}
+                  "timestep": torch.full((batch,), timestep)}
         if conditioning is not None:
             inputs.update({key: value[:1].expand(batch, *value.shape[1:]) for key, value in
                            conditioning.per_image.items()})
