@@ -18,7 +18,8 @@ seeds (PSNR between them), and profiles the W4A8 engine (all-s8 weights) per op 
 With `--openvino` (the `bench` extra), OpenVINO's CPU runtime joins the per-step table and the image
 comparison: the fp32 graph at f32 and at bf16 precision, NNCF's own INT8 post-training quantization of the
 fp32 graph (calibrated on the model's trajectories; first and last conv and the time embedding float, transformer
-model type: NNCF's defaults give images ~24 dB from fp32), and our W8A8/W4A8 QDQ graphs as OpenVINO reads them.
+model type: NNCF's defaults give images ~24 dB from fp32), and our W8A8 (s8) and W4A8 QDQ graphs in tfmq's
+OpenVINO engine (`tfmq sample --engine openvino`).
 Writes benchmarks/results/integer_inference.{json,md}.
 """
 
@@ -38,7 +39,8 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from tfmq import SamplerConfig, load_model, sample
 from tfmq.arguments import DEFAULT_GUIDANCE_SCALE
-from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
+from tfmq.export import ExportedGraph, OnnxUNet, export_onnx, trajectory_inputs
+from tfmq.export.openvino_runtime import OpenVinoUNet
 from tfmq.export.timing import time_steps
 from tfmq.files import write_json, write_text_atomic
 from tfmq.metrics import paired_similarity
@@ -172,13 +174,14 @@ def main() -> None:
     openvino_engines = {}
     if args.openvino:
         openvino_engines = {
-            "openvino fp32 (f32)": OpenVinoUNet(files["fp32"], args.threads),
-            "openvino fp32 (bf16 hint)": OpenVinoUNet(files["fp32"], args.threads, "bf16"),
-            "openvino nncf int8 of fp32 graph": OpenVinoUNet(
+            "openvino fp32 (f32)": OpenVinoBaseline(files["fp32"], args.threads),
+            "openvino fp32 (bf16 hint)": OpenVinoBaseline(files["fp32"], args.threads, "bf16"),
+            "openvino nncf int8 of fp32 graph": OpenVinoBaseline(
                 files["fp32"], args.threads,
                 int8_calibration=trajectory_inputs(unet, scheduler, sampler, 8, conditioning=conditioning_of(model, 8))),
-            "openvino tfmq w8a8 graph": OpenVinoUNet(files["w8a8 requantized"], args.threads),
-            "openvino tfmq w4a8 graph": OpenVinoUNet(files["w4a8"], args.threads),
+            # tfmq's own OpenVINO engine (`--engine openvino`): the graph as onnxruntime's engine runs it
+            "openvino tfmq w8a8 graph (s8 weights)": OpenVinoUNet(files["w8a8 requantized"], threads=args.threads),
+            "openvino tfmq w4a8 graph (s8 at load)": OpenVinoUNet(files["w4a8"], threads=args.threads),
         }
         engines.update(openvino_engines)
     timestep = int(schedule[len(schedule) // 2])
@@ -210,6 +213,10 @@ def main() -> None:
                              **_similarity(images, full_precision)})
     for name, engine in openvino_engines.items():
         images = sample(engine, scheduler, args.images, 0, sampler, **run)
+        if isinstance(engine, OpenVinoUNet):
+            graph = "w8a8" if "w8a8" in name else "w4a8"
+            quality_rows.append({"engine": name, "reference": f"torch fake-quant {graph}", "images": args.images,
+                                 **_similarity(images, references[graph])})
         quality_rows.append({"engine": name, "reference": "torch fp32", "images": args.images,
                              **_similarity(images, full_precision)})
     for name, images in references.items():
@@ -255,13 +262,13 @@ def main() -> None:
         f"## Where the W4A8 engine spends its time (batch 64, onnxruntime profile)\n\n{profile_table}\n"))
 
 
-class OpenVinoUNet:
-    """An OpenVINO compiled graph called like a UNet (and so like `OnnxUNet`): `OnnxUNet.feeds` makes the
-    graph's inputs, OpenVINO runs them."""
+class OpenVinoBaseline:
+    """What a user gets from OpenVINO without tfmq: the fp32 graph compiled at a precision hint, or NNCF's
+    INT8 quantization of it, called like `OnnxUNet` (`ExportedGraph.feeds` makes the graph's inputs)."""
 
     def __init__(self, path: Path, threads: int, precision: str = "f32", int8_calibration: list | None = None):
         ov, nncf = _openvino()
-        self.reference = OnnxUNet(path, threads=threads)  # the graph's inputs, schedule and UNet config
+        self.reference = ExportedGraph(path)  # the graph's inputs, schedule and model config
         self.config = self.reference.config
         model = ov.Core().read_model(str(path))
         if int8_calibration is not None:

@@ -292,23 +292,30 @@ def test_a_dit_exports_and_samples_its_class_labels_on_onnxruntime(capsys, tmp_p
                           "--steps", 3)
     assert code == 0 and "dit.onnx" in out, err
     labels = ("--class-label", 0, "--class-label", 2, "--guidance-scale", 2)
-    for engine, extra in (("torch", ("--quantized", tmp_path / "q")), ("onnxruntime", ("--onnx", tmp_path / "dit.onnx"))):
+    graph = ("--onnx", tmp_path / "dit.onnx")
+    for engine, extra in (("torch", ("--quantized", tmp_path / "q")), ("onnxruntime", graph), ("openvino", graph)):
         code, _, err = _run(capsys, "sample", "--engine", engine, *extra, "--num", 2, "--out", tmp_path / engine,
                             *labels, *common)
         assert code == 0, err
-    _, fake = load_image_folder(tmp_path / "torch", skip=("samples.json", "grid.png"))
-    _, integer = load_image_folder(tmp_path / "onnxruntime", skip=("samples.json", "grid.png"))
-    assert 10 * torch.log10(4 / (fake - integer).pow(2).mean().clamp_min(1e-12)) > 40  # the same images, PNG-rounded
+    images = {engine: load_image_folder(tmp_path / engine, skip=("samples.json", "grid.png"))[1]
+              for engine in ("torch", "onnxruntime", "openvino")}
+
+    def psnr(engine: str) -> float:
+        return float(10 * torch.log10(4 / (images[engine] - images["torch"]).pow(2).mean().clamp_min(1e-12)))
+    # PNG-rounded images of the same seeds: onnxruntime's are the fake-quant model's (measured: identical);
+    # OpenVINO rounds some integer products its own way (measured 61 dB)
+    assert psnr("onnxruntime") > 40 and psnr("openvino") > 40
     metadata = json.loads((tmp_path / "onnxruntime" / "samples.json").read_text())
     assert metadata["class_labels"] == [0, 2]
     code, _, err = _run(capsys, "sample", "--engine", "onnxruntime", "--onnx", tmp_path / "dit.onnx", "--num", 1,
                         "--class-label", 10, "--out", tmp_path / "bad", *common)
     _assert_one_line_error(code, err, "class labels [10] out of range")
     code, _, err = _run(capsys, "bench", "--quantized", tmp_path / "q", "--onnx", tmp_path / "dit.onnx", "--batch", 2,
-                        "--repeats", 1, "--json", tmp_path / "bench.json")
+                        "--repeats", 1, "--runtimes", "onnxruntime", "openvino", "--json", tmp_path / "bench.json")
     assert code == 0, err
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert [row["engine"] for row in rows] == ["torch fp32", "torch fake-quant", "onnxruntime int8 dit.onnx"]
+    assert [row["engine"] for row in rows] == ["torch fp32", "torch fake-quant", "onnxruntime int8 dit.onnx",
+                                              "openvino int8 dit.onnx"]
 
 
 def test_onnxruntime_engine_without_a_graph_is_an_error(capsys, tmp_path):

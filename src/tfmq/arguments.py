@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_GUIDANCE_SCALE = 3.0  # for conditional models when --guidance-scale is not given
+GRAPH_ENGINES = ("onnxruntime", "openvino")  # the runtimes of exported graphs (`tfmq.export.graph_engine`)
 
 
 def positive(text: str) -> int:

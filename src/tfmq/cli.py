@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from tfmq.arguments import (
+    GRAPH_ENGINES,
     Parser,
     add_device_arguments,
     add_model_config_argument,
@@ -59,7 +60,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     _output_folder(args, args.out, IMAGES_KIND)
     check_output_folder(progress_folder(args.out), PROGRESS_KIND, protected=input_paths(args))  # absent, or a run's
     config = sampler_config(args)
-    if args.engine == "onnxruntime":
+    if args.engine != "torch":
         model, unet, source = load_engine(args, config)
     else:
         model, unet, source = load_unet(args)
@@ -75,7 +76,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             metadata["class_labels"] = conditioning.per_image["class_labels"].tolist()
         else:
             metadata["prompts"] = cycled(prompts, args.num)
-    digest = model_identity(args.onnx if args.engine == "onnxruntime" else unet, model.autoencoder)
+    digest = model_identity(unet if args.engine == "torch" else args.onnx, model.autoencoder)
     done = sample_folder(unet, model.scheduler, args.out, args.num, args.seed, config, args.batch_size,
                          model_digest=digest, metadata=metadata, conditioning=conditioning, decoder=model.decoder,
                          progress=not args.quiet and distributed.is_main(), overwrite=args.overwrite,
@@ -120,7 +121,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from tfmq.export import OnnxUNet
+    from tfmq.export import graph_engine
     from tfmq.export.timing import time_engines
     from tfmq.files import owned_json, stamped, write_json
     from tfmq.report import format_table
@@ -132,8 +133,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.quantized is not None:
         engines["torch fake-quant"] = quantized
     for path in args.onnx:
-        engine = OnnxUNet(path, threads=args.threads)
-        engines[f"onnxruntime {engine.info.format} {path.name}"] = engine
+        for runtime in args.runtimes:
+            engine = graph_engine(path, runtime, threads=args.threads)
+            engines[f"{runtime} {engine.info.format} {path.name}"] = engine
         files[path.name] = sum(file.stat().st_size for file in engine.files)
     timestep, rows = time_engines(model, engines, args.batch, args.repeats)
     print(format_table(rows, ("engine", "batch", "ms_per_step", "speedup_vs_torch_fp32")))
@@ -301,10 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "and the same command continues an interrupted run)")
     add_overwrite_argument(sample)
     sample.add_argument("--quiet", action="store_true", help="no progress bars")
-    sample.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
-                        help="onnxruntime: run the graph of `tfmq export` (--onnx) on integer kernels")
-    sample.add_argument("--onnx", type=Path, default=None, help="the exported graph (--engine onnxruntime)")
-    sample.add_argument("--threads", type=positive, default=None, help="onnxruntime threads (default: torch's)")
+    sample.add_argument("--engine", choices=("torch", *GRAPH_ENGINES), default="torch",
+                        help="onnxruntime or openvino (the openvino extra): run the graph of `tfmq export` (--onnx) "
+                             "on integer kernels")
+    sample.add_argument("--onnx", type=Path, default=None, help="the exported graph (--engine onnxruntime/openvino)")
+    sample.add_argument("--threads", type=positive, default=None, help="graph engine threads (default: torch's)")
     add_sampler_arguments(sample)
     sample.set_defaults(func=_cmd_sample)
 
@@ -338,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--onnx", type=Path, nargs="*", default=[], help="graphs written by `tfmq export`")
     bench.add_argument("--batch", type=positive, nargs="+", default=[1, 64])
     bench.add_argument("--repeats", type=positive, default=10, help="calls per engine per round (3 rounds)")
-    bench.add_argument("--threads", type=positive, default=None, help="onnxruntime threads (default: torch's)")
+    bench.add_argument("--runtimes", nargs="+", choices=GRAPH_ENGINES, default=["onnxruntime"],
+                       help="the runtimes that run each --onnx graph (openvino: the openvino extra)")
+    bench.add_argument("--threads", type=positive, default=None, help="graph engine threads (default: torch's)")
     bench.add_argument("--json", type=Path, default=None, help="also write the table here")
     add_overwrite_argument(bench)
     bench.set_defaults(func=_cmd_bench)
@@ -420,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched; never even try
     warnings.simplefilter("ignore")
-    if getattr(args, "engine", "torch") == "onnxruntime" or args.command == "bench":
-        # torch's OpenMP threads spin-wait and steal onnxruntime's cores (measured 49 vs 50-97 ms a step);
+    if getattr(args, "engine", "torch") != "torch" or args.command == "bench":
+        # torch's OpenMP threads spin-wait and steal the graph engine's cores (measured 49 vs 50-97 ms a step);
         # must be set before torch starts its thread pool (the CLI imports torch lazily)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:

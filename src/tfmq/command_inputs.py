@@ -94,16 +94,16 @@ def check_timesteps_served(unet, scheduler, config) -> None:
 
 
 def load_engine(args: argparse.Namespace, config):
-    """An exported graph in onnxruntime, with the model it was exported from (for its scheduler, decoder and
-    conditioning); the sampler must be the one the graph's timestep table was exported for, unless the graph is
-    schedule-free."""
-    from tfmq.export import OnnxUNet
+    """An exported graph in the runtime of --engine, with the model it was exported from (for its scheduler,
+    decoder and conditioning); the sampler must be the one the graph's timestep table was exported for, unless
+    the graph is schedule-free."""
+    from tfmq.export import graph_engine
 
     if args.onnx is None:
-        raise TfmqError("--engine onnxruntime needs --onnx unet.onnx (written by `tfmq export`)")
+        raise TfmqError(f"--engine {args.engine} needs --onnx unet.onnx (written by `tfmq export`)")
     if args.quantized is not None:
-        raise TfmqError("--engine onnxruntime runs the exported graph: give --onnx, not --quantized")
-    engine = OnnxUNet(args.onnx, threads=args.threads)
+        raise TfmqError(f"--engine {args.engine} runs the exported graph: give --onnx, not --quantized")
+    engine = graph_engine(args.onnx, args.engine, threads=args.threads)
     exported_with = engine.info.details.get("sampler")
     if (engine.info.schedule is not None and not engine.schedule_free and exported_with is not None
             and exported_with != config.to_dict()):

@@ -1,4 +1,5 @@
-"""Real low-bit inference: quantized UNets as ONNX QDQ graphs that onnxruntime runs on integer kernels.
+"""Real low-bit inference: quantized UNets and DiTs as ONNX QDQ graphs that onnxruntime (or OpenVINO,
+`graph_engine(path, "openvino")`) runs on integer kernels.
 
 What a user needs here (`export_onnx`, `OnnxUNet`, `trajectory_inputs`) is also in `tfmq`. With `qunet`
 quantized on `calibration` as in the `tfmq` package's example (`calibration.schedule` is the distinct
@@ -12,7 +13,8 @@ timesteps of `sampler`, the ones the graph will serve):
 from tfmq.export.conv_outputs import trajectory_inputs
 from tfmq.export.metadata import FORMATS, GraphInfo, owned_graph
 from tfmq.export.onnx_export import DEFAULT_OPSET, SUPPORTED_OPSETS, export_onnx
-from tfmq.export.runtime import OnnxUNet
+from tfmq.arguments import GRAPH_ENGINES
+from tfmq.export.runtime import ExportedGraph, OnnxUNet, graph_engine
 
-__all__ = ["DEFAULT_OPSET", "FORMATS", "SUPPORTED_OPSETS", "GraphInfo", "OnnxUNet", "export_onnx", "owned_graph",
-           "trajectory_inputs"]
+__all__ = ["DEFAULT_OPSET", "FORMATS", "GRAPH_ENGINES", "SUPPORTED_OPSETS", "ExportedGraph", "GraphInfo", "OnnxUNet",
+           "export_onnx", "graph_engine", "owned_graph", "trajectory_inputs"]

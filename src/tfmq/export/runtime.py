@@ -1,5 +1,6 @@
 """`OnnxUNet`: an exported graph in onnxruntime, called like a diffusers UNet so the sampler runs unchanged
-(whether the graph is a UNet's or a diffusion transformer's)."""
+(whether the graph is a UNet's or a diffusion transformer's); `ExportedGraph`: what it shares with the other
+engines that run such graphs (`tfmq.export.openvino_runtime`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from tfmq.arguments import GRAPH_ENGINES
 from tfmq.errors import TfmqError
 from tfmq.export.dependencies import require
 from tfmq.export.metadata import (
@@ -32,27 +34,28 @@ from tfmq.export.qdq import INT8_MAX
 U8S8_SAFE_MAX = 64
 
 
-class OnnxUNet:
-    """`engine(sample, timestep, encoder_hidden_states=None, class_labels=None)` -> object with `.sample` (the
-    predicted noise), and `.config` as the exported model's, so `tfmq.sampling.sample(engine, scheduler, ...)` runs the whole loop in onnxruntime.
+class ExportedGraph:
+    """A graph written by `export_onnx`, read and checked, and called like a diffusers UNet: what every engine
+    running such a graph shares. `engine(sample, timestep, encoder_hidden_states=None, class_labels=None)` ->
+    object with `.sample` (the predicted noise), and `.config` as the exported model's, so
+    `tfmq.sampling.sample(engine, scheduler, ...)` runs the whole loop on the engine.
 
-    An integer graph serves the timesteps of its schedule only (`info.schedule`), one timestep per batch; a
-    schedule-free one (every training timestep) serves any timestep of that range, a fractional one at the
-    nearest integer's row, as the torch model does.
-    4-bit stored weights are widened to int8 in memory at load: onnxruntime fuses int8 QDQ into integer
-    kernels, 4-bit not (measured: it dequantizes them to float on every call); `widen_4bit=False` runs
-    the graph as stored, for comparison. On a CPU whose u8s8 kernels saturate (`u8s8_saturates`), int8
+    The graph's digest (and its data file's, for a graph exported with external data, read from beside it) is
+    checked before anything runs; `files` lists what the export is made of. An integer graph serves the
+    timesteps of its schedule only (`info.schedule`), one timestep per batch; a schedule-free one (every
+    training timestep) serves any timestep of that range, a fractional one at the nearest integer's row, as
+    the torch model does.
+    4-bit stored weights are widened to int8 in memory at load: the runtimes fuse int8 QDQ into integer
+    kernels, 4-bit not (measured: onnxruntime dequantizes them to float on every call); `widen_4bit=False`
+    runs the graph as stored, for comparison. On a CPU whose u8s8 kernels saturate (`u8s8_saturates`), int8
     weights beyond +-64 are moved to uint8 with a zero point (exact, the slower u8u8 kernels): their
-    integer sums would otherwise be clipped. `threads` defaults to torch's
-    intra-op thread count; `profile` makes onnxruntime record per-op times (see `end_profiling`).
-    A graph exported with external data reads its weights from the data file beside it, checked against the
-    graph's digest first; `files` lists what the export is made of.
+    integer sums would otherwise be clipped.
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, profile: bool = False,
-                 widen_4bit: bool = True) -> None:
+    engine_name = ""
+
+    def __init__(self, path: str | Path, *, widen_4bit: bool = True) -> None:
         onnx = require("onnx")
-        ort = require("onnxruntime")
         path = Path(path)
         if not path.is_file():
             raise TfmqError(f"{path} does not exist or is not a file")
@@ -66,9 +69,10 @@ class OnnxUNet:
         self.config = FrozenDict(self.info.unet_config)
         self.path = path
         self.files = [path] if data_file is None else [path, data_file]
-        external = {tensor.name for tensor in model.graph.initializer
-                    if onnx.external_data_helper.uses_external_data(tensor)}
-        if external:
+        # the initializers kept in the data file
+        self.external = {tensor.name for tensor in model.graph.initializer
+                         if onnx.external_data_helper.uses_external_data(tensor)}
+        if self.external:
             try:
                 onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
             except (OSError, ValueError) as exc:
@@ -77,30 +81,27 @@ class OnnxUNet:
             widen_uint4_weights(model, onnx)
         if u8s8_saturates():
             widen_saturating_int8_weights(model, onnx)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.enable_profiling = profile
-        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "tfmq_onnxruntime_profile")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # warnings about initializers the optimizer folded away are noise
-        self.session = _session(model, external, options, ort, onnx)
+        self.model = model  # the graph as the engine runs it; an engine may drop it once it has built its own
         self._rows = None if self.info.schedule is None else {t: row for row, t in enumerate(self.info.schedule)}
         # a table row for every training timestep 0..T-1: any sampler's timesteps are served
         self.schedule_free = self.info.schedule is not None and self.info.schedule == list(range(len(self._rows)))
-        self._input_names = {entry.name for entry in self.session.get_inputs()}
+        initializers = {tensor.name for tensor in model.graph.initializer}
+        self._input_names = {entry.name for entry in model.graph.input} - initializers
 
     def __repr__(self) -> str:
         steps = "" if self.info.schedule is None else f", steps={len(self.info.schedule)}"
-        return f"OnnxUNet({self.path.name}, format={self.info.format}, {self.info.unet_class}{steps})"
+        return f"{type(self).__name__}({self.path.name}, format={self.info.format}, {self.info.unet_class}{steps})"
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph's output for `feeds` (the engine's runtime)."""
+        raise NotImplementedError
 
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor | int | float,
         encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple[torch.Tensor]:
-        feeds = self.feeds(sample, timestep, encoder_hidden_states, class_labels)
-        noise = torch.from_numpy(self.session.run(None, feeds)[0])
+        noise = torch.from_numpy(self.run(self.feeds(sample, timestep, encoder_hidden_states, class_labels)))
         noise = noise.to(sample.device, sample.dtype)
         return UNet2DOutput(sample=noise) if return_dict else (noise,)
 
@@ -153,10 +154,47 @@ class OnnxUNet:
                             f"{max(schedule)}..{min(schedule)}): sample with the schedule the graph was exported for")
         return row
 
+
+
+class OnnxUNet(ExportedGraph):
+    """An exported graph in onnxruntime (see ExportedGraph). `threads` defaults to torch's intra-op thread
+    count; `profile` makes onnxruntime record per-op times (see `end_profiling`)."""
+
+    engine_name = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, profile: bool = False,
+                 widen_4bit: bool = True) -> None:
+        super().__init__(path, widen_4bit=widen_4bit)
+        onnx = require("onnx")
+        ort = require("onnxruntime")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.enable_profiling = profile
+        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "tfmq_onnxruntime_profile")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # warnings about initializers the optimizer folded away are noise
+        self.session = _session(self.model, self.external, options, ort, onnx)
+        del self.model  # the session holds the weights
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, feeds)[0]
+
     def end_profiling(self) -> str:
         """Stop onnxruntime's profiler (when `profile=True`) and return its JSON trace file (in the temporary
         folder; the caller removes it)."""
         return self.session.end_profiling()
+
+
+def graph_engine(path: str | Path, engine: str = "onnxruntime", *, threads: int | None = None) -> ExportedGraph:
+    """The exported graph at `path` in the runtime named `engine` (one of GRAPH_ENGINES)."""
+    if engine == "onnxruntime":
+        return OnnxUNet(path, threads=threads)
+    if engine == "openvino":
+        from tfmq.export.openvino_runtime import OpenVinoUNet  # its module imports this one
+
+        return OpenVinoUNet(path, threads=threads)
+    raise TfmqError(f"unknown graph engine {engine!r}; use one of {', '.join(GRAPH_ENGINES)}")
 
 
 def _session(model: Any, external: set[str], options: Any, ort, onnx) -> Any:
