@@ -13,7 +13,9 @@ Linear in full precision), one row per setting:
   precision (the script checks it), with the reading Linears' columns multiplied by s. Under RTN at alpha
   0.3 / 0.5 / 0.7, then under qdiff and tfmq at 0.5;
 - a full-precision low-rank branch (rank r of the SVD of every quantized Linear's weight outside the TIB
-  kept in float, the rest quantized), under RTN, with the float parameters it adds.
+  kept in float, the rest quantized), under RTN, with the float parameters it adds;
+- per-token activations: every such Linear's input quantized per token on its own min/max at run time
+  (dynamic), instead of one MSE-searched range per tensor, under RTN.
 
 Writes benchmarks/results/transformer_levers.{json,md}.
 """
@@ -114,6 +116,24 @@ def add_low_rank_branches(quantized: nn.Module, rank: int) -> int:
     return added
 
 
+def quantize_inputs_per_token(quantized: nn.Module) -> None:
+    """Replace the static per-tensor input grid of every quantized Linear outside the TIB by a per-token one
+    from each token's own min/max (at the same bits)."""
+    tib_layers = set(find_tib(quantized).linear_names)
+    for name, layer in quant_layers(quantized):
+        bits = layer.input_quantizer.bits
+        if not isinstance(layer, QuantLinear) or name in tib_layers or bits is None:
+            continue
+
+        def per_token(values: torch.Tensor, bits: int = bits) -> torch.Tensor:
+            low = values.amin(-1, keepdim=True).clamp_max(0)
+            high = values.amax(-1, keepdim=True).clamp_min(0)
+            scale = ((high - low) / (2**bits - 1)).clamp_min(1e-8)
+            zero_point = torch.round(-low / scale)
+            return (torch.clamp(torch.round(values / scale) + zero_point, 0, 2**bits - 1) - zero_point) * scale
+        layer.input_quantizer.forward = per_token
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="fashion-dit")
@@ -131,10 +151,13 @@ def main() -> None:
     calibration, held_out = trajectories(32, 5, 0), trajectories(8, 10, 77)
     rows = []
 
-    def measure(label: str, denoiser: nn.Module, config: QuantConfig, low_rank: int = 0) -> None:
+    def measure(label: str, denoiser: nn.Module, config: QuantConfig, low_rank: int = 0,
+                per_token: bool = False) -> None:
         started = time.perf_counter()
         quantized = quantize(denoiser, config, calibration, progress=False)
         added = add_low_rank_branches(quantized, low_rank) if low_rank else 0
+        if per_token:
+            quantize_inputs_per_token(quantized)
         rows.append({"row": label, "relative_error": relative_output_error(quantized, full_precision, held_out),
                      "float_parameters": added, "seconds": time.perf_counter() - started})
         print(format_table(rows[-1:], COLUMNS), flush=True)
@@ -156,6 +179,9 @@ def main() -> None:
         for rank in (4, 8, 16):
             measure(f"rtn w{w_bits}a{a_bits} low rank {rank}", full_precision, RTNConfig(w_bits=w_bits, a_bits=a_bits),
                     low_rank=rank)
+    for w_bits, a_bits in ((None, 8), (None, 6), (4, 8), (4, 6)):
+        measure(f"rtn w{w_bits}a{a_bits} per-token activations", full_precision, RTNConfig(w_bits=w_bits, a_bits=a_bits),
+                per_token=True)
     parameters = sum(parameter.numel() for parameter in full_precision.parameters())
     table = format_table(rows, COLUMNS, markdown=True)
     print(table)

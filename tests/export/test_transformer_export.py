@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.export.conftest import SAMPLER
-from tests.quant.tiny_unets import tiny_dit
+from tests.quant.tiny_unets import tiny_dit, tiny_pixart
 from tfmq.errors import TfmqError
 from tfmq.export import OnnxUNet, export_onnx
 from tfmq.models.architectures import latent_scheduler
@@ -117,3 +117,9 @@ def test_bad_labels_are_clear_errors(graph, labels, fragment):
     engine = OnnxUNet(graph, threads=1)
     with pytest.raises(TfmqError, match=fragment):
         engine(torch.zeros(1, 4, 8, 8), engine.info.schedule[0], class_labels=labels)
+
+
+def test_a_pixart_transformer_is_refused_in_one_line(tmp_path):
+    with pytest.raises(TfmqError, match="export takes a diffusers .*DiTTransformer2DModel; not a PixArtTransformer2DModel"):
+        export_onnx(tiny_pixart(), tmp_path / "pixart.onnx", format="fp32")
+    assert not (tmp_path / "pixart.onnx").exists()

@@ -79,9 +79,8 @@ def export_onnx(
     overwrite: bool = False,
     external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD_BYTES,
 ) -> Path:
-    """Write `unet` (a UNet or a DiT, see EXPORTED_CLASSES) to `path` as ONNX, to run with
-    `OnnxUNet`; an existing file is replaced only if tfmq
-    exported it (or with `overwrite`). A graph of more than `external_data_threshold_bytes` (default: just under
+    """Write `unet` (a UNet or a DiT, see EXPORTED_CLASSES) to `path` as ONNX, to run with `OnnxUNet` (or
+    `graph_engine`); an existing file is replaced only if tfmq exported it (or with `overwrite`). A graph of more than `external_data_threshold_bytes` (default: just under
     protobuf's 2 GB) keeps its weights in `<path>.data` beside it, under the graph's digest; the graph file
     alone is then small, and the two travel together.
 
@@ -94,7 +93,7 @@ def export_onnx(
     `requantize_weights=True` rounds 8-bit weights onto symmetric int8 instead (approximate; fast where the
     CPU's u8s8 kernels do not saturate, elsewhere `OnnxUNet` runs them exactly on u8u8 kernels).
     format "fp32": a full-precision model as it is, any timestep.
-    The graph's inputs: `sample`, `step` (int8) or `timestep` (fp32), and the model's condition if it has one
+    The graph's inputs: `sample`, `step` (format "int8") or `timestep` ("fp32"), and the model's condition if it has one
     (`encoder_hidden_states` or a DiT's `class_labels`); its output: the predicted noise (a learned variance
     is left out).
     `details` (JSON values) is stored in the graph's metadata, e.g. the sampler it was exported for.

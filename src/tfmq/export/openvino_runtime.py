@@ -25,8 +25,6 @@ class OpenVinoUNet(ExportedGraph):
     """An exported graph compiled by OpenVINO for the CPU (see ExportedGraph for what it serves and checks).
     `threads` defaults to torch's intra-op thread count."""
 
-    engine_name = "openvino"
-
     def __init__(self, path: str | Path, *, threads: int | None = None, widen_4bit: bool = True) -> None:
         openvino = require("openvino", "the OpenVINO engine needs the openvino extra", OPENVINO_HINT)
         onnx = require("onnx")

@@ -52,8 +52,6 @@ class ExportedGraph:
     integer sums would otherwise be clipped.
     """
 
-    engine_name = ""
-
     def __init__(self, path: str | Path, *, widen_4bit: bool = True) -> None:
         onnx = require("onnx")
         path = Path(path)
@@ -159,8 +157,6 @@ class ExportedGraph:
 class OnnxUNet(ExportedGraph):
     """An exported graph in onnxruntime (see ExportedGraph). `threads` defaults to torch's intra-op thread
     count; `profile` makes onnxruntime record per-op times (see `end_profiling`)."""
-
-    engine_name = "onnxruntime"
 
     def __init__(self, path: str | Path, *, threads: int | None = None, profile: bool = False,
                  widen_4bit: bool = True) -> None:
