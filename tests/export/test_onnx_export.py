@@ -3,16 +3,19 @@ import copy
 import statistics
 from collections.abc import Iterator
 
+import numpy as np
 import onnx
 import onnxruntime
 import pytest
 import torch
+from onnx import TensorProto, helper
 
 from tests.export.conftest import SAMPLER
 from tests.quant.tiny_unets import pixel_unet, text_unet, unet_inputs
 from tfmq.errors import TfmqError
 from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
 from tfmq.export.conv_outputs import runs_on_integer_kernels
+from tfmq.export.onnx_export import _compact_value_names
 from tfmq.export.runtime import widen_uint4_weights
 from tfmq.quant.api import quantize
 from tfmq.quant.config import RTNConfig
@@ -223,3 +226,22 @@ def test_a_schedule_free_graph_agrees_with_torch_at_timesteps_never_calibrated(c
     # the graph serves other samplers than the one its calibration ran
     images = sample(engine, scheduler, 2, seed=1, config=SamplerConfig(name="dpm-solver", steps=7), progress=False)
     assert images.shape == (2, 3, 8, 8) and bool(torch.isfinite(images).all())
+
+
+# Short value names keep a graph valid when an If branch reads a value of the graph around it (TorchScript's
+# exporter writes a squeeze of a dynamic axis so).
+def test_a_branch_reads_the_outer_value_under_its_new_name() -> None:
+    doubled = helper.make_node("Add", ["x", "x"], ["/model/doubled_output_0"])
+    condition = helper.make_node("Constant", [], ["/model/condition_output_0"],
+                                 value=helper.make_tensor("c", TensorProto.BOOL, [], [True]))
+    branch = helper.make_graph([helper.make_node("Identity", ["/model/doubled_output_0"], ["branch_out"])], "branch",
+                               [], [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, [2])])
+    choose = helper.make_node("If", ["/model/condition_output_0"], ["y"], then_branch=branch, else_branch=branch)
+    graph = helper.make_graph([doubled, condition, choose], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _compact_value_names(model)
+    onnx.checker.check_model(model)
+    assert model.graph.node[0].output[0] == "v0"
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(session.run(None, {"x": np.array([1.0, 2.0], np.float32)})[0], [2.0, 4.0])
