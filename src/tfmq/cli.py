@@ -304,8 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_overwrite_argument(sample)
     sample.add_argument("--quiet", action="store_true", help="no progress bars")
     sample.add_argument("--engine", choices=("torch", *GRAPH_ENGINES), default="torch",
-                        help="onnxruntime or openvino (the openvino extra): run the graph of `tfmq export` (--onnx) "
-                             "on integer kernels")
+                        help="run the graph of `tfmq export` (--onnx) on onnxruntime or openvino (its extra)")
     sample.add_argument("--onnx", type=Path, default=None, help="the exported graph (--engine onnxruntime/openvino)")
     sample.add_argument("--threads", type=positive, default=None, help="graph engine threads (default: torch's)")
     add_sampler_arguments(sample)
@@ -332,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(export)
     export.set_defaults(func=_cmd_export)
 
-    bench = commands.add_parser("bench", help="time one UNet step: FP32 torch against fake-quant and exported "
+    bench = commands.add_parser("bench", help="time one denoiser step: FP32 torch against fake-quant and exported "
                                 "graphs, same process, as ratios")
     bench.add_argument("--model", default=None, help="base model (default fashion-ddpm, or --quantized's)")
     add_model_config_argument(bench)
