@@ -159,6 +159,7 @@ def main() -> None:
     add_sampling_arguments(parser)
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--interval-length", type=int, default=5)
+    parser.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration trajectories")
     parser.add_argument("--rows", nargs="+", default=["fp", "rtn:8:8", "rtn:4:8"])
     parser.add_argument("--preset", default="fast", help="reconstruction preset of qdiff/tfmq rows")
     parser.add_argument("--sampler", default="ddim", help="ddim (quadratic skip, eta 0), plms, dpm-solver, ddpm")
@@ -177,7 +178,8 @@ def main() -> None:
     rows = ["fp"] + [row for row in args.rows if row != "fp"]
     calibration_file = args.work / "calibration.safetensors"
     settings = {"model": args.model, "sampler": args.sampler, "guidance_scale": args.guidance_scale, "steps": args.steps, "calib_samples": args.calib_samples,
-                "interval_length": args.interval_length, "num": args.num, "seed": args.seed, "preset": args.preset}
+                "interval_length": args.interval_length, "num": args.num, "seed": args.seed, "preset": args.preset,
+                "calib_seed": args.calib_seed}
     settings_file = args.work / "settings.json"
     if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
         raise SystemExit(f"{args.work} holds rows of other settings: pass another --work")
@@ -186,7 +188,7 @@ def main() -> None:
         model = load_model(args.model)
         started = time.perf_counter()
         calibration = collect_calibration(model.unet, model.scheduler, args.calib_samples, sampler_config(args),
-                                          args.interval_length,
+                                          args.interval_length, seed=args.calib_seed,
                                           conditioning=conditioning(model, args, args.calib_samples, calibration=True))
         calibration.save(calibration_file)
         write_json(args.work / "collect_calibration.json", {"seconds": time.perf_counter() - started})
@@ -201,7 +203,7 @@ def main() -> None:
         f", guidance scale {args.guidance_scale}, image i asked for class i mod 10 (class_acc: our classifier agrees)")
     sampler_text = "DDIM (quadratic skip, eta 0)" if args.sampler == "ddim" else args.sampler.upper()
     setup = (f"`{args.model}`, {sampler_text} {args.steps} steps{guidance}, {args.num} images of seed "
-             f"{args.seed}; calibration: {args.calib_samples} trajectories x {args.steps} steps "
+             f"{args.seed}; calibration: {args.calib_samples} trajectories (seed {args.calib_seed}) x {args.steps} steps "
              f"(collected once in {collect_seconds:.0f} s, shared by all rows; calib_s excludes it), "
              f"torch threads per row {1 if args.jobs > 1 else torch.get_num_threads()}, {args.jobs} row(s) at a time")
     print(table)

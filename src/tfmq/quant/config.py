@@ -283,8 +283,9 @@ class ReconstructionSettings:
     random batches of `batch_size` cached calibration samples. Cached unit inputs and targets larger
     than `memory_budget_mb` go to a temporary folder on disk instead of memory (as the calibration set
     does beyond it, `tfmq.quant.calibration`); a budget below one batch of a unit's data is an error.
-    `rounding_stop` ends a unit's AdaRound steps early (None: all of them); `rounding_start` is "nearest"
-    (AdaRound's own start) or "gptq" (from GPTQ's rounding where it measures better, `tfmq.quant.methods.gptq`).
+    `rounding_stop` checks a unit's AdaRound decisions on held-out samples (None: no checks); `rounding_start`
+    is "nearest" (AdaRound's own start) or "gptq" (from GPTQ's rounding where it measures better,
+    `tfmq.quant.methods.gptq`).
     """
 
     weight_iters: int
@@ -299,17 +300,19 @@ class ReconstructionSettings:
 
 @dataclass(frozen=True)
 class RoundingStop:
-    """A stopping rule for a unit's AdaRound steps, so that each unit runs as many as it gains from.
+    """Held-out checks of a unit's AdaRound decisions: the best are kept, and a stall may end the steps early.
 
     Every `check_every` steps the unit's loss with its weights rounded hard is measured on `holdout_samples`
     calibration samples kept out of its training batches (at most a quarter of them; all of them when
-    there are too few to hold any out); the rounding stops once `patience` checks in a row have not lowered
-    the best loss so far by `tolerance` (relative), and the decisions of the best check are kept. The first
-    check is at step 0, round-to-nearest, so a unit never ends worse than that on its held-out samples.
+    there are too few to hold any out), and the decisions of the best check are kept. The first check is
+    at step 0 (round-to-nearest or the GPTQ start), so a unit never ends worse than that on its held-out
+    samples. With `patience`, the rounding ends once that many checks in a row have not lowered the best
+    loss so far by `tolerance` (relative); None runs every step. The hard loss is not monotone while the
+    regulariser anneals, so an early end can keep a unit near its start (README, "Calibration cost").
     """
 
     check_every: int = 100
-    patience: int = 3
+    patience: int | None = 3
     tolerance: float = 0.01
     holdout_samples: int = 128
 
@@ -319,16 +322,16 @@ class RoundingStop:
 # ten times the learning rate (V lives in logit space: 200 steps of 1e-2 can flip a decision). The step
 # sizes keep 4e-5: Adam moves every step by about lr whatever its size, and 50 steps of 4e-4 already
 # wreck a softmax step of 1/255. "balanced": fast's settings with ten times its rounding steps (README,
-# "Reconstruction length"). "auto": half of balanced's rounding steps, started from GPTQ's rounding where
-# that is better, each unit ending at its best held-out decisions, or earlier by the stopping rule (README,
-# "Calibration cost").
+# "Reconstruction length"). "auto": 700 rounding steps at three times the rate, started from GPTQ's rounding
+# where that is better, each unit ending at its best held-out decisions; every step runs, since ending a unit
+# when its held-out loss stalls kept some near their start (README, "Calibration cost").
 ROUNDING_STARTS = ("nearest", "gptq")
 RECON_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"weight_iters": 20_000, "act_iters": 5_000, "batch_size": 32, "weight_lr": 1e-3, "act_lr": 4e-5},
     "balanced": {"weight_iters": 2_000, "act_iters": 50, "batch_size": 32, "weight_lr": 1e-2, "act_lr": 4e-5},
     "fast": {"weight_iters": 200, "act_iters": 50, "batch_size": 32, "weight_lr": 1e-2, "act_lr": 4e-5},
-    "auto": {"weight_iters": 1_000, "act_iters": 50, "batch_size": 32, "weight_lr": 1e-2, "act_lr": 4e-5,
-             "rounding_start": "gptq", "rounding_stop": RoundingStop()},
+    "auto": {"weight_iters": 700, "act_iters": 50, "batch_size": 32, "weight_lr": 3e-2, "act_lr": 4e-5,
+             "rounding_start": "gptq", "rounding_stop": RoundingStop(patience=None)},
 }
 
 
@@ -342,9 +345,10 @@ class QDiffusionConfig(QuantConfig, method="qdiff"):
     """Q-Diffusion: BRECQ block reconstruction on time-step-aware calibration data.
 
     `recon_preset` ("fast", "balanced", "auto" or "paper", see RECON_PRESETS) gives iteration counts, batch size and
-    learning rates; each `recon_*` field that is not None overrides its preset value. With FSC over every
-    activation (`fsc_scope="all"`) the tables replace the ranges LSQ would learn, so no LSQ step runs, as in
-    the authors' scripts.
+    learning rates; each `recon_*` field that is not None overrides its preset value (`recon_rounding_stop`:
+    True for the held-out checks that end a unit's rounding early, `RoundingStop()`, False for none). With FSC
+    over every activation (`fsc_scope="all"`) the tables replace the ranges LSQ would learn, so no LSQ step
+    runs, as in the authors' scripts.
     """
 
     recon_preset: str = "fast"
@@ -381,7 +385,7 @@ class QDiffusionConfig(QuantConfig, method="qdiff"):
         values = {key: preset[key] if value is None else value for key, value in explicit.items()}
         stop = preset.get("rounding_stop")
         if self.recon_rounding_stop is not None:
-            stop = (stop or RoundingStop()) if self.recon_rounding_stop else None
+            stop = RoundingStop() if self.recon_rounding_stop else None
         return ReconstructionSettings(
             weight_iters=values["weight_iters"],
             act_iters=0 if self.fsc_scope == "all" else values["act_iters"],

@@ -182,14 +182,16 @@ def test_settings_come_from_the_preset_unless_given() -> None:
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
-def test_the_auto_preset_starts_from_gptq_and_stops_each_units_rounding_by_rule() -> None:
+def test_the_auto_preset_starts_from_gptq_and_keeps_each_units_best_held_out_rounding() -> None:
     auto = QDiffusionConfig(recon_preset="auto", recon_weight_iters=500).reconstruction
-    assert auto.rounding_stop == RoundingStop() and auto.weight_iters == 500 and auto.rounding_start == "gptq"
+    assert auto.rounding_stop == RoundingStop(patience=None) and auto.weight_iters == 500
+    assert auto.rounding_start == "gptq"
     assert QDiffusionConfig(recon_preset="auto", recon_rounding_start="nearest").reconstruction.rounding_start == "nearest"
     balanced = QDiffusionConfig(recon_preset="balanced").reconstruction
     assert balanced.rounding_stop is None and balanced.rounding_start == "nearest"
-    # The explicit fields switch either lever on or off whatever the preset.
+    # The explicit fields switch either lever on or off whatever the preset; True is the early-ending rule.
     assert QDiffusionConfig(recon_preset="auto", recon_rounding_stop=False).reconstruction.rounding_stop is None
+    assert QDiffusionConfig(recon_preset="auto", recon_rounding_stop=True).reconstruction.rounding_stop == RoundingStop()
     balanced = QDiffusionConfig(recon_preset="balanced", recon_rounding_stop=True, recon_rounding_start="gptq")
     assert balanced.reconstruction.rounding_stop == RoundingStop()
     assert balanced.reconstruction.rounding_start == "gptq"
@@ -209,7 +211,7 @@ def _reconstructed(rule: RoundingStop | None, **overrides: object) -> tuple[nn.M
 
 
 def test_a_stopping_rule_ends_a_units_rounding_after_its_stale_checks() -> None:
-    _, _, endless = _reconstructed(RoundingStop(check_every=5, patience=10**6))
+    _, _, endless = _reconstructed(RoundingStop(check_every=5, patience=None))
     assert [result.rounding_steps for result in endless] == [40] * 4
     # No check lowers the best loss by 99 %: the second check (the first after step 0) is the last.
     _, _, strict = _reconstructed(RoundingStop(check_every=5, patience=1, tolerance=0.99, holdout_samples=4))

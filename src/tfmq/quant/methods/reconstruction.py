@@ -221,7 +221,7 @@ class _BestRounding:
             self.reference, self.stale_checks = loss, 0
         else:
             self.stale_checks += 1
-        return self.stale_checks >= self.rule.patience
+        return self.rule.patience is not None and self.stale_checks >= self.rule.patience
 
     def restore(self) -> None:
         with torch.no_grad():
