@@ -307,8 +307,7 @@ class RoundingStop:
     there are too few to hold any out), and the decisions of the best check are kept. The first check is
     at step 0 (round-to-nearest or the GPTQ start), so a unit never ends worse than that on its held-out
     samples. With `patience`, the rounding ends once that many checks in a row have not lowered the best
-    loss so far by `tolerance` (relative); None runs every step. The hard loss is not monotone while the
-    regulariser anneals, so an early end can keep a unit near its start (README, "Calibration cost").
+    loss so far by `tolerance` (relative): that can keep a unit near its start, see "auto"; None runs every step.
     """
 
     check_every: int = 100
