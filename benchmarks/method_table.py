@@ -7,7 +7,8 @@ only; FIELDs are fields of the method's config, e.g. `tfmq:4:8:fsc_scope=all,tem
 in its own process, so its peak memory (max RSS) is its own; the calibration set is collected once and
 shared by all methods; the FP samples are the pairing baseline for FID/PSNR/SSIM to FP. `--jobs 2` runs
 two rows at a time with one thread each (the FP row first, alone). A finished row is kept in the work
-folder and not run again for the same settings, so an interrupted table resumes where it stopped.
+folder and not run again for the same settings (the resolved preset included), so an interrupted table
+resumes where it stopped.
 Writes benchmarks/results/method_table.{json,md} (or --name).
 """
 
@@ -133,18 +134,34 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
     return result
 
 
+def resolved_settings(row: str, preset: str) -> dict | None:
+    """What a row runs with, as JSON: its config and, for reconstruction methods, the settings its preset
+    resolves to; None for the FP row. A kept row recorded with other settings (a preset changed since) runs again."""
+    if row == "fp":
+        return None
+    config = row_config(row, preset)
+    settings = {"config": config.to_dict()}
+    if hasattr(config, "reconstruction"):
+        settings["reconstruction"] = dataclasses.asdict(config.reconstruction)
+    return json.loads(json.dumps(settings))
+
+
 def run_worker(row: str, args: argparse.Namespace) -> dict:
     """Run `row` in a child process (or return its kept result) and print its line of the table."""
     done = args.work / "rows" / (folder_name(row) + ".json")
-    if done.is_file():
-        result = json.loads(done.read_text())
+    settings = resolved_settings(row, args.preset)
+    kept = json.loads(done.read_text()) if done.is_file() else None
+    if kept is not None and kept.get("settings") == settings:
+        result = kept
     else:
+        if kept is not None:
+            print(f"{row}: kept in {done} with other settings, run again", flush=True)
         worker = [sys.executable, __file__, "--worker", row, "--model", args.model, "--num", str(args.num),
                   "--steps", str(args.steps), "--seed", str(args.seed), "--work", str(args.work),
                   "--preset", args.preset, "--sampler", args.sampler, "--guidance-scale", str(args.guidance_scale)]
         env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
         output = subprocess.run(worker, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
-        result = json.loads(output.strip().splitlines()[-1])
+        result = json.loads(output.strip().splitlines()[-1]) | {"settings": settings}
         write_json(done, result)
     print(format_table([result], COLUMNS), flush=True)
     return result

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -182,19 +183,17 @@ def test_settings_come_from_the_preset_unless_given() -> None:
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
-def test_the_auto_preset_starts_from_gptq_and_keeps_each_units_best_held_out_rounding() -> None:
-    auto = QDiffusionConfig(recon_preset="auto", recon_weight_iters=500).reconstruction
-    assert auto.rounding_stop == RoundingStop(patience=None) and auto.weight_iters == 500
-    assert auto.rounding_start == "gptq"
-    assert QDiffusionConfig(recon_preset="auto", recon_rounding_start="nearest").reconstruction.rounding_start == "nearest"
+def test_auto_is_balanced_with_fewer_cheaper_steps_and_the_levers_switch_on_any_preset() -> None:
+    auto = QDiffusionConfig(recon_preset="auto").reconstruction
     balanced = QDiffusionConfig(recon_preset="balanced").reconstruction
+    assert (auto.batch_size, auto.weight_iters) == (16, 1_300)
+    assert dataclasses.replace(auto, batch_size=32, weight_iters=2_000) == balanced
     assert balanced.rounding_stop is None and balanced.rounding_start == "nearest"
     # The explicit fields switch either lever on or off whatever the preset; True is the early-ending rule.
-    assert QDiffusionConfig(recon_preset="auto", recon_rounding_stop=False).reconstruction.rounding_stop is None
-    assert QDiffusionConfig(recon_preset="auto", recon_rounding_stop=True).reconstruction.rounding_stop == RoundingStop()
     balanced = QDiffusionConfig(recon_preset="balanced", recon_rounding_stop=True, recon_rounding_start="gptq")
     assert balanced.reconstruction.rounding_stop == RoundingStop()
     assert balanced.reconstruction.rounding_start == "gptq"
+    assert QDiffusionConfig(recon_preset="balanced", recon_rounding_stop=False).reconstruction.rounding_stop is None
     assert QuantConfig.from_dict(json.loads(json.dumps(balanced.to_dict()))) == balanced
 
 
