@@ -143,6 +143,8 @@ def resolved_settings(row: str, preset: str) -> dict | None:
     settings = {"config": config.to_dict()}
     if hasattr(config, "reconstruction"):
         settings["reconstruction"] = dataclasses.asdict(config.reconstruction)
+    if hasattr(config, "tiar_reconstruction"):
+        settings["tiar_reconstruction"] = dataclasses.asdict(config.tiar_reconstruction)
     return json.loads(json.dumps(settings))
 
 

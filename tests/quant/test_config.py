@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -72,6 +73,7 @@ def test_layer_rules_from_json_become_a_hashable_tuple() -> None:
         ("weight_init", "percentile"), ("act_init", "max"), ("quantize_attention", 1), ("split_shortcut", "yes"),
         ("layers", "conv_in"), ("layers", (3,)), ("act_samples_per_step", 0), ("batch_size", 1.5),
         ("tiar", 0), ("temporal_cache", "yes"), ("temporal_selection", None),
+        ("tiar_weight_iters", -1), ("tiar_batch_size", 0), ("tiar_weight_lr", 0.0), ("tiar_weight_lr", "fast"),
     ],
 )
 def test_rejects_bad_value_naming_it(field: str, value: object) -> None:
@@ -114,6 +116,18 @@ def test_presets_give_their_lengths_and_fields_override_them() -> None:
     assert balanced.weight_iters == 7 and balanced.weight_lr == 1e-2 and balanced.act_iters == 50
     # FSC over every activation replaces the step sizes LSQ would learn: no LSQ step runs
     assert QDiffusionConfig(fsc_scope="all", recon_act_iters=9).reconstruction.act_iters == 0
+
+
+def test_tiar_takes_the_blocks_settings_unless_its_own_fields_are_set() -> None:
+    fast = TFMQConfig(recon_preset="fast", recon_weight_iters=30)
+    assert fast.tiar_reconstruction == fast.reconstruction
+    mine = TFMQConfig(recon_preset="auto", recon_act_iters=3, tiar_weight_iters=7, tiar_batch_size=1024,
+                      tiar_weight_lr=0.5)
+    assert mine.tiar_reconstruction == dataclasses.replace(mine.reconstruction, weight_iters=7, batch_size=1024,
+                                                           weight_lr=0.5)
+    assert mine.tiar_reconstruction.act_iters == 3  # the fields it has no own value for follow the blocks'
+    assert mine.reconstruction == TFMQConfig(recon_preset="auto", recon_act_iters=3).reconstruction
+    assert _round_trip(mine) == mine
 
 
 @pytest.mark.parametrize(("pattern", "name", "matches"), [

@@ -406,21 +406,37 @@ class TFMQConfig(QDiffusionConfig, method="tfmq"):
     scope when activations are quantized. `temporal_cache` (journal version) replaces each residual block's
     temporal feature by its full-precision value at every scheduled timestep, quantized to `a_bits`, so the
     TIB leaves the sampling loop; `temporal_selection` measures per block the error of that cache and of the
-    TIB path and keeps the better one, so it needs `temporal_cache`.
+    TIB path and keeps the better one, so it needs `temporal_cache`. `tiar_weight_iters`, `tiar_batch_size`
+    and `tiar_weight_lr` set TIAR's AdaRound apart from the blocks' (None: the blocks' value): its one unit is
+    image-free and small, so longer or full-batch TIAR costs little (what it changes: README, "Calibration cost").
     """
 
     tiar: bool = True
     temporal_cache: bool = False
     temporal_selection: bool = False
+    tiar_weight_iters: int | None = None
+    tiar_batch_size: int | None = None
+    tiar_weight_lr: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_flag("tiar", self.tiar)
         _check_flag("temporal_cache", self.temporal_cache)
         _check_flag("temporal_selection", self.temporal_selection)
+        _check_count("tiar_weight_iters", self.tiar_weight_iters, 0)
+        _check_count("tiar_batch_size", self.tiar_batch_size, 1)
+        _check_number("tiar_weight_lr", self.tiar_weight_lr, optional=True)
         if self.temporal_selection and not self.temporal_cache:
             raise TfmqError("temporal_selection=True chooses per block between the TIB path and the temporal "
                             "cache: it needs temporal_cache=True")
+
+    @property
+    def tiar_reconstruction(self) -> ReconstructionSettings:
+        """The reconstruction settings of TIAR's unit: the blocks', with the `tiar_*` fields that are set."""
+        explicit = {"weight_iters": self.tiar_weight_iters, "batch_size": self.tiar_batch_size,
+                    "weight_lr": self.tiar_weight_lr}
+        return dataclasses.replace(self.reconstruction,
+                                   **{key: value for key, value in explicit.items() if value is not None})
 
     def default_fsc_scope(self) -> str:
         return "none" if self.a_bits is None else "temporal"

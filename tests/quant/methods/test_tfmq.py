@@ -128,6 +128,15 @@ def test_tfmq_records_tiar_then_the_blocks_and_calibrates_a_row_per_timestep(cal
     assert all(len(q.table_scale) == STEPS and bool(q.table_initialized.all()) for q in tabled.values())
 
 
+def test_tiar_runs_its_own_steps_on_every_timestep_at_once(calibration: CalibrationSet) -> None:
+    config = TFMQConfig(w_bits=4, a_bits=8, tiar_weight_iters=7, tiar_batch_size=1024, tiar_weight_lr=0.1, **SHORT)
+    model = quantize(pixel_unet(), config, calibration, progress=False)
+    tiar, *blocks = model.tfmq_info.method_results["reconstruction"]
+    assert (tiar["name"], tiar["samples"], tiar["rounding_steps"]) == (TIB_UNIT, STEPS, 7)
+    assert tiar["mse_after"] < tiar["mse_before"]
+    assert {block["rounding_steps"] for block in blocks} == {20}  # the blocks keep the preset's steps
+
+
 def test_tfmq_without_tiar_and_fsc_is_qdiff(calibration: CalibrationSet) -> None:
     unet = pixel_unet()
     qdiff = quantize(unet, QDiffusionConfig(w_bits=4, a_bits=8, **SHORT), calibration, progress=False)

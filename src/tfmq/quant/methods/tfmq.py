@@ -123,7 +123,7 @@ def reconstruct_tib(
             raise ValueError(f"{len(labels)} class labels for {len(timesteps)} timesteps: give one per timestep")
         for batch, chunk in zip(inputs, labels.split(batch_size)):
             batch["class_labels"] = chunk
-    (result,) = reconstruct(quantized, reference, [unit], inputs, config.reconstruction, progress=progress,
+    (result,) = reconstruct(quantized, reference, [unit], inputs, config.tiar_reconstruction, progress=progress,
                             checkpoints=checkpoints)
     return result
 
