@@ -7,8 +7,9 @@ Reads the quantized models that `method_table.py` saved in its work folder (its 
 settings too) and measures, at every timestep of the schedule: the relative error of the temporal features
 (all residual blocks' `time_emb_proj` outputs together, against full precision), the relative error of the
 UNet's noise prediction on the calibration samples of that step (each step on full-precision inputs) and the
-share of that error all of them have in common (`output_shared`), and the drift: the relative distance between the quantized and the full-precision sampler state on the same
-seeds, where every step's error has carried into the next. Prints the means over the early (t >= 500),
+share of that error all of them have in common (`output_shared`), and the drift: the relative distance
+between the quantized and the full-precision sampler state on the same seeds, where every step's error has
+carried into the next. Prints the means over the early (t >= 500),
 middle and late (t < 100) steps, the drift halfway and at the end, and writes the whole curves to
 benchmarks/results/<name>.{json,md}.
 """

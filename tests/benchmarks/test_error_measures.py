@@ -28,7 +28,8 @@ class Denoiser(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> types.SimpleNamespace:
         shift = self.offset * timestep.float().view(-1, 1, 1, 1) / 1000
-        return types.SimpleNamespace(sample=sample + shift + self.noise * torch.randn(sample.shape, generator=self.generator))
+        noise = self.noise * torch.randn(sample.shape, generator=self.generator)
+        return types.SimpleNamespace(sample=sample + shift + noise)
 
 
 def _calibration():

@@ -408,7 +408,8 @@ class TFMQConfig(QDiffusionConfig, method="tfmq"):
     TIB leaves the sampling loop; `temporal_selection` measures per block the error of that cache and of the
     TIB path and keeps the better one, so it needs `temporal_cache`. `tiar_weight_iters`, `tiar_batch_size`
     and `tiar_weight_lr` set TIAR's AdaRound apart from the blocks' (None: the blocks' value): its one unit is
-    image-free and small, so longer or full-batch TIAR costs little (what it changes: README, "Calibration cost").
+    image-free and small, so longer or full-batch TIAR costs little (what it changed: README, "Why tfmq `auto`
+    swings between calibration sets").
     """
 
     tiar: bool = True
