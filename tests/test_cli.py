@@ -158,7 +158,7 @@ def test_quantize_with_block_reconstruction(capsys, tmp_path, tiny_model_folder)
 
 def test_every_preset_is_a_choice_of_quantize():
     from tfmq.cli import build_parser
-    from tfmq.quant.config import RECON_PRESETS
+    from tfmq.quant.reconstruction_settings import RECON_PRESETS
 
     for preset in RECON_PRESETS:
         assert build_parser().parse_args(["quantize", "--preset", preset, "--out", "q"]).preset == preset

@@ -15,11 +15,11 @@ from tfmq.quant.config import (
     FSC_FILLS,
     FSC_SCOPES,
     RANGE_INITS,
-    RECON_PRESETS,
     LayerRule,
     QuantConfig,
     methods_with_field,
 )
+from tfmq.quant.reconstruction_settings import RECON_PRESETS
 
 _BITS = r"(\d+|fp|none)"
 _LAYER_SPEC = re.compile(rf"(?:w{_BITS})?(?:a{_BITS})?")

@@ -7,7 +7,8 @@ from torch import nn
 
 from tests.quant.methods.helpers import calibrated, input_batches
 from tests.quant.tiny_unets import pixel_unet
-from tfmq.quant.config import QDiffusionConfig, ReconstructionSettings
+from tfmq.quant.config import QDiffusionConfig
+from tfmq.quant.reconstruction_settings import ReconstructionSettings
 from tfmq.quant.methods.gptq import InputHessian, compensated_weight, input_rows
 from tfmq.quant.methods.reconstruction import reconstruct
 from tfmq.quant.methods.units import unet_units

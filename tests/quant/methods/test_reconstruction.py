@@ -13,7 +13,8 @@ from torch import nn
 
 from tests.quant.methods.helpers import calibrated, input_batches
 from tests.quant.tiny_unets import pixel_unet
-from tfmq.quant.config import QDiffusionConfig, QuantConfig, ReconstructionSettings, RoundingStop, RTNConfig
+from tfmq.quant.config import QDiffusionConfig, QuantConfig, RTNConfig
+from tfmq.quant.reconstruction_settings import ReconstructionSettings, RoundingStop
 from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.wrap import set_quant_state
 from tfmq.quant.methods.capture import Call, capture

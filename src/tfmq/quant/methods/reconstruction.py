@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tfmq import distributed
-from tfmq.quant.config import ReconstructionSettings, RoundingStop
+from tfmq.quant.reconstruction_settings import ReconstructionSettings, RoundingStop
 from tfmq.quant.methods import gptq
 from tfmq.quant.methods.adaround import AdaRoundQuantizer, RoundingRegularizer, adaptive_rounding, hard_rounding
 from tfmq.quant.methods.capture import Call, ModelInputs, batch_size, capture, inputs_of_samples, output_tensors
