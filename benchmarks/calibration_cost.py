@@ -8,8 +8,8 @@ Runs the rows `METHOD:W:A:recon_preset=PRESET` (every --methods x --presets, at 
 seeds, finished rows kept), then writes benchmarks/results/calibration_cost.{json,md} (or --name): the
 means over the sets and every set's rows, and a PNG of PSNR to FP against calibration seconds. One set is
 not enough to rank presets a few dB apart at W4A8: calibrations on different sets differ by more.
-Each row's time is split into capturing the units' inputs and targets, learning (AdaRound and LSQ), and
-the rest (activation ranges, FSC tables, the temporal cache); `time_x` is the
+Each row's time is split into capturing the units' inputs and targets, learning (AdaRound and LSQ), the
+output correction's pass, and the rest (activation ranges, FSC tables, the temporal cache); `time_x` is the
 row's calibration time over the reference row's (--reference, qdiff at `balanced` by default).
 """
 
@@ -28,9 +28,9 @@ from method_table import RESULTS  # this folder: scripts run as files
 from sampling_args import add_sampling_arguments  # this folder: scripts run as files
 
 COLUMNS = ("row", "method", "preset", "psnr_to_fp", "fid_to_fp", "ssim_to_fp", "fid", "calib_s", "time_x",
-           "capture_s", "learn_s", "other_s", "rounding_steps", "units")
+           "capture_s", "learn_s", "correction_s", "other_s", "rounding_steps", "units")
 MEAN_COLUMNS = ("psnr_to_fp", "fid_to_fp", "ssim_to_fp", "fid", "calib_s", "time_x", "capture_s", "learn_s",
-                "other_s", "rounding_steps")
+                "correction_s", "other_s", "rounding_steps")
 
 
 def row_name(method: str, bits: str, preset: str) -> str:
@@ -42,9 +42,10 @@ def cost_row(result: dict, method: str, preset: str) -> dict:
     units = result.get("units", [])
     capture = sum(unit.get("capture_seconds") or 0.0 for unit in units)
     in_units = sum(unit["seconds"] for unit in units)
+    correction = result.get("correction_s") or 0.0
     return {key: result.get(key) for key in ("row", "psnr_to_fp", "fid_to_fp", "ssim_to_fp", "fid", "calib_s")} | {
         "method": method, "preset": preset, "capture_s": capture, "learn_s": in_units - capture,
-        "other_s": result["calib_s"] - in_units, "units": len(units),
+        "correction_s": correction, "other_s": result["calib_s"] - in_units - correction, "units": len(units),
         "rounding_steps": sum(unit.get("rounding_steps") or 0 for unit in units),
     }
 

@@ -111,8 +111,11 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict:
                                          conditioning_for=lambda count: conditioning(model, args, count, True))
         result.update(calib_s=report.quantize_seconds, rel_err=report.relative_output_error,
                       size_mb=report.file_bytes / 1e6)
-        if "reconstruction" in unet.tfmq_info.method_results:  # per unit: losses, seconds, rounding steps
-            result["units"] = unet.tfmq_info.method_results["reconstruction"]
+        method_results = unet.tfmq_info.method_results
+        if "reconstruction" in method_results:  # per unit: losses, seconds, rounding steps
+            result["units"] = method_results["reconstruction"]
+        if "output_correction" in method_results:
+            result["correction_s"] = method_results["output_correction"]["seconds"]
     else:
         result["size_mb"] = sum(p.numel() * p.element_size() for p in unet.parameters()) / 1e6
     started = time.perf_counter()

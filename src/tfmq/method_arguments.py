@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import re
 
-from tfmq.arguments import bit_width, finite_non_negative
+from tfmq.arguments import bit_width, finite_non_negative, positive
 from tfmq.errors import TfmqError
 from tfmq.quant.config import (
     CONFIG_TYPES,
@@ -33,6 +33,8 @@ _FLAG_FIELDS = {
     "memory_budget_mb": ("memory_budget_mb", "--memory-budget-mb", None),
     "no_tiar": ("tiar", "--no-tiar", False), "temporal_cache": ("temporal_cache", "--temporal-cache", None),
     "temporal_selection": ("temporal_selection", "--temporal-selection", None),
+    "output_correction": ("output_correction", "--output-correction", None),
+    "output_correction_samples": ("output_correction_samples", "--output-correction-samples", None),
 }
 
 
@@ -64,7 +66,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=list(RECON_PRESETS), **given,
                         help="reconstruction length (qdiff, tfmq): 'fast' (default; 200 rounding steps a block) "
                              "suits a CPU (minutes); 'balanced' (2k) is closer to FP for 3-5x the time; 'auto' "
-                             "(1.3k at balanced's rate on batches of 16, not 32) takes about half balanced's time "
+                             "(1.3k at balanced's rate on batches of 16, not 32; for tfmq also TIAR on every "
+                             "timestep at once and the output correction) takes about half balanced's time "
                              "(quality: see the README); 'paper' is the authors' 20k (hours on a CPU)")
     parser.add_argument("--fsc-scope", choices=list(FSC_SCOPES), **given,
                         help="per-timestep activation ranges (FSC): for the temporal features, for every "
@@ -80,6 +83,12 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tfmq (journal): cache the quantized temporal features of every scheduled timestep")
     parser.add_argument("--temporal-selection", action="store_true", **given,
                         help="tfmq (journal): per block, keep the TIB path or the cache, whichever errs less")
+    parser.add_argument("--output-correction", action=argparse.BooleanOptionalAction, **given,
+                        help="after the method, take each step's mean output error against fp (per channel, "
+                             "measured on the calibration set) off the model's output at that step (default: "
+                             "on for tfmq --preset auto, off otherwise)")
+    parser.add_argument("--output-correction-samples", type=positive, metavar="N", **given,
+                        help="the output correction's mean of a step over N of its samples (default 8)")
     parser.add_argument("--memory-budget-mb", type=finite_non_negative, **given,
                         help="qdiff, tfmq: reconstruction caches beyond this go to disk (default 2048)")
     parser.add_argument("--weight-init", choices=list(RANGE_INITS), **given, help="weight grid (default mse)")
@@ -111,4 +120,8 @@ def config_from_arguments(args: argparse.Namespace, num_train_timesteps: int | N
         fields["train_timesteps"] = 1000 if num_train_timesteps is None else num_train_timesteps
     elif "fsc_fill" in fields:
         raise TfmqError("--fsc-fill fills the rows of --schedule-free tables: give --schedule-free too")
-    return config_type(**fields)
+    config = config_type(**fields)
+    if "output_correction_samples" in fields and not config.output_correction:
+        raise TfmqError("--output-correction-samples sets how the output correction measures, and this config has "
+                        "none: give --output-correction too")
+    return config

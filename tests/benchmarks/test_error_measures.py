@@ -1,4 +1,4 @@
-"""temporal_error.py's shared-error share and output_bias.py's per-step correction, on models whose errors are known."""
+"""temporal_error.py's shared-error share and output_bias.py's per-element correction, on models whose errors are known."""
 
 from __future__ import annotations
 
@@ -51,16 +51,15 @@ def test_the_shared_share_is_one_for_a_common_error_and_about_one_over_n_for_ind
     assert bool(((shared > low) & (shared < high)).all()), shared.tolist()
 
 
-def test_subtracting_each_steps_channel_means_removes_a_per_step_offset() -> None:
+def test_subtracting_each_steps_element_means_removes_a_per_step_offset() -> None:
     calibration, reference = _calibration(), Denoiser()
     model = Denoiser(offset=0.5, noise=0.01)
-    errors = output_bias.step_errors(model, reference, calibration, "channel")
-    assert sorted(errors) == sorted(SCHEDULE.tolist()) and errors[900].shape == (1, 2, 1, 1)
-    assert errors[900].flatten().tolist() == pytest.approx([0.45, 0.45], abs=0.01)
+    errors = output_bias.element_errors(model, reference, calibration)
+    assert sorted(errors) == sorted(SCHEDULE.tolist()) and errors[500].shape == (1, 2, 8, 8)
+    assert errors[900].flatten() == pytest.approx(torch.full((128,), 0.45), abs=0.01)
     output_bias.subtract_step_errors(model, errors)  # registers a forward hook: needs the model's own call
     inputs = calibration.inputs(torch.arange(PER_STEP))
     with torch.no_grad():
         left = model(**inputs).sample - reference(**inputs).sample
     assert left.mean().abs() < 0.005 and left.abs().max() < 0.1
-    assert output_bias.step_errors(Denoiser(), reference, calibration, "none")[900].numel() == 1
-    assert output_bias.step_errors(model, reference, calibration, "element")[500].shape == (1, 2, 8, 8)
+    assert output_bias.correct(Denoiser(), reference, calibration, "none") == 0

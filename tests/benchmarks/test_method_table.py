@@ -24,8 +24,8 @@ def test_the_resolved_settings_follow_the_preset_not_the_row_name() -> None:
     balanced = method_table.resolved_settings("tfmq:4:8:recon_preset=balanced", "fast")
     assert auto["reconstruction"]["batch_size"] != balanced["reconstruction"]["batch_size"]
     # TIAR's own settings count too: a row that changes only them is another row's settings
-    tiar = method_table.resolved_settings("tfmq:4:8:recon_preset=auto,tiar_weight_lr=0.1", "fast")
-    assert tiar["tiar_reconstruction"]["weight_lr"] == 0.1 != auto["tiar_reconstruction"]["weight_lr"]
+    tiar = method_table.resolved_settings("tfmq:4:8:recon_preset=auto,tiar_weight_lr=0.05", "fast")
+    assert tiar["tiar_reconstruction"]["weight_lr"] == 0.05 != auto["tiar_reconstruction"]["weight_lr"]
     assert "tiar_reconstruction" not in method_table.resolved_settings("qdiff:4:8:recon_preset=auto", "fast")
     assert method_table.resolved_settings("rtn:4:8", "fast")["config"]["w_bits"] == 4
     assert "reconstruction" not in method_table.resolved_settings("rtn:4:8", "fast")

@@ -228,6 +228,18 @@ def test_a_schedule_free_graph_agrees_with_torch_at_timesteps_never_calibrated(c
     assert images.shape == (2, 3, 8, 8) and bool(torch.isfinite(images).all())
 
 
+def test_a_graph_takes_the_output_correction_off_at_its_step(calibration, scheduler, tmp_path):
+    config = RTNConfig(w_bits=4, a_bits=8, fsc_scope="temporal", output_correction=True,
+                       train_timesteps=scheduler.config.num_train_timesteps)
+    model = quantize(pixel_unet(), config, calibration, progress=False)
+    # offsets far above float noise, different at every timestep, so a graph that dropped or misread them fails
+    model.output_correction.offsets += torch.linspace(-1, 1, 1000)[:, None] * torch.tensor([1.0, -2.0, 0.5])
+    engine = OnnxUNet(export_onnx(model, tmp_path / "corrected.onnx", integer_convs=False), threads=1)
+    assert_exact(engine, model, [int(t) for t in calibration.schedule[:2]] + [640, 3])
+    ops = collections.Counter(node.op_type for node in onnx.load(str(tmp_path / "corrected.onnx")).graph.node)
+    assert ops["Sub"] >= 1 and ops["Gather"] >= 1
+
+
 # Short value names keep a graph valid when an If branch reads a value of the graph around it (TorchScript's
 # exporter writes a squeeze of a dynamic axis so).
 def test_a_branch_reads_the_outer_value_under_its_new_name() -> None:

@@ -44,7 +44,7 @@ def test_defaults_are_the_clis_w4a8_setting() -> None:
 
 @pytest.mark.parametrize("config", [
     RTNConfig(w_bits=None, a_bits=16, act_init="minmax", quantize_attention=False, softmax_bits=6,
-              split_shortcut=False, layers=(LayerRule.full_precision("conv_in"), LayerRule("up_blocks.*", w_bits=8))),
+              split_shortcut=False, output_correction=True, output_correction_samples=8, layers=(LayerRule.full_precision("conv_in"), LayerRule("up_blocks.*", w_bits=8))),
     QDiffusionConfig(recon_preset="balanced", recon_batch_size=4, memory_budget_mb=0.5, fsc_scope="all"),
     TFMQConfig(tiar=False, temporal_cache=True, temporal_selection=True, fsc_scope="all", fsc_momentum=None),
 ], ids=["rtn", "qdiff", "tfmq"])
@@ -74,6 +74,7 @@ def test_layer_rules_from_json_become_a_hashable_tuple() -> None:
         ("layers", "conv_in"), ("layers", (3,)), ("act_samples_per_step", 0), ("batch_size", 1.5),
         ("tiar", 0), ("temporal_cache", "yes"), ("temporal_selection", None),
         ("tiar_weight_iters", -1), ("tiar_batch_size", 0), ("tiar_weight_lr", 0.0), ("tiar_weight_lr", "fast"),
+        ("output_correction", 1), ("output_correction_samples", 0), ("output_correction_samples", 2.0),
     ],
 )
 def test_rejects_bad_value_naming_it(field: str, value: object) -> None:
@@ -164,3 +165,19 @@ def test_bad_layer_rules_are_refused_naming_the_problem(rule: dict, problem: str
 def test_a_method_name_is_taken_once() -> None:
     with pytest.raises(TfmqError, match="already the name of RTNConfig"):
         type("Other", (QuantConfig,), {}, method="rtn")
+
+
+def test_the_auto_preset_brings_tfmq_its_tiar_settings_and_the_output_correction() -> None:
+    auto = TFMQConfig(recon_preset="auto")
+    assert auto.output_correction and auto.output_correction_samples == 8
+    tiar, blocks = auto.tiar_reconstruction, auto.reconstruction
+    assert (tiar.batch_size, tiar.weight_lr, tiar.weight_iters) == (1024, 0.1, blocks.weight_iters)
+    assert (blocks.batch_size, blocks.weight_lr) == (16, 0.01)
+    explicit = TFMQConfig(recon_preset="auto", tiar_weight_lr=0.02, output_correction=False)
+    assert explicit.tiar_reconstruction.weight_lr == 0.02 and explicit.tiar_reconstruction.batch_size == 1024
+    assert not explicit.output_correction
+    # other presets and methods: off, TIAR as the blocks; the resolved value is what the JSON keeps
+    assert not TFMQConfig(recon_preset="balanced").output_correction
+    assert TFMQConfig(recon_preset="balanced").tiar_reconstruction == TFMQConfig(recon_preset="balanced").reconstruction
+    assert not QDiffusionConfig(recon_preset="auto").output_correction
+    assert TFMQConfig.from_dict(auto.to_dict()) == auto and auto.to_dict()["output_correction"] is True

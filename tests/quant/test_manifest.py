@@ -79,6 +79,10 @@ def test_a_plain_model_has_no_tables_and_an_unknown_layer_is_refused(calibration
      "scope must be one of"),
     (lambda values: values.update(temporal_caches={"blocks": ["a"], "code_dtype": "int4",
                                                    "time_embedding_skipped": False}), "code_dtype must be one of"),
+    (lambda values: values.update(output_correction={"channels": 0}), "channels must be a positive int"),
+    (lambda values: values.update(output_correction={"channels": 3, "steps": 6}),
+     "output_correction must be an object of channels"),
+    (lambda values: values.update(extra=None), "manifest must be an object of"),
 ])
 def test_bad_entries_are_refused_naming_them(calibration, edit, problem) -> None:
     with one_thread():
@@ -87,3 +91,17 @@ def test_bad_entries_are_refused_naming_them(calibration, edit, problem) -> None
     edit(values)
     with pytest.raises(ValueError, match=problem):
         ModelManifest.from_dict(values)
+
+
+def test_a_manifest_written_before_output_corrections_loads_as_one_without(calibration) -> None:
+    with one_thread():
+        model = quantize(pixel_unet(), RTNConfig(w_bits=8, a_bits=8, output_correction=True), calibration,
+                         progress=False)
+    manifest = ModelManifest.of(model)
+    values = manifest.to_dict()
+    assert values["output_correction"] == {"channels": 3} and ModelManifest.from_dict(values) == manifest
+    assert manifest.timestep_tables.scope == "none"  # the schedule came with the correction alone
+    rebuilt = manifest.build(pixel_unet())
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    del values["output_correction"]
+    assert ModelManifest.from_dict(values).output_correction is None

@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler, PixArtAlphaPipeline
 from tests.models.tiny_pipelines import tiny_autoencoder
 from tests.quant.tiny_unets import one_thread, tiny_dit, tiny_pixart
 
+from tfmq.denoiser import denoiser_call
 from tfmq.models.architectures import latent_scheduler
 from tfmq.quant.api import quantize, relative_output_error
 from tfmq.quant.calibration import collect_calibration
@@ -117,3 +118,17 @@ def test_the_first_and_last_layer_stay_full_precision_unless_the_rules_say_other
     assert "proj_out_1" in dit and not dit & {"pos_embed.proj", "proj_out_2"}  # proj_out_1: the output modulation
     everything = {name for name, _ in quant_layers(quantize_model(tiny_pixart(), RTNConfig(layers=())))}
     assert {"pos_embed.proj", "proj_out"} <= everything
+
+
+@torch.no_grad()
+def test_a_guided_learned_variance_transformer_takes_its_output_correction_on_every_channel(pixart, tmp_path):
+    model, calibration, _ = pixart
+    with one_thread():
+        quantized = quantize(model, RTNConfig(w_bits=4, a_bits=8, output_correction=True), calibration, progress=False)
+        assert quantized.output_correction.channels == 8  # epsilon and the variance: all the model returns
+        for inputs in calibration.timestep_groups():  # both branches of the guided set, as the model saw them
+            error = denoiser_call(quantized, inputs) - denoiser_call(model, inputs)
+            assert error.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+        loaded = load_quantized(save_quantized(quantized, tmp_path / "q"), model)
+        run = {"config": SAMPLER, "progress": False, "seed": 3, "conditioning": _captions(2, seed=2)}
+        assert torch.equal(sample(loaded, latent_scheduler(), 2, **run), sample(quantized, latent_scheduler(), 2, **run))

@@ -8,7 +8,8 @@ its outputs over the schedule, read at the step index that the graph takes as in
 Over a fixed schedule such a site is a finite table. Computed in torch with the fake-quant TIB (its FSC
 rows, or the temporal feature caches) it holds exactly what the fake-quant model computes there; each
 site becomes a `StepTable` of them, served at the graph's `step` (a Gather in ONNX), and the small,
-latency-bound linears behind it do not run in the integer graph. What also reads the class label (a DiT's
+latency-bound linears behind it do not run in the integer graph. A model's output correction becomes a
+Gather and a Sub at the graph's output. What also reads the class label (a DiT's
 modulation Linears, after the label embedding is added) stays in the graph, its FSC grids read per step.
 """
 
@@ -24,6 +25,7 @@ from tfmq.export.layers import IntegerConv2d, IntegerLinear
 from tfmq.export.qdq import DequantizedWeight, frozen_activation
 from tfmq.quant.nn.attention import QuantAttnProcessor
 from tfmq.quant.nn.layers import QuantConv2d
+from tfmq.quant.nn.output_correction import CORRECTION_NAME, OutputCorrection
 from tfmq.quant.nn.step_table import StepRows, StepTable
 from tfmq.quant.nn.temporal import TABLES_NAME, SkippedTimestepEmbedding, cache_site_outputs_by_timestep, timestep_tables
 from tfmq.quant.tib import find_tib
@@ -36,23 +38,27 @@ class _DenoiserGraph(nn.Module):
     """What both graphs share: the model called by keyword with its one condition (`condition`: the name of
     the graph's third input, None for an unconditional model), returning epsilon alone."""
 
-    def __init__(self, model: nn.Module, condition: str | None) -> None:
+    def __init__(self, model: nn.Module, condition: str | None, correction: OutputCorrection | None = None) -> None:
         super().__init__()
         self.model = model
         self.condition = condition
+        self.correction = correction  # taken off the whole output at the row of the call
 
     def noise(self, sample: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         inputs = {"sample": sample, "timestep": timestep}
         if self.condition is not None:
             inputs[self.condition] = condition
-        return predicted_noise(self.model, denoiser_call(self.model, inputs))
+        output = denoiser_call(self.model, inputs)
+        return predicted_noise(self.model, output if self.correction is None else self.correction(output))
 
 
 class StepGraph(_DenoiserGraph):
-    """`model(sample, step[, condition])` -> noise, the TIB read from tables at `step`."""
+    """`model(sample, step[, condition])` -> noise, the TIB (and the output correction, if any) read from
+    tables at `step`."""
 
-    def __init__(self, model: nn.Module, step_rows: StepRows, condition: str | None) -> None:
-        super().__init__(model, condition)
+    def __init__(self, model: nn.Module, step_rows: StepRows, condition: str | None,
+                 correction: OutputCorrection | None = None) -> None:
+        super().__init__(model, condition, correction)
         self.step_rows = step_rows  # what the tables of `model` read their row from
 
     def forward(self, sample: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,6 +90,9 @@ def integer_twin(
     if timestep_tables(twin) is not None:
         delattr(twin, TABLES_NAME)  # its row-selecting hooks then do nothing; the graph's step is the row
     step_rows = StepRows()
+    correction = twin._modules.pop(CORRECTION_NAME, None)  # the graph takes it off the output
+    if correction is not None:
+        correction.step_rows = step_rows
     for owner, attribute in tib.cache_sites.items():
         setattr(twin.get_submodule(owner), attribute,
                 StepTable(site_outputs[owner].float().contiguous(), step_rows=step_rows))
@@ -104,7 +113,7 @@ def integer_twin(
             for attribute in ATTENTION_QUANTIZERS:
                 frozen = frozen_activation(getattr(module, attribute), step_rows)
                 setattr(module, attribute, nn.Identity() if frozen is None else frozen)
-    return StepGraph(twin.eval(), step_rows, condition), counts
+    return StepGraph(twin.eval(), step_rows, condition, correction), counts
 
 
 def _weight_kind(weight: nn.Module) -> str:

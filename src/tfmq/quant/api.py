@@ -21,6 +21,7 @@ from tfmq.quant.calibration import CalibrationSet
 from tfmq.quant.config import QuantConfig
 from tfmq.quant.methods.registry import MethodInputs, handler_for
 from tfmq.quant.methods.resume import UnitCheckpoints
+from tfmq.quant.output_correction import calibrate_output_correction
 from tfmq.quant.provenance import Provenance, model_fingerprint
 from tfmq.quant.wrap import quantize_model
 
@@ -32,7 +33,8 @@ def quantize(
     """A quantized copy of `unet` calibrated by the method of `config`'s type; `unet` stays full precision.
 
     Every method starts from the wrapped copy with its weight grids and its activation ranges observed on
-    every sampling step; the handler registered for the config (`tfmq.register_method`) does the rest.
+    every sampling step; the handler registered for the config (`tfmq.register_method`) does the rest, and
+    `config.output_correction` adds its calibration step after it (`tfmq.quant.output_correction`).
 
     The result keeps the UNet's class and call signature (it drops into a diffusers pipeline) and carries
     its `Provenance` as `tfmq_info` (`source` and `config_folder`: where the base model was loaded from),
@@ -65,11 +67,26 @@ def quantize(
             calibrate_activation_ranges(model, activation_data, config.batch_size, progress)
         checkpoints = None if checkpoint_dir is None else UnitCheckpoints.open(
             checkpoint_dir, run_identity(config, unet, calibration), writer=distributed.is_main())
-        results = handler(model, MethodInputs(unet, config, calibration, progress, checkpoints))
+        inputs = MethodInputs(unet, config, calibration, progress, checkpoints)
+        results = handler(model, inputs)
+        if config.output_correction:
+            results = {**results, "output_correction": _correct_output(model, inputs)}
     model.tfmq_info = Provenance.of(config, unet, source=source, config_folder=config_folder,
                                     calibration=calibration_record(calibration, time.perf_counter() - started),
                                     method_results=results)
     return model.eval()
+
+
+def _correct_output(model: nn.Module, inputs: MethodInputs) -> dict[str, Any]:
+    """The output correction step of `config.output_correction`, and what it cost."""
+    started = time.perf_counter()
+    config = inputs.config
+    correction = calibrate_output_correction(
+        model, inputs.full_precision, inputs.calibration, table_schedule=inputs.table_schedule,
+        samples_per_step=config.output_correction_samples, fill=config.fsc_fill, batch_size=config.batch_size,
+        progress=inputs.progress)
+    return {"steps": len(inputs.calibration.schedule), "channels": correction.channels,
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def run_identity(config: QuantConfig, unet: nn.Module, calibration: CalibrationSet) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from tfmq.errors import TfmqError
 from tfmq.quant.reconstruction_settings import (
     RECON_PRESETS,
     ROUNDING_STARTS,
+    TIAR_PRESETS,
     ReconstructionSettings,
     RoundingStop,
 )
@@ -169,6 +170,12 @@ class QuantConfig:
     count. The calibrated timesteps keep their own FSC ranges and the other rows are filled by `fsc_fill`:
     "linear" interpolation in t between the calibrated rows around them, or the "nearest" one's. None (the
     default) serves the calibration's schedule only.
+
+    `output_correction`: after the method, measure the mean output error against full precision of every
+    calibrated step, per output channel, over `output_correction_samples` samples of the step (None: all),
+    and take it off the model's output at that step (`tfmq.quant.output_correction`): the error every
+    sample of a step shares, which the sampler would otherwise add up along the trajectory. None: the
+    method's default (`default_output_correction`: on for tfmq's `auto` preset).
     """
 
     method: ClassVar[str] = ""
@@ -188,6 +195,8 @@ class QuantConfig:
     fsc_init_samples: int = 16
     train_timesteps: int | None = None
     fsc_fill: str = "linear"
+    output_correction: bool | None = None
+    output_correction_samples: int | None = 8
 
     def __init_subclass__(cls, *, method: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -226,10 +235,18 @@ class QuantConfig:
         _check_count("fsc_init_samples", self.fsc_init_samples, 1, optional=False)
         _check_count("train_timesteps", self.train_timesteps, 2)
         _check_choice("fsc_fill", self.fsc_fill, FSC_FILLS)
+        if self.output_correction is None:
+            object.__setattr__(self, "output_correction", self.default_output_correction())
+        _check_flag("output_correction", self.output_correction)
+        _check_count("output_correction_samples", self.output_correction_samples, 1)
 
     def default_fsc_scope(self) -> str:
         """The FSC scope of `fsc_scope=None`."""
         return "none"
+
+    def default_output_correction(self) -> bool:
+        """The output correction of `output_correction=None`."""
+        return False
 
     def check_model(self, model: Any) -> None:
         """Refuse, before any calibration work, a model this config cannot quantize (a TfmqError): FSC's
@@ -354,9 +371,9 @@ class TFMQConfig(QDiffusionConfig, method="tfmq"):
     temporal feature by its full-precision value at every scheduled timestep, quantized to `a_bits`, so the
     TIB leaves the sampling loop; `temporal_selection` measures per block the error of that cache and of the
     TIB path and keeps the better one, so it needs `temporal_cache`. `tiar_weight_iters`, `tiar_batch_size`
-    and `tiar_weight_lr` set TIAR's AdaRound apart from the blocks' (None: the blocks' value): its one unit is
-    image-free and small, so longer or full-batch TIAR costs little (what it changed: README, "Why tfmq `auto`
-    swings between calibration sets").
+    and `tiar_weight_lr` set TIAR's AdaRound apart from the blocks' (None: the preset's TIAR value,
+    `TIAR_PRESETS`, else the blocks'): its one unit is image-free and small, so longer or full-batch TIAR
+    costs little (what it changed: README, "Why tfmq `auto` swings between calibration sets").
     """
 
     tiar: bool = True
@@ -380,14 +397,21 @@ class TFMQConfig(QDiffusionConfig, method="tfmq"):
 
     @property
     def tiar_reconstruction(self) -> ReconstructionSettings:
-        """The reconstruction settings of TIAR's unit: the blocks', with the `tiar_*` fields that are set."""
+        """The reconstruction settings of TIAR's unit: the blocks', with the preset's TIAR values
+        (`TIAR_PRESETS`) and then the `tiar_*` fields that are set."""
         explicit = {"weight_iters": self.tiar_weight_iters, "batch_size": self.tiar_batch_size,
                     "weight_lr": self.tiar_weight_lr}
-        return dataclasses.replace(self.reconstruction,
-                                   **{key: value for key, value in explicit.items() if value is not None})
+        values = {**TIAR_PRESETS.get(self.recon_preset, {}),
+                  **{key: value for key, value in explicit.items() if value is not None}}
+        return dataclasses.replace(self.reconstruction, **values)
 
     def default_fsc_scope(self) -> str:
         return "none" if self.a_bits is None else "temporal"
+
+    def default_output_correction(self) -> bool:
+        """On with the `auto` preset: its shorter reconstruction leaves a per-step error that the images
+        share, and the correction takes it off (README, "Calibration cost")."""
+        return self.recon_preset == "auto"
 
     def check_model(self, model: Any) -> None:
         """Also refuse a model without a TIB for TIAR, and one whose temporal features a cache cannot hold."""

@@ -1,6 +1,6 @@
 """What a quantized model is made of, module by module: which layers are quantized twins and with what bits
 and splits, which attentions quantize their matmuls, which quantizers carry per-timestep tables over which
-schedule, and which blocks read a temporal feature cache. A checkpoint stores it, and loading rebuilds the
+schedule, which blocks read a temporal feature cache, and whether the output has a per-step correction. A checkpoint stores it, and loading rebuilds the
 model from it alone, so a model of any method (one registered elsewhere included) loads without its code."""
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ from tfmq.quant.config import FSC_SCOPES
 from tfmq.quant.metadata_checks import expect, is_int
 from tfmq.quant.nn.attention import QuantAttnProcessor
 from tfmq.quant.nn.step_table import StepTable
-from tfmq.quant.nn.temporal import SkippedTimestepEmbedding, restore_temporal_cache, timestep_tables
+from tfmq.quant.nn.output_correction import output_correction
+from tfmq.quant.nn.temporal import (
+    SkippedTimestepEmbedding,
+    attach_output_correction,
+    restore_temporal_cache,
+    timestep_tables,
+)
 from tfmq.quant.tib import find_tib
 from tfmq.quant.timestep_table import attach_timestep_tables, table_quantizers
 from tfmq.quant.wrap import AttentionPlan, LayerPlan, WrappingPlan, apply_wrapping_plan, quant_layers
@@ -47,10 +53,18 @@ class TemporalCachesEntry:
 
 
 @dataclass(frozen=True)
+class OutputCorrectionEntry:
+    """The width of the output correction's rows (its steps are the timestep tables' schedule)."""
+
+    channels: int
+
+
+@dataclass(frozen=True)
 class ModelManifest:
     plan: WrappingPlan
     timestep_tables: TimestepTablesEntry | None = None
     temporal_caches: TemporalCachesEntry | None = None
+    output_correction: OutputCorrectionEntry | None = None
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelManifest:
@@ -73,7 +87,9 @@ class ModelManifest:
             embedding = find_tib(model).skippable_embedding
             skipped = embedding is not None and isinstance(model.get_submodule(embedding), SkippedTimestepEmbedding)
             caches_entry = TemporalCachesEntry(tuple(caches), dtypes.pop(), skipped)
-        return cls(WrappingPlan(layers, attentions), tables_entry, caches_entry)
+        correction = output_correction(model)
+        correction_entry = None if correction is None else OutputCorrectionEntry(correction.channels)
+        return cls(WrappingPlan(layers, attentions), tables_entry, caches_entry, correction_entry)
 
     def build(self, base: nn.Module) -> nn.Module:
         """A quantized twin of `base` with every module of the manifest in place, uncalibrated: ready for the
@@ -95,10 +111,15 @@ class ModelManifest:
                                              _CACHE_DTYPES[caches.code_dtype])
             if skipped != caches.time_embedding_skipped:
                 raise ValueError("the time embedding is skipped in one of the model and its manifest, not the other")
+        if self.output_correction is not None:
+            if tables is None:
+                raise ValueError("an output correction needs the timestep tables' schedule")
+            attach_output_correction(model, torch.tensor(tables.schedule, device="cpu"),
+                                     torch.zeros(len(tables.schedule), self.output_correction.channels))
         return model
 
     def to_dict(self) -> dict[str, Any]:
-        tables, caches = self.timestep_tables, self.temporal_caches
+        tables, caches, correction = self.timestep_tables, self.temporal_caches, self.output_correction
         return {
             "layers": {name: {"w_bits": plan.w_bits, "a_bits": plan.a_bits, "split": plan.split}
                        for name, plan in self.plan.layers.items()},
@@ -109,12 +130,15 @@ class ModelManifest:
             "temporal_caches": None if caches is None else {
                 "blocks": list(caches.blocks), "code_dtype": caches.code_dtype,
                 "time_embedding_skipped": caches.time_embedding_skipped},
+            "output_correction": None if correction is None else {"channels": correction.channels},
         }
 
     @classmethod
     def from_dict(cls, values: Any) -> ModelManifest:
-        """Inverse of `to_dict`; raises ValueError naming the first entry of a wrong type or value."""
-        _expect_keys(values, "manifest", {"layers", "attentions", "timestep_tables", "temporal_caches"})
+        """Inverse of `to_dict`; raises ValueError naming the first entry of a wrong type or value. A manifest
+        written before output corrections existed has no `output_correction` entry: none."""
+        _expect_keys(values, "manifest", {"layers", "attentions", "timestep_tables", "temporal_caches"},
+                     optional={"output_correction"})
         layers = {}
         for name, entry in _named_entries(values["layers"], "manifest.layers"):
             _expect_keys(entry, f"manifest.layers[{name!r}]", {"w_bits", "a_bits", "split"})
@@ -130,7 +154,7 @@ class ModelManifest:
                    f"manifest.attentions[{name!r}] bit widths must be ints or null, got {entry}")
             attentions[name] = AttentionPlan(entry["a_bits"], entry["probs_bits"])
         return cls(WrappingPlan(layers, attentions), _tables_entry(values["timestep_tables"]),
-                   _caches_entry(values["temporal_caches"]))
+                   _caches_entry(values["temporal_caches"]), _correction_entry(values.get("output_correction")))
 
 
 def _tables_entry(values: Any) -> TimestepTablesEntry | None:
@@ -160,14 +184,23 @@ def _caches_entry(values: Any) -> TemporalCachesEntry | None:
     return TemporalCachesEntry(tuple(blocks), values["code_dtype"], values["time_embedding_skipped"])
 
 
+def _correction_entry(values: Any) -> OutputCorrectionEntry | None:
+    if values is None:
+        return None
+    _expect_keys(values, "manifest.output_correction", {"channels"})
+    expect(is_int(values["channels"]) and values["channels"] > 0,
+           "manifest.output_correction.channels must be a positive int")
+    return OutputCorrectionEntry(values["channels"])
+
+
 def _named_entries(values: Any, where: str) -> list[tuple[str, Any]]:
     expect(isinstance(values, dict), f"{where} must be an object")
     return list(values.items())
 
 
-def _expect_keys(values: Any, where: str, keys: set[str]) -> None:
-    expect(isinstance(values, dict) and set(values) == keys,
-           f"{where} must be an object of {', '.join(sorted(keys))}")
+def _expect_keys(values: Any, where: str, keys: set[str], optional: set[str] = frozenset()) -> None:
+    expect(isinstance(values, dict) and keys <= set(values) <= keys | optional,
+           f"{where} must be an object of {', '.join(sorted(keys | optional))}")
 
 
 def _is_bits(value: object) -> bool:

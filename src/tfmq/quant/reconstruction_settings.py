@@ -64,3 +64,6 @@ RECON_PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"weight_iters": 200, "act_iters": 50, "batch_size": 32, "weight_lr": 1e-2, "act_lr": 4e-5},
     "auto": {"weight_iters": 1_300, "act_iters": 50, "batch_size": 16, "weight_lr": 1e-2, "act_lr": 4e-5},
 }
+# TIAR's unit under a preset, where it differs from the blocks': with `auto` every timestep of the schedule in
+# one batch at 1e-1 (the unit is image-free and small, so a step costs about what one of 16 does).
+TIAR_PRESETS: dict[str, dict[str, Any]] = {"auto": {"batch_size": 1024, "weight_lr": 1e-1}}

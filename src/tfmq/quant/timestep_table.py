@@ -99,7 +99,7 @@ def attach_timestep_tables(
     return tables
 
 
-def _check_calibration(calibration: CalibrationSet) -> torch.Tensor:
+def checked_calibration_schedule(calibration: CalibrationSet) -> torch.Tensor:
     """The schedule of `calibration`, after checking that its labels agree with it and cover it."""
     if len(calibration) == 0:
         raise ValueError("the calibration set is empty")
@@ -151,13 +151,22 @@ def fill_uncalibrated_rows(quantizer: UniformQuantizer, fill: str) -> None:
     """Give every uncalibrated row of `quantizer`'s table a range from the calibrated rows around it: their
     ranges interpolated linearly in the row's timestep ("linear"), or the nearer one's ("nearest"; the lower
     on a tie). Rows outside the calibrated ones take the edge row's range. The calibrated rows are unchanged."""
-    _check_fill(fill)
-    calibrated = quantizer.table_initialized.nonzero().flatten()
-    if len(calibrated) == 0:
-        raise ValueError("a table with no calibrated row has no range to fill the others from")
-    rows = (~quantizer.table_initialized).nonzero().flatten()
+    rows, left, right, weight = filled_rows(quantizer.table_initialized, fill)
     if len(rows) == 0:
         return
+    low, high = quantizer.table_ranges()
+    quantizer.set_table_ranges(rows, torch.lerp(low[left], low[right], weight),
+                               torch.lerp(high[left], high[right], weight))
+
+
+def filled_rows(calibrated_mask: torch.Tensor, fill: str) -> tuple[torch.Tensor, ...]:
+    """How a schedule-free table's uncalibrated rows are filled from its calibrated ones (`calibrated_mask`,
+    bool per row): (rows, left, right, weight), each row's value lerp(value[left], value[right], weight)."""
+    _check_fill(fill)
+    calibrated = calibrated_mask.nonzero().flatten()
+    if len(calibrated) == 0:
+        raise ValueError("a table with no calibrated row has no value to fill the others from")
+    rows = (~calibrated_mask).nonzero().flatten()
     above = torch.searchsorted(calibrated, rows, right=True)  # calibrated rows at or below each row
     left = calibrated[(above - 1).clamp(0, len(calibrated) - 1)]
     right = calibrated[above.clamp(max=len(calibrated) - 1)]
@@ -165,9 +174,7 @@ def fill_uncalibrated_rows(quantizer: UniformQuantizer, fill: str) -> None:
     weight = ((rows - left).float() / gap).clamp(0, 1)
     if fill == "nearest":
         weight = (weight > 0.5).float()
-    low, high = quantizer.table_ranges()
-    quantizer.set_table_ranges(rows, torch.lerp(low[left], low[right], weight),
-                               torch.lerp(high[left], high[right], weight))
+    return rows, left, right, weight
 
 
 @torch.no_grad()
@@ -207,7 +214,7 @@ def calibrate_timestep_tables(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     _check_scope(scope)
     _check_fill(fill)
-    schedule = _check_calibration(calibration)
+    schedule = checked_calibration_schedule(calibration)
     table_schedule = schedule if table_schedule is None else checked_schedule(table_schedule)
     tables = timestep_tables(model)
     if tables is None or tables.scope == "none":

@@ -39,8 +39,10 @@ stages["loading_and_export"] = {"modules": sorted(sys.modules)}
 print(json.dumps(stages))
 """
 RUNTIME = "tfmq.quant.nn"
-RUNTIME_MODULES = {f"{RUNTIME}.{name}" for name in ("quantizer", "layers", "attention", "step_table", "temporal")}
-NOT_RUNTIME = ("tfmq.quant.methods", "tfmq.quant.calibration", "tfmq.cli", "tfmq.quant.timestep_table")
+RUNTIME_MODULES = {f"{RUNTIME}.{name}" for name in ("quantizer", "layers", "attention", "step_table", "temporal",
+                                                          "output_correction")}
+NOT_RUNTIME = ("tfmq.quant.methods", "tfmq.quant.calibration", "tfmq.cli", "tfmq.quant.timestep_table",
+               "tfmq.quant.output_correction")
 LOADING_AND_EXPORT = ("tfmq.quant.checkpoint", "tfmq.export.graph")
 
 

@@ -151,6 +151,21 @@ def test_observed_sample_is_bounded_and_drawn_from_every_batch() -> None:
     assert torch.allclose(shares, torch.full((4,), 0.25), atol=0.02)
 
 
+def test_observed_sample_is_the_bottom_k_by_key_of_everything_seen() -> None:
+    batches = [torch.randn(size, generator=torch.Generator().manual_seed(size)) for size in (40_000, 50_000, 300_000, 7)]
+    quantizer = UniformQuantizer(8)
+    quantizer.start_observing()
+    for batch in batches:
+        quantizer(batch)
+    generator = torch.Generator().manual_seed(0)  # the keys the observation drew, batch by batch
+    keys = torch.cat([torch.rand(len(batch), generator=generator) for batch in batches])
+    expected = torch.cat(batches)[torch.topk(keys, OBSERVED_SAMPLE_SIZE, largest=False).indices]
+    # as sets (float32 keys tie now and then, and tied keys may come in either order), in the keys' order
+    sample = quantizer._observation.sample()
+    assert torch.equal(sample.sort().values, expected.sort().values)
+    assert torch.equal(sample[:1000], expected[:1000]) or bool((keys.sort().values[:1000].diff() == 0).any())
+
+
 def test_cancelled_observation_leaves_the_quantizer_uncalibrated() -> None:
     quantizer = UniformQuantizer(8)
     quantizer.start_observing()

@@ -112,12 +112,30 @@ class _Observation:
         if not self.keep_sample:
             return
         keys = torch.rand(batch.numel(), generator=self.generator, device=batch.device)
+        if self.values.numel() + batch.numel() > OBSERVED_SAMPLE_SIZE:
+            batch, keys = self._candidates(batch, keys)
         values = torch.cat([self.values, batch])
         keys = torch.cat([self.keys, keys])
         if values.numel() > OBSERVED_SAMPLE_SIZE:
-            kept = torch.topk(keys, OBSERVED_SAMPLE_SIZE, largest=False).indices
+            kept = torch.topk(keys, OBSERVED_SAMPLE_SIZE, largest=False, sorted=False).indices
             values, keys = values[kept], keys[kept]
         self.values, self.keys = values, keys
+
+    def sample(self) -> torch.Tensor:
+        """The kept values in the order of their keys: the same values in the same order whatever the batches."""
+        return self.values[self.keys.argsort(stable=True)]
+
+    def _candidates(self, batch: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values of `batch` that may be among the kept ones (a superset of them): below the largest kept
+        key once the sample is full, and below a bound that about twice the sample's size of uniform keys pass
+        (all of them where fewer pass). Selecting them costs far less than ranking the whole batch."""
+        full = self.values.numel() == OBSERVED_SAMPLE_SIZE
+        limit = self.keys.max() if full else keys.new_tensor(1.0)
+        bound = torch.minimum(limit, keys.new_tensor(2 * OBSERVED_SAMPLE_SIZE / batch.numel()))
+        passing = keys < bound
+        if bool(bound < limit) and int(passing.sum()) < OBSERVED_SAMPLE_SIZE:
+            passing = keys < limit  # too few under the bound: all that the limit lets through
+        return batch[passing], keys[passing]
 
 
 class UniformQuantizer(nn.Module):
@@ -276,7 +294,7 @@ class UniformQuantizer(nn.Module):
         method = self.init if method is None else method
         if method != "minmax" and not observation.keep_sample:
             raise RuntimeError(f"a {method} range needs the observed values: start_observing(keep_sample=True)")
-        rows = observation.values.reshape(1, -1)
+        rows = observation.sample().reshape(1, -1)
         low, high = observation.low.reshape(1), observation.high.reshape(1)
         return search_range(rows, low, high, self.bits, method)
 

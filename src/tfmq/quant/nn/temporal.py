@@ -8,7 +8,9 @@ so the quantized UNet stays a drop-in for diffusers pipelines (`unet(sample, t)`
 
 - `attach_timestep_schedule` adds a `timestep_tables` submodule (the schedule, a buffer, and the model's
   `StepRows`); a forward pre-hook on the UNet turns the `timestep` argument into the row of the call, and
-  a forward hook puts the previous one back after it. Nothing else is written: the tables read the row.
+  a forward hook puts the previous one back after it, once it has taken the model's output correction
+  (`tfmq.quant.nn.output_correction`), if it has one, off the output. Nothing else is written: the tables
+  read the row.
 - The row is the position of t in the schedule, looked up by value. A timestep outside the schedule, or a
   batch mixing timesteps, is an error, never a fallback.
 - A schedule-free model's schedule is every training timestep, 0..T-1 in order (`training_schedule`): row t
@@ -38,6 +40,7 @@ from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
 from torch import nn
 
 from tfmq.devices import module_device
+from tfmq.quant.nn.output_correction import CORRECTION_NAME, OutputCorrection, output_correction
 from tfmq.quant.nn.quantizer import UniformQuantizer
 from tfmq.quant.nn.step_table import StepRows, StepTable
 from tfmq.quant.tib import TemporalInformationBlock, find_tib
@@ -243,9 +246,18 @@ def _select_row_before_call(model: nn.Module, args: tuple, kwargs: dict) -> None
         tables.step_rows.enter(rows)
 
 
-def _restore_row_after_call(model: nn.Module, args: tuple, output: object) -> None:
+def _restore_row_after_call(model: nn.Module, args: tuple, output: object) -> object:
+    """Take the output correction off the call's output at its row (while the row is still served), then
+    serve the rows of before the call."""
     tables = timestep_tables(model)
-    if tables is not None:
+    if tables is None:
+        return None
+    try:
+        correction = output_correction(model)
+        if correction is not None and output is not None and tables.step_rows.rows is not None:
+            return correction.corrected(output)
+        return None
+    finally:
         tables.step_rows.leave()
 
 
@@ -377,3 +389,22 @@ def restore_temporal_cache(model: nn.Module, schedule: torch.Tensor, blocks: Seq
         caches[block] = StepTable(torch.zeros(steps, width, dtype=code_dtype, device=device),
                                   torch.ones(steps, device=device), torch.zeros(steps, device=device))
     return install_temporal_cache(model, schedule, caches)
+
+
+def attach_output_correction(model: nn.Module, schedule: torch.Tensor, offsets: torch.Tensor) -> OutputCorrection:
+    """Make every call of `model` return its output less row `offsets[i]` (one per channel) at step i of
+    `schedule` (the model's timestep tables' schedule; attached, with no quantizer tables, if it has none).
+    Changes `model` in place."""
+    schedule = checked_schedule(schedule)
+    if output_correction(model) is not None:
+        raise ValueError(f"{type(model).__name__} already carries an output correction")
+    tables = timestep_tables(model)
+    if tables is None:
+        tables = attach_timestep_schedule(model, schedule)
+    elif not torch.equal(tables.schedule.cpu(), schedule):
+        raise ValueError(f"{type(model).__name__}'s timestep tables serve another schedule than the output correction's")
+    if offsets.dim() != 2 or len(offsets) != len(schedule):
+        raise ValueError(f"output offsets are ({len(schedule)} steps, channels), got shape {tuple(offsets.shape)}")
+    correction = OutputCorrection(offsets.to(module_device(model)), tables.step_rows)
+    model.add_module(CORRECTION_NAME, correction)
+    return correction
