@@ -238,7 +238,8 @@ def _check_structure(metadata: dict) -> None:
     unpacked = [name for name, layer in manifest.plan.layers.items()
                 if layer.w_bits is not None and name not in packed_weights]
     expect(not unpacked, f"no packed weight for the quantized layer {unpacked[0] if unpacked else ''}")
-    for entry, name in ((manifest.temporal_caches, "temporal_caches"), (manifest.output_correction, "output_correction")):
+    for entry, name in ((manifest.temporal_caches, "temporal_caches"),
+                        (manifest.output_correction, "output_correction")):
         expect(entry is None or manifest.timestep_tables is not None,
                f"manifest.{name} needs manifest.timestep_tables (its schedule)")
 

@@ -1,7 +1,8 @@
 """What a quantized model is made of, module by module: which layers are quantized twins and with what bits
 and splits, which attentions quantize their matmuls, which quantizers carry per-timestep tables over which
-schedule, which blocks read a temporal feature cache, and whether the output has a per-step correction. A checkpoint stores it, and loading rebuilds the
-model from it alone, so a model of any method (one registered elsewhere included) loads without its code."""
+schedule, which blocks read a temporal feature cache, and whether the output has a per-step correction. A
+checkpoint stores it, and loading rebuilds the model from it alone, so a model of any method (one registered
+elsewhere included) loads without its code."""
 
 from __future__ import annotations
 

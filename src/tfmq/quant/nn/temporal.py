@@ -402,7 +402,8 @@ def attach_output_correction(model: nn.Module, schedule: torch.Tensor, offsets: 
     if tables is None:
         tables = attach_timestep_schedule(model, schedule)
     elif not torch.equal(tables.schedule.cpu(), schedule):
-        raise ValueError(f"{type(model).__name__}'s timestep tables serve another schedule than the output correction's")
+        raise ValueError(f"{type(model).__name__}'s timestep tables serve another schedule than the output "
+                         "correction's")
     if offsets.dim() != 2 or len(offsets) != len(schedule):
         raise ValueError(f"output offsets are ({len(schedule)} steps, channels), got shape {tuple(offsets.shape)}")
     correction = OutputCorrection(offsets.to(module_device(model)), tables.step_rows)
