@@ -84,8 +84,8 @@ def pixel_graphs(pixel_w4a8, scheduler, tmp_path_factory):
     }
 
 
-def optimized_op_counts(path, tmp_path) -> collections.Counter:
-    """The op types onnxruntime actually runs, after its QDQ fusions (widened as OnnxUNet loads it)."""
+def optimized_graph(path, tmp_path):
+    """The graph onnxruntime actually runs, after its QDQ fusions (widened as OnnxUNet loads it)."""
     engine = OnnxUNet(path, threads=1)
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -94,7 +94,12 @@ def optimized_op_counts(path, tmp_path) -> collections.Counter:
     widen_uint4_weights(model, onnx)
     onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     assert engine.info.format == "int8"
-    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+    return onnx.load(options.optimized_model_filepath).graph
+
+
+def optimized_op_counts(path, tmp_path) -> collections.Counter:
+    """The op types onnxruntime actually runs, after its QDQ fusions."""
+    return collections.Counter(node.op_type for node in optimized_graph(path, tmp_path).node)
 
 
 def test_pixel_unet_graphs_match_the_fake_quant_model(pixel_graphs, pixel_w4a8, schedule):
@@ -119,7 +124,13 @@ def test_graph_holds_qdq_pairs_packed_4bit_weights_and_fuses_into_integer_kernel
     assert types["UINT4"] == 2 * (layers + split) and details["uint4_weights"] == layers + split > 10
     assert ops["QuantizeLinear"] >= layers + details["integer_convs"] + split + 4
     assert ops["DequantizeLinear"] >= ops["QuantizeLinear"] + layers
-    fused = optimized_op_counts(pixel_graphs["integer"], tmp_path)
+    fused_graph = optimized_graph(pixel_graphs["integer"], tmp_path)
+    fused = collections.Counter(node.op_type for node in fused_graph.node)
+    # attention scores: the integer Q.K^T matmul and its scale, nothing more (no zero tensor added)
+    producers = {output: node for node in fused_graph.node for output in node.output}
+    score_ops = [[producers[node.input[0]].op_type, producers[producers[node.input[0]].input[0]].op_type]
+                 for node in fused_graph.node if node.op_type == "Softmax"]
+    assert score_ops and all(ops == ["Mul", "MatMulIntegerToFloat"] for ops in score_ops)
     # the split shortcuts as one QLinearConv per input part; float convs only where an operand is unquantized
     assert split >= 1 and fused["QLinearConv"] == details["integer_convs"] + split > 10
     float_convs = [module for module in pixel_w4a8.modules() if isinstance(module, torch.nn.Conv2d)

@@ -5,7 +5,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from tests.quant.nn.test_layers import relative_error
-from tfmq.quant.nn.attention import QuantAttnProcessor
+from tfmq.quant.nn.attention import QuantAttnProcessor, attention_probabilities
 
 
 # Attention modules as diffusers builds them: UNet2DModel's spatial self-attention (4-D input,
@@ -70,6 +70,22 @@ def test_attention_processor_fake_quantizes_the_matmul_inputs(attention_case) ->
     assert 1e-3 < relative_error(quantized, reference) < 0.2
     processor.probs_quantizer.enabled = False
     assert relative_error(attention(**inputs), reference) < relative_error(quantized, reference)
+
+
+def test_attention_probabilities_in_an_export_are_diffusers_scores(attention_case, monkeypatch) -> None:
+    attention, inputs = attention_case
+    head = attention.head_to_batch_dim
+    query = head(torch.randn(2, 6, attention.inner_dim, generator=torch.Generator().manual_seed(2)))
+    key = head(torch.randn(2, 3 if "encoder_hidden_states" in inputs else 6, attention.inner_dim))
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        mask = attention.prepare_attention_mask(mask, key.shape[1], 2)
+    diffusers_scores = attention.get_attention_scores(query, key, mask)
+    assert torch.equal(attention_probabilities(attention, query, key, mask), diffusers_scores)  # the torch model
+    # in an export: no baddbmm, whose zero input onnxruntime would fill and add
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    monkeypatch.setattr(torch, "baddbmm", None)
+    torch.testing.assert_close(attention_probabilities(attention, query, key, mask), diffusers_scores)
 
 
 def test_attention_quantizers_live_in_the_modules_state_dict() -> None:

@@ -84,7 +84,7 @@ class QuantAttnProcessor(nn.Module):
         key = self.key_quantizer(attn.head_to_batch_dim(key))
         value = self.value_quantizer(attn.head_to_batch_dim(value))
 
-        attention_probs = self.probs_quantizer(attn.get_attention_scores(query, key, attention_mask))
+        attention_probs = self.probs_quantizer(attention_probabilities(attn, query, key, attention_mask))
         hidden_states = attn.batch_to_head_dim(torch.bmm(attention_probs, value))
 
         hidden_states = attn.to_out[0](hidden_states)
@@ -95,3 +95,21 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def attention_probabilities(attn: Attention, query: torch.Tensor, key: torch.Tensor,
+                            attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """`attn.get_attention_scores`, and in an ONNX export the same math as a matmul and a scale: its baddbmm
+    with beta 0 exports as a zero tensor the size of the scores, a Mul by 0 and an Add, three passes over
+    the scores that onnxruntime runs as written (the torch model keeps diffusers' call, bit for bit)."""
+    if not torch.onnx.is_in_onnx_export():
+        return attn.get_attention_scores(query, key, attention_mask)
+    dtype = query.dtype
+    if attn.upcast_attention:
+        query, key = query.float(), key.float()
+    scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    if attn.upcast_softmax:
+        scores = scores.float()
+    return scores.softmax(dim=-1).to(dtype)
