@@ -131,6 +131,9 @@ def test_graph_holds_qdq_pairs_packed_4bit_weights_and_fuses_into_integer_kernel
     score_ops = [[producers[node.input[0]].op_type, producers[producers[node.input[0]].input[0]].op_type]
                  for node in fused_graph.node if node.op_type == "Softmax"]
     assert score_ops and all(ops == ["Mul", "MatMulIntegerToFloat"] for ops in score_ops)
+    # every group norm's scale and shift in one pass (tfmq.export.norms)
+    norms = [module for module in pixel_w4a8.modules() if isinstance(module, torch.nn.GroupNorm)]
+    assert fused["BatchNormalization"] == fused["InstanceNormalization"] == len(norms) > 3
     # the split shortcuts as one QLinearConv per input part; float convs only where an operand is unquantized
     assert split >= 1 and fused["QLinearConv"] == details["integer_convs"] + split > 10
     float_convs = [module for module in pixel_w4a8.modules() if isinstance(module, torch.nn.Conv2d)

@@ -22,6 +22,7 @@ from torch import nn
 
 from tfmq.denoiser import denoiser_call, predicted_noise
 from tfmq.export.layers import IntegerConv2d, IntegerLinear
+from tfmq.export.norms import with_fused_group_norms
 from tfmq.export.qdq import DequantizedWeight, frozen_activation
 from tfmq.quant.nn.attention import QuantAttnProcessor
 from tfmq.quant.nn.layers import QuantConv2d
@@ -108,6 +109,7 @@ def integer_twin(
         counts[_weight_kind(twin_layer.weight)] += 1
         parent, _, child = name.rpartition(".")
         setattr(twin.get_submodule(parent), child, twin_layer)
+    with_fused_group_norms(twin)
     for module in twin.modules():
         if isinstance(module, QuantAttnProcessor):
             for attribute in ATTENTION_QUANTIZERS:
