@@ -19,6 +19,7 @@ from tfmq.errors import TfmqError
 from tfmq.quant.reconstruction_settings import (
     RECON_PRESETS,
     ROUNDING_STARTS,
+    TFMQ_BLOCK_PRESETS,
     TIAR_PRESETS,
     ReconstructionSettings,
     RoundingStop,
@@ -314,6 +315,8 @@ class QDiffusionConfig(QuantConfig, method="qdiff"):
     runs, as in the authors' scripts.
     """
 
+    # the method's own reconstruction values under a preset, where they differ from RECON_PRESETS'
+    block_presets: ClassVar[dict[str, dict[str, Any]]] = {}
     recon_preset: str = "fast"
     recon_weight_iters: int | None = None
     recon_act_iters: int | None = None
@@ -340,8 +343,9 @@ class QDiffusionConfig(QuantConfig, method="qdiff"):
 
     @property
     def reconstruction(self) -> ReconstructionSettings:
-        """The reconstruction settings: the preset's, with the explicit fields taking precedence."""
-        preset = RECON_PRESETS[self.recon_preset]
+        """The reconstruction settings: the preset's (with the method's own values under it, `block_presets`),
+        the explicit fields taking precedence."""
+        preset = {**RECON_PRESETS[self.recon_preset], **self.block_presets.get(self.recon_preset, {})}
         explicit = {"weight_iters": self.recon_weight_iters, "act_iters": self.recon_act_iters,
                     "batch_size": self.recon_batch_size, "weight_lr": self.recon_weight_lr,
                     "act_lr": self.recon_act_lr}
@@ -376,6 +380,7 @@ class TFMQConfig(QDiffusionConfig, method="tfmq"):
     costs little (what it changed: README, "Why tfmq `auto` swings between calibration sets").
     """
 
+    block_presets: ClassVar[dict[str, dict[str, Any]]] = TFMQ_BLOCK_PRESETS
     tiar: bool = True
     temporal_cache: bool = False
     temporal_selection: bool = False

@@ -13,7 +13,7 @@ from torch import nn
 
 from tests.quant.methods.helpers import calibrated, input_batches
 from tests.quant.tiny_unets import pixel_unet
-from tfmq.quant.config import QDiffusionConfig, QuantConfig, RTNConfig
+from tfmq.quant.config import QDiffusionConfig, QuantConfig, RTNConfig, TFMQConfig
 from tfmq.quant.reconstruction_settings import ReconstructionSettings, RoundingStop
 from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.wrap import set_quant_state
@@ -189,6 +189,10 @@ def test_auto_is_balanced_with_fewer_cheaper_steps_and_the_levers_switch_on_any_
     balanced = QDiffusionConfig(recon_preset="balanced").reconstruction
     assert (auto.batch_size, auto.weight_iters) == (16, 1_300)
     assert dataclasses.replace(auto, batch_size=32, weight_iters=2_000) == balanced
+    # tfmq's blocks take fewer steps under `auto` (its output correction is on), its own explicit field still wins
+    assert TFMQConfig(recon_preset="auto").reconstruction == dataclasses.replace(auto, weight_iters=1_200)
+    assert TFMQConfig(recon_preset="auto", recon_weight_iters=1_300).reconstruction == auto
+    assert TFMQConfig(recon_preset="balanced").reconstruction == balanced
     assert balanced.rounding_stop is None and balanced.rounding_start == "nearest"
     # The explicit fields switch either lever on or off whatever the preset; True is the early-ending rule.
     balanced = QDiffusionConfig(recon_preset="balanced", recon_rounding_stop=True, recon_rounding_start="gptq")
