@@ -107,8 +107,7 @@ def integer_twin(
         twin_layer = (IntegerConv2d(layer, output_grids.get(name), requantize_weights, step_rows)
                       if isinstance(layer, QuantConv2d) else IntegerLinear(layer, requantize_weights, step_rows))
         counts[_weight_kind(twin_layer.weight)] += 1
-        parent, _, child = name.rpartition(".")
-        setattr(twin.get_submodule(parent), child, twin_layer)
+        twin.set_submodule(name, twin_layer)
     with_fused_group_norms(twin)
     for module in twin.modules():
         if isinstance(module, QuantAttnProcessor):

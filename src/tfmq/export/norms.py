@@ -33,6 +33,5 @@ def with_fused_group_norms(model: nn.Module) -> int:
     norms = [(name, module) for name, module in model.named_modules()
              if isinstance(module, nn.GroupNorm) and module.affine]
     for name, norm in norms:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, GroupNormThenAffine(norm))
+        model.set_submodule(name, GroupNormThenAffine(norm))
     return len(norms)

@@ -118,7 +118,7 @@ def apply_wrapping_plan(model: nn.Module, plan: WrappingPlan, *, weight_init: st
                           act_init=act_init, split=layer_plan.split)
         if init_weight_ranges:
             twin.weight_quantizer.init_range(twin.weight)
-        _replace_submodule(model, name, twin)
+        model.set_submodule(name, twin)
     for name, attention_plan in plan.attentions.items():
         attention = _submodule(model, name)
         if not isinstance(attention, Attention):
@@ -151,11 +151,6 @@ def layers_to_quantize(model: nn.Module, config: QuantConfig) -> list[tuple[str,
         raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize: the layer rules "
                          f"{patterns} keep them all in full precision")
     return targets
-
-
-def _replace_submodule(model: nn.Module, name: str, replacement: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, replacement)
 
 
 def _attentions_to_quantize(model: nn.Module, config: QuantConfig) -> list[tuple[str, Attention]]:
