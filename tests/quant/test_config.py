@@ -171,10 +171,10 @@ def test_the_auto_preset_brings_tfmq_its_tiar_settings_and_the_output_correction
     auto = TFMQConfig(recon_preset="auto")
     assert auto.output_correction and auto.output_correction_samples == 8
     tiar, blocks = auto.tiar_reconstruction, auto.reconstruction
-    assert (tiar.batch_size, tiar.weight_lr, tiar.weight_iters) == (1024, 0.1, 300)
+    assert (tiar.batch_size, tiar.weight_lr, tiar.weight_iters) == (128, 0.1, 300)
     assert (blocks.batch_size, blocks.weight_lr, blocks.weight_iters) == (16, 0.01, 1_200)
     explicit = TFMQConfig(recon_preset="auto", tiar_weight_lr=0.02, output_correction=False)
-    assert explicit.tiar_reconstruction.weight_lr == 0.02 and explicit.tiar_reconstruction.batch_size == 1024
+    assert explicit.tiar_reconstruction.weight_lr == 0.02 and explicit.tiar_reconstruction.batch_size == 128
     assert not explicit.output_correction
     # other presets and methods: off, TIAR as the blocks; the resolved value is what the JSON keeps
     assert not TFMQConfig(recon_preset="balanced").output_correction
