@@ -17,7 +17,7 @@ from tfmq.quant.nn.step_table import StepRows, selected_rows
 
 # Integer kernels of onnxruntime read 8-bit operands: uint8 activations, int8 weights.
 KERNEL_BITS = 8
-INT8_MAX = 127
+INT8_MIN, INT8_MAX = -128, 127
 
 
 class _DequantizeWeight(torch.autograd.Function):
@@ -104,8 +104,9 @@ class WeightCodes:
     """A fake-quant weight as integer codes, a scale and a zero point per output channel, exactly.
 
     The asymmetric b-bit codes q of the quantizer become symmetric int8 codes q - z (zero point 0: what
-    onnxruntime's fast u8s8 kernels take) whenever every |q - z| <= 127, always so up to 7 bits. Otherwise
-    (8 bits) they stay uint8 q with their zero points z: still exact, on the slower u8u8 kernels; or, with
+    onnxruntime's fast u8s8 kernels take) whenever every q - z fits int8: always so up to 7 bits, and at 8 bits
+    on a grid centred on zero (zero point 128: the `symmetric` range init). Otherwise (8 bits) they stay uint8
+    q with their zero points z: still exact, on the slower u8u8 kernels; or, with
     `requantize`, the fake-quant weight is rounded again onto a symmetric int8 grid per channel (max |w| /
     127): fast kernels, at up to half an int8 step of extra error per weight.
     """
@@ -123,7 +124,7 @@ class WeightCodes:
             channel_shape = (-1,) + (1,) * (weight.dim() - 1)
             centred = codes.float() - zero_point.view(channel_shape)
             symmetric_zero_point = torch.zeros_like(zero_point, dtype=torch.int8)
-            if float(centred.abs().max()) <= INT8_MAX:
+            if INT8_MIN <= float(centred.min()) and float(centred.max()) <= INT8_MAX:
                 return cls(centred.to(torch.int8), scale, symmetric_zero_point)
             if not requantize:
                 return cls(codes, scale, zero_point.to(torch.uint8))

@@ -25,7 +25,7 @@ from tfmq.quant.reconstruction_settings import (
     RoundingStop,
 )
 
-RANGE_INITS = ("mse", "minmax")
+RANGE_INITS = ("mse", "minmax", "symmetric")
 WEIGHT_BITS = range(2, 9)
 ACTIVATION_BITS = range(4, 17)
 SOFTMAX_BITS = range(2, 17)

@@ -67,6 +67,21 @@ def test_mse_init_beats_minmax_on_heavy_tails(bits: int) -> None:
     assert errors["mse"].sum() < 0.9 * errors["minmax"].sum()  # and clipping the tails pays
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_init_centres_the_grid_on_zero(bits: int) -> None:
+    weight = heavy_tailed_weight() + 0.05  # skewed: an asymmetric grid would move its zero point
+    quantizer = initialised(bits, weight, channels=16, init="symmetric")
+    half = 2 ** (bits - 1)
+    assert torch.equal(quantizer.zero_point, torch.full((16,), float(half)))
+    centred = quantizer.integer_values(weight) - quantizer.zero_point.view(-1, 1, 1, 1)
+    assert centred.min() >= -half and centred.max() <= half - 1  # signed integers of `bits` bits
+    # the MSE search still clips the tails: some channel's grid ends inside its largest |w|
+    largest = weight.flatten(1).abs().amax(1)
+    assert bool((quantizer.scale.detach() * (half - 1) < 0.99 * largest).any())
+    asymmetric = initialised(bits, weight, channels=16, init="mse")
+    assert not torch.equal(asymmetric.zero_point, quantizer.zero_point)
+
+
 def test_gradient_passes_straight_through_inside_the_range() -> None:
     quantizer = initialised(4, torch.tensor([-1.0, 1.0]))
     values = torch.tensor([-2.0, -0.73, 0.0, 0.41, 0.99, 3.0], requires_grad=True)

@@ -66,10 +66,16 @@ def search_range(
 
     "minmax" keeps the observed range; "mse" tries shrunken ranges and keeps, per row, the one with
     the lowest Lp error, trading clipped outliers for a finer grid on the bulk of the values.
+    "symmetric" is "mse" on a grid centred on zero: zero point 2^(b-1) and codes within +-(2^(b-1) - 1) of
+    it, so that 8-bit weights run on integer engines as exact signed int8 (`tfmq.export.qdq.WeightCodes`).
     Candidates are scored in chunks, several at once, to keep the op count low on small layers.
     """
     if method == "minmax":
         return low, high
+    if method == "symmetric":
+        half = 2 ** (bits - 1)
+        high = torch.maximum(low.abs(), high.abs())
+        low = -high * half / (half - 1)
     factors = 1.0 - torch.arange(MSE_NUM_CANDIDATES, device=rows.device) * MSE_SHRINK_STEP
     best_error = torch.full_like(low, float("inf"))
     best_factor = torch.ones_like(low)
