@@ -173,6 +173,24 @@ def test_requantized_8bit_weights_are_symmetric_int8(text_w8a8, schedule, tmp_pa
     assert EXACT_TOLERANCE < statistics.median(errors) and max(errors) < INTEGER_TOLERANCE
 
 
+def test_symmetric_8bit_weights_are_exact_int8(calibration, schedule, tmp_path):
+    model = quantize(pixel_unet(), RTNConfig(w_bits=8, a_bits=8, weight_init="symmetric", fsc_scope="temporal"),
+                     calibration, progress=False)
+    engine = OnnxUNet(export_onnx(model, tmp_path / "symmetric.onnx", integer_convs=False), threads=1)
+    assert engine.info.details["uint8_weights"] == 0 and engine.info.details["int8_weights"] > 0
+    assert_exact(engine, model, schedule)  # no requantization: the fast kernels' weights are the model's
+
+
+def test_a_graph_correction_covers_every_calibrated_step(calibration, scheduler, schedule, tmp_path):
+    model = quantize(pixel_unet(), RTNConfig(w_bits=8, a_bits=8, fsc_scope="temporal", output_correction=True),
+                     calibration, progress=False)
+    inputs = iter(trajectory_inputs(model, scheduler, SAMPLER, num_images=2))  # read twice: a list is made
+    engine = OnnxUNet(export_onnx(model, tmp_path / "integer.onnx", calibration=inputs), threads=1)
+    assert engine.info.details["correction_graph_error_steps"] == len(schedule)
+    exact = OnnxUNet(export_onnx(model, tmp_path / "exact.onnx", integer_convs=False), threads=1)
+    assert exact.info.details["correction_graph_error_steps"] == 0  # no grids, no calibration: nothing added
+
+
 @pytest.mark.parametrize("make_unet", [pixel_unet, text_unet])
 def test_fp32_graph_matches_torch_at_any_timestep(make_unet, tmp_path):
     unet = make_unet()

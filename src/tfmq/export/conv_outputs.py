@@ -53,7 +53,7 @@ def integer_conv_names(model: nn.Module) -> list[str]:
             if isinstance(layer, QuantConv2d) and runs_on_integer_kernels(layer)]
 
 
-def _single_timestep_batches(inputs: UNetInputs) -> Iterator[dict[str, Any]]:
+def single_timestep_batches(inputs: UNetInputs) -> Iterator[dict[str, Any]]:
     """`inputs` split into one call per timestep: a model with timestep tables takes no mixed batch."""
     timesteps = torch.as_tensor(inputs["timestep"]).reshape(-1)
     if bool((timesteps == timesteps[0]).all()):
@@ -87,7 +87,7 @@ def conv_output_grids(
         handles.append(layer.register_forward_hook(observe))
     try:
         for inputs in calibration:
-            for batch in _single_timestep_batches(inputs):
+            for batch in single_timestep_batches(inputs):
                 model(**denoiser_inputs(model, batch))
     finally:
         for handle in handles:

@@ -9,18 +9,22 @@ Over a fixed schedule such a site is a finite table. Computed in torch with the 
 rows, or the temporal feature caches) it holds exactly what the fake-quant model computes there; each
 site becomes a `StepTable` of them, served at the graph's `step` (a Gather in ONNX), and the small,
 latency-bound linears behind it do not run in the integer graph. A model's output correction becomes a
-Gather and a Sub at the graph's output. What also reads the class label (a DiT's
+Gather and a Sub at the graph's output, with the mean of the graph's own error added (`add_graph_error`: the
+conv output grids the fake-quant model lacks). What also reads the class label (a DiT's
 modulation Linears, after the label embedding is added) stays in the graph, its FSC grids read per step.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from tfmq.denoiser import denoiser_call, predicted_noise
+from tfmq.export.conv_outputs import single_timestep_batches
 from tfmq.export.layers import IntegerConv2d, IntegerLinear
 from tfmq.export.norms import with_fused_group_norms
 from tfmq.export.qdq import DequantizedWeight, frozen_activation
@@ -121,3 +125,37 @@ def _weight_kind(weight: nn.Module) -> str:
     if not isinstance(weight, DequantizedWeight):
         return "float_weights"
     return "int8_weights" if weight.codes.dtype == torch.int8 else "uint8_weights"
+
+
+@torch.no_grad()
+def add_graph_error(graph: StepGraph, model: nn.Module, schedule: torch.Tensor,
+                    calibration: Iterable[Mapping[str, Any]]) -> int:
+    """Add to the output correction of `graph` (the twin of `model`), at every step of `schedule` that
+    `calibration` (UNet keyword inputs) reaches, the per-channel mean of the graph's noise less the fake-quant
+    model's: the error of what the graph adds (its conv output grids), which the model's correction, measured
+    without them, leaves. Both outputs carry the model's correction, so the difference is the graph's alone.
+    Returns how many steps were measured (0 without a correction)."""
+    correction = graph.correction
+    if correction is None:
+        return 0
+    row_of = {int(timestep): row for row, timestep in enumerate(torch.as_tensor(schedule).tolist())}
+    sums = counts = None
+    for inputs in calibration:
+        for batch in single_timestep_batches(inputs):
+            row = row_of.get(int(torch.as_tensor(batch["timestep"]).reshape(-1)[0]))
+            if row is None:
+                continue
+            condition = None if graph.condition is None else batch[graph.condition]
+            error = (graph(batch["sample"], torch.tensor(row), condition)
+                     - predicted_noise(model, denoiser_call(model, batch))).double()
+            if sums is None:
+                sums = torch.zeros(len(row_of), error.shape[1], dtype=torch.float64)
+                counts = torch.zeros(len(row_of), 1, dtype=torch.float64)
+            sums[row] += error.transpose(0, 1).reshape(error.shape[1], -1).sum(dim=1)
+            counts[row] += error[:, 0].numel()
+    if sums is None:
+        return 0
+    reached = counts[:, 0] > 0
+    offsets = correction.offsets
+    offsets[reached, :sums.shape[1]] += (sums[reached] / counts[reached]).to(offsets.dtype)
+    return int(reached.sum())

@@ -22,7 +22,7 @@ from torch import nn
 from tfmq.errors import TfmqError
 from tfmq.export.conv_outputs import UNetInputs, conv_output_grids, integer_conv_names
 from tfmq.export.dependencies import require
-from tfmq.export.graph import StepGraph, TimestepGraph, integer_twin
+from tfmq.export.graph import StepGraph, TimestepGraph, add_graph_error, integer_twin
 from tfmq.export.metadata import (
     CLASS_LABELS,
     DATA_KEY,
@@ -87,8 +87,10 @@ def export_onnx(
     format "int8": a model from `tfmq.quantize`/`load_quantized` as a QDQ graph that onnxruntime runs on
     integer kernels. It serves the timesteps of `schedule` (the sampler's distinct timesteps; default and
     required to match: the model's timestep-table schedule). `calibration` (UNet keyword inputs, e.g.
-    `trajectory_inputs(...)`) ranges the 8-bit conv outputs that integer convolution needs;
-    `integer_convs=False` keeps convs in float on dequantized operands instead (exact, not faster).
+    `trajectory_inputs(...)`) ranges the 8-bit conv outputs that integer convolution needs, and, for a model
+    with an output correction, measures the mean error those grids add, which the graph's correction takes off
+    too (`add_graph_error`); `integer_convs=False` keeps convs in float on dequantized operands instead (exact,
+    not faster).
     Weights are exact: symmetric int8 up to 7 bits, uint8 with zero points at 8 bits (slower kernels);
     `requantize_weights=True` rounds 8-bit weights onto symmetric int8 instead (approximate; fast where the
     CPU's u8s8 kernels do not saturate, elsewhere `OnnxUNet` runs them exactly on u8u8 kernels).
@@ -193,10 +195,13 @@ def _integer_graph(
     if names and calibration is None:
         raise ValueError("integer convolutions need calibration inputs for their 8-bit output grids: pass "
                          "calibration= (e.g. trajectory_inputs(unet, scheduler, sampler)) or integer_convs=False")
+    calibration = None if calibration is None else list(calibration)  # read twice
     grids = conv_output_grids(unet, names, calibration) if names else {}
     graph, counts = integer_twin(unet, schedule, grids, condition_input(unet), requantize_weights)
+    corrected = 0 if calibration is None else add_graph_error(graph, unet, schedule, calibration)
     split = sum(len(parts) == 2 for parts in grids.values())
-    return graph, {**counts, "integer_convs": len(grids), "split_integer_convs": split}
+    return graph, {**counts, "integer_convs": len(grids), "split_integer_convs": split,
+                   "correction_graph_error_steps": corrected}
 
 
 def condition_input(model: nn.Module) -> str | None:
