@@ -3,13 +3,15 @@
     python benchmarks/integer_inference.py --steps 20 --images 16
     python benchmarks/integer_inference.py --model fashion-dit --steps 20 --images 16 --name integer_inference_dit
 
-Quantizes the model (default fashion-ddpm) by RTN at W8A8 and W4A8 (calibration on its own trajectories; a
-class-conditional model's guided by scale 3 over every class in turn, as `tfmq sample` does by default),
+Quantizes the model (default fashion-ddpm) by RTN at W8A8 (8-bit weights on a grid centred on zero, the
+`symmetric` weight init, and on the default asymmetric one) and W4A8, with the output correction (off with
+`--no-output-correction`; calibration on its own trajectories; a class-conditional model's guided by scale 3
+over every class in turn, as `tfmq sample` does by default),
 exports the full-precision denoiser and the quantized ones to ONNX, and times one denoiser call at batch 1 and
 64 (a conditional model's with class labels) for:
-FP32 torch, FP32 onnxruntime, W8A8 onnxruntime with exact uint8 weights and with weights requantized to
-symmetric int8, W4A8 onnxruntime (4-bit file, int8 kernels), the W4A8 graph as stored (4-bit weights that
-onnxruntime dequantizes to float every call), and the fake-quant torch W8A8 model - all in
+FP32 torch, FP32 onnxruntime, W8A8 onnxruntime with its symmetric weights (exact int8) and with asymmetric ones
+(exact uint8: slower kernels), W4A8 onnxruntime (4-bit file, int8 kernels), the W4A8 graph as stored (4-bit
+weights that onnxruntime dequantizes to float every call), and the fake-quant torch W8A8 model - all in
 this process, in blocks of `--repeats` calls, three rounds, the median call; speed-ups are FP32 torch time /
 engine time.
 Then times a full sampling run at batch 1 and 64 with each engine in its own process (with its peak
@@ -18,8 +20,8 @@ seeds (PSNR between them), and profiles the W4A8 engine (all-s8 weights) per op 
 With `--openvino` (the `bench` extra), OpenVINO's CPU runtime joins the per-step table and the image
 comparison: the fp32 graph at f32 and at bf16 precision, NNCF's own INT8 post-training quantization of the
 fp32 graph (calibrated on the model's trajectories; first and last conv and the time embedding float, transformer
-model type: NNCF's defaults give images ~24 dB from fp32), and our W8A8 (s8) and W4A8 QDQ graphs in tfmq's
-OpenVINO engine (`tfmq sample --engine openvino`).
+model type: NNCF's defaults give images ~24 dB from fp32), and our W8A8 (symmetric) and W4A8 QDQ graphs in
+tfmq's OpenVINO engine (`tfmq sample --engine openvino`).
 Writes benchmarks/results/integer_inference.{json,md}.
 """
 
@@ -137,6 +139,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/integer_inference"), help="where the .onnx go")
     parser.add_argument("--name", default="integer_inference")
     parser.add_argument("--openvino", action="store_true", help="add OpenVINO engines (needs the bench extra)")
+    parser.add_argument("--output-correction", action=argparse.BooleanOptionalAction, default=True,
+                        help="take the per-step mean output error off (a Gather and a Sub in the graph)")
     parser.add_argument("--run", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,22 +155,23 @@ def main() -> None:
     schedule = distinct_timesteps(sampling_timesteps(scheduler, sampler))
     calibration = collect_calibration(unet, scheduler, args.calibration_images, sampler, progress=False,
                                       conditioning=conditioning_of(model, args.calibration_images))
-    fake_quant = {f"w{bits}a8": quantize(unet, RTNConfig(w_bits=bits, a_bits=8), calibration,
-                                         progress=False) for bits in (8, 4)}
+    correction = {"output_correction": args.output_correction}
+    configs = {"w8a8": RTNConfig(w_bits=8, a_bits=8, weight_init="symmetric", **correction),
+               "w8a8 asymmetric": RTNConfig(w_bits=8, a_bits=8, **correction),
+               "w4a8": RTNConfig(w_bits=4, a_bits=8, **correction)}
+    fake_quant = {name: quantize(unet, config, calibration, progress=False) for name, config in configs.items()}
     args.work.mkdir(parents=True, exist_ok=True)
     files = {"fp32": export_onnx(unet, args.work / "fp32.onnx", format="fp32")}
-    graphs = {"w8a8": ("w8a8", False), "w8a8 requantized": ("w8a8", True), "w4a8": ("w4a8", False)}
-    for graph, (name, requantize) in graphs.items():
-        quantized = fake_quant[name]
-        files[graph] = export_onnx(quantized, args.work / f"{graph.replace(' ', '_')}.onnx", schedule=schedule,
-                                   calibration=trajectory_inputs(quantized, scheduler, sampler, num_images=8,
-                                                                 conditioning=conditioning_of(model, 8)),
-                                   requantize_weights=requantize, details={"sampler": sampler.to_dict()})
+    for name, quantized in fake_quant.items():
+        files[name] = export_onnx(quantized, args.work / f"{name.replace(' ', '_')}.onnx", schedule=schedule,
+                                  calibration=trajectory_inputs(quantized, scheduler, sampler, num_images=8,
+                                                                conditioning=conditioning_of(model, 8)),
+                                  details={"sampler": sampler.to_dict()})
     engines = {
         "torch fp32": unet,
         "ort fp32": OnnxUNet(files["fp32"], threads=args.threads),
-        "ort w8a8 (exact u8 weights)": OnnxUNet(files["w8a8"], threads=args.threads),
-        "ort w8a8 requantized (s8 weights)": OnnxUNet(files["w8a8 requantized"], threads=args.threads),
+        "ort w8a8 (symmetric, s8 weights)": OnnxUNet(files["w8a8"], threads=args.threads),
+        "ort w8a8 asymmetric (u8 weights)": OnnxUNet(files["w8a8 asymmetric"], threads=args.threads),
         "ort w4a8 (u4 file, s8 at load)": OnnxUNet(files["w4a8"], threads=args.threads),
         "ort w4a8 as stored (u4 DQ to float)": OnnxUNet(files["w4a8"], threads=args.threads, widen_4bit=False),
         "torch fake-quant w8a8": fake_quant["w8a8"],
@@ -180,7 +185,7 @@ def main() -> None:
                 files["fp32"], args.threads,
                 int8_calibration=trajectory_inputs(unet, scheduler, sampler, 8, conditioning=conditioning_of(model, 8))),
             # tfmq's own OpenVINO engine (`--engine openvino`): the graph as onnxruntime's engine runs it
-            "openvino tfmq w8a8 graph (s8 weights)": OpenVinoUNet(files["w8a8 requantized"], threads=args.threads),
+            "openvino tfmq w8a8 graph (s8 weights)": OpenVinoUNet(files["w8a8"], threads=args.threads),
             "openvino tfmq w4a8 graph (s8 at load)": OpenVinoUNet(files["w4a8"], threads=args.threads),
         }
         engines.update(openvino_engines)
@@ -204,12 +209,12 @@ def main() -> None:
     full_precision = sample(unet, scheduler, args.images, 0, sampler, **run)
     references = {name: sample(quantized, scheduler, args.images, 0, sampler, **run)
                   for name, quantized in fake_quant.items()}
-    for graph, (name, _) in graphs.items():
-        engine = OnnxUNet(files[graph], threads=args.threads)
+    for name in fake_quant:
+        engine = OnnxUNet(files[name], threads=args.threads)
         images = sample(engine, scheduler, args.images, 0, sampler, **run)
-        quality_rows.append({"engine": f"ort {graph}", "reference": f"torch fake-quant {name}",
+        quality_rows.append({"engine": f"ort {name}", "reference": f"torch fake-quant {name}",
                              "images": args.images, **_similarity(images, references[name])})
-        quality_rows.append({"engine": f"ort {graph}", "reference": "torch fp32", "images": args.images,
+        quality_rows.append({"engine": f"ort {name}", "reference": "torch fp32", "images": args.images,
                              **_similarity(images, full_precision)})
     for name, engine in openvino_engines.items():
         images = sample(engine, scheduler, args.images, 0, sampler, **run)
@@ -246,14 +251,16 @@ def main() -> None:
     write_json(RESULTS / f"{args.name}.json", {
         "speed": speed_rows, "sampling_runs": run_rows, "sizes": size_row, "quality": quality_rows,
         "profile_w4a8_b64": profile,
-        "export_details": details, "threads": args.threads, "steps": args.steps, "timestep": timestep})
+        "export_details": details, "threads": args.threads, "steps": args.steps, "timestep": timestep,
+        "output_correction": args.output_correction})
     command = "python benchmarks/integer_inference.py " + " ".join(sys.argv[1:])
     guided = ("" if model.conditioning_kind is None else
               f"; steps timed with class labels, images sampled with guidance scale {DEFAULT_GUIDANCE_SCALE} "
               "over every class in turn")
     write_text_atomic(RESULTS / f"{args.name}.md", (
         f"# Integer inference (onnxruntime{' and OpenVINO' if args.openvino else ''})\n\n`{command}`\n\n"
-        f"{args.model}, RTN quantization, DDIM {args.steps} "
+        f"{args.model}, RTN quantization{' with the output correction' if args.output_correction else ''}, "
+        f"DDIM {args.steps} "
         f"steps (quad), {args.threads} threads for torch and onnxruntime, timestep {timestep}; median of 3 "
         f"rounds of {args.repeats} calls per engine{guided}.\n\n## Time per denoiser step\n\n{speed_table}\n\n"
         f"## Full sampling runs ({args.steps} steps, one batch, each engine in its own process)\n\n{run_table}\n\n"

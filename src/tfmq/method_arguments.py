@@ -91,7 +91,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the output correction's mean of a step over N of its samples (default 8)")
     parser.add_argument("--memory-budget-mb", type=finite_non_negative, **given,
                         help="qdiff, tfmq: reconstruction caches beyond this go to disk (default 2048)")
-    parser.add_argument("--weight-init", choices=list(RANGE_INITS), **given, help="weight grid (default mse)")
+    parser.add_argument("--weight-init", choices=list(RANGE_INITS), **given,
+                        help="weight grid (default mse; symmetric: centred on zero, so 8-bit weights run exactly "
+                             "on the integer engines' fast int8 kernels)")
     parser.add_argument("--act-init", choices=list(RANGE_INITS), **given, help="activation ranges (default mse)")
     parser.add_argument("--layer", type=layer_rule, action="append", default=[], metavar="PATTERN=SPEC",
                         help="per-layer bits by module-name glob (or re:REGEX), after the default rules that keep "

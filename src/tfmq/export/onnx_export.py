@@ -91,7 +91,8 @@ def export_onnx(
     with an output correction, measures the mean error those grids add, which the graph's correction takes off
     too (`add_graph_error`); `integer_convs=False` keeps convs in float on dequantized operands instead (exact,
     not faster).
-    Weights are exact: symmetric int8 up to 7 bits, uint8 with zero points at 8 bits (slower kernels);
+    Weights are exact: symmetric int8 up to 7 bits and for 8-bit weights on a grid centred on zero (weight
+    init "symmetric"), otherwise uint8 with zero points at 8 bits (slower kernels);
     `requantize_weights=True` rounds 8-bit weights onto symmetric int8 instead (approximate; fast where the
     CPU's u8s8 kernels do not saturate, elsewhere `OnnxUNet` runs them exactly on u8u8 kernels).
     format "fp32": a full-precision model as it is, any timestep.
