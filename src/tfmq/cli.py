@@ -321,9 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=21)
     export.add_argument("--exact-convs", action="store_true",
                         help="convs in float on dequantized operands: exact, not faster")
-    export.add_argument("--requantize-weights", action="store_true",
-                        help="8-bit weights onto symmetric int8: faster kernels, approximate (exact instead: "
-                             "quantize with --weight-init symmetric)")
+    export.add_argument("--requantize-weights", action="store_true", help="8-bit weights onto int8: fast "
+                        "kernels, approximate (exact: quantize with --weight-init symmetric)")
     export.add_argument("--calibration-images", type=positive, default=8,
                         help="trajectories that calibrate the integer convs' output grids")
     export.add_argument("--schedule-free", action="store_true",
