@@ -66,8 +66,8 @@ def search_range(
 
     "minmax" keeps the observed range; "mse" tries shrunken ranges and keeps, per row, the one with
     the lowest Lp error, trading clipped outliers for a finer grid on the bulk of the values.
-    "symmetric" is "mse" on a grid centred on zero: zero point 2^(b-1) and codes within +-(2^(b-1) - 1) of
-    it, so that 8-bit weights run on integer engines as exact signed int8 (`tfmq.export.qdq.WeightCodes`).
+    "symmetric" is "mse" on a grid centred on zero: zero point 2^(b-1), so that the codes less it are signed
+    b-bit integers and 8-bit weights run on integer engines as exact int8 (`tfmq.export.qdq.WeightCodes`).
     Candidates are scored in chunks, several at once, to keep the op count low on small layers.
     """
     if method == "minmax":
