@@ -139,7 +139,9 @@ def add_graph_error(graph: StepGraph, model: nn.Module, schedule: torch.Tensor,
     if correction is None:
         return 0
     row_of = {int(timestep): row for row, timestep in enumerate(torch.as_tensor(schedule).tolist())}
-    sums = counts = None
+    offsets = correction.offsets  # a row per step of the graph's schedule; a learned variance's channels last
+    sums = torch.zeros_like(offsets, dtype=torch.float64)
+    counts = torch.zeros(len(offsets), 1, dtype=torch.float64)
     for inputs in calibration:
         for batch in single_timestep_batches(inputs):
             row = row_of.get(int(torch.as_tensor(batch["timestep"]).reshape(-1)[0]))
@@ -148,14 +150,8 @@ def add_graph_error(graph: StepGraph, model: nn.Module, schedule: torch.Tensor,
             condition = None if graph.condition is None else batch[graph.condition]
             error = (graph(batch["sample"], torch.tensor(row), condition)
                      - predicted_noise(model, denoiser_call(model, batch))).double()
-            if sums is None:
-                sums = torch.zeros(len(row_of), error.shape[1], dtype=torch.float64)
-                counts = torch.zeros(len(row_of), 1, dtype=torch.float64)
-            sums[row] += error.transpose(0, 1).reshape(error.shape[1], -1).sum(dim=1)
+            sums[row, :error.shape[1]] += error.transpose(0, 1).reshape(error.shape[1], -1).sum(dim=1)
             counts[row] += error[:, 0].numel()
-    if sums is None:
-        return 0
     reached = counts[:, 0] > 0
-    offsets = correction.offsets
-    offsets[reached, :sums.shape[1]] += (sums[reached] / counts[reached]).to(offsets.dtype)
+    offsets[reached] += (sums[reached] / counts[reached]).to(offsets.dtype)
     return int(reached.sum())
