@@ -263,6 +263,10 @@ def test_export_then_sample_on_onnxruntime_matches_the_fake_quant_images(capsys,
     code, out, err = _run(capsys, "export", tmp_path / "q", "--out", tmp_path / "unet.onnx", "--calibration-images", 2,
                           "--steps", 4)
     assert code == 0 and "unet.onnx" in out, err
+    code, _, err = _run(capsys, "export", tmp_path / "q", "--out", tmp_path / "typo.onnx", "--exact-convs",
+                        "*conv_shortcutt", "--calibration-images", 2, "--steps", 4)
+    _assert_one_line_error(code, err, "'*conv_shortcutt' matches none of the")
+    assert not (tmp_path / "typo.onnx").exists()
     for engine, folder in (("torch", "fake"), ("onnxruntime", "int8")):
         extra = ("--onnx", tmp_path / "unet.onnx") if engine == "onnxruntime" else ("--quantized", tmp_path / "q")
         code, _, err = _run(capsys, "sample", "--engine", engine, *extra, "--num", 3, "--out", tmp_path / folder,

@@ -100,7 +100,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     if args.quantized is None:
         path = export_onnx(unet, args.out, format="fp32", opset=args.opset, details=details, overwrite=args.overwrite)
     else:
-        calibration = None if args.exact_convs else trajectory_inputs(
+        exact_convs = True if args.exact_convs == [] else args.exact_convs or False  # the bare flag: all
+        calibration = None if exact_convs is True else trajectory_inputs(
             unet, model.scheduler, config, num_images=args.calibration_images,
             conditioning=conditioning_of(args, model, args.calibration_images,
                                        prompts_of(args) or model.calibration_prompts()))
@@ -108,7 +109,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         schedule = (training_schedule(model.scheduler.config.num_train_timesteps) if schedule_free
                     else distinct_timesteps(sampling_timesteps(model.scheduler, config)))
         path = export_onnx(unet, args.out, schedule=schedule,
-                           calibration=calibration, opset=args.opset, integer_convs=not args.exact_convs,
+                           calibration=calibration, opset=args.opset, exact_convs=exact_convs,
                            requantize_weights=args.requantize_weights, details=details,
                            overwrite=args.overwrite)
     from tfmq.export.metadata import data_file_of
@@ -319,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     add_overwrite_argument(export)
     export.add_argument("--opset", type=int, default=21)
-    export.add_argument("--exact-convs", action="store_true",
-                        help="convs in float on dequantized operands: exact, not faster")
+    export.add_argument("--exact-convs", nargs="*", default=None, metavar="PATTERN",
+                        help="convs in float on dequantized operands (exact, not faster): all, or those whose "
+                             "names match, e.g. 'up_blocks.*conv_shortcut'")
     export.add_argument("--requantize-weights", action="store_true", help="8-bit weights onto int8: fast "
                         "kernels, approximate (exact: quantize with --weight-init symmetric)")
     export.add_argument("--calibration-images", type=positive, default=8,

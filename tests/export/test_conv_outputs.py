@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from tests.quant.nn.test_layers import calibrate_input, quant_conv
-from tfmq.export.conv_outputs import conv_output_grids, runs_on_integer_kernels, split_conv_parts
+from tfmq.export.conv_outputs import conv_output_grids, exact_conv_names, runs_on_integer_kernels, split_conv_parts
 from tfmq.export.layers import IntegerConv2d
 
 
@@ -55,3 +55,13 @@ def test_a_split_conv_given_one_output_grid_is_refused() -> None:
     grids = conv_output_grids(_Wrapper(layer), ["conv"], [{"sample": inputs, "timestep": torch.zeros(3)}])
     with pytest.raises(ValueError, match="2 output grid"):
         IntegerConv2d(layer, grids["conv"][:1])
+
+
+def test_exact_conv_names_take_all_none_or_the_matching_ones() -> None:
+    names = ["down.conv1", "down.conv_shortcut", "up.conv1", "up.conv_shortcut"]
+    assert exact_conv_names(names, True) == names and exact_conv_names(names, False) == []
+    assert exact_conv_names(names, "*conv_shortcut") == ["down.conv_shortcut", "up.conv_shortcut"]
+    assert exact_conv_names(names, ["up.*", "*shortcut"]) == ["down.conv_shortcut", "up.conv1", "up.conv_shortcut"]
+    assert exact_conv_names(names, []) == []
+    with pytest.raises(ValueError, match="'mid.\\*' matches none of the 4 convs"):
+        exact_conv_names(names, ["up.*", "mid.*"])

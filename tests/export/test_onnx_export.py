@@ -80,7 +80,7 @@ def pixel_graphs(pixel_w4a8, scheduler, tmp_path_factory):
     calibration = trajectory_inputs(pixel_w4a8, scheduler, SAMPLER, num_images=4)
     return {
         "integer": export_onnx(pixel_w4a8, folder / "integer.onnx", calibration=calibration),
-        "exact": export_onnx(pixel_w4a8, folder / "exact.onnx", integer_convs=False),
+        "exact": export_onnx(pixel_w4a8, folder / "exact.onnx", exact_convs=True),
     }
 
 
@@ -142,6 +142,24 @@ def test_graph_holds_qdq_pairs_packed_4bit_weights_and_fuses_into_integer_kernel
     assert fused["MatMulIntegerToFloat"] >= 4 + 2  # attention projections and both attention matmuls
 
 
+def test_convs_matching_a_pattern_stay_exact_and_the_others_integer(pixel_graphs, pixel_w4a8, scheduler, tmp_path):
+    calibration = trajectory_inputs(pixel_w4a8, scheduler, SAMPLER, num_images=4)
+    path = export_onnx(pixel_w4a8, tmp_path / "shortcuts.onnx", calibration=calibration, exact_convs="*conv_shortcut")
+    shortcuts = [name for name, module in pixel_w4a8.named_modules()
+                 if name.endswith("conv_shortcut") and runs_on_integer_kernels(module)]
+    details = OnnxUNet(path, threads=1).info.details
+    all_integer = OnnxUNet(pixel_graphs["integer"], threads=1).info.details
+    assert all_integer["exact_convs"] == 0
+    assert details["exact_convs"] == len(shortcuts) >= 2
+    assert details["integer_convs"] == all_integer["integer_convs"] - len(shortcuts)
+    fused = optimized_op_counts(path, tmp_path)
+    assert fused["Conv"] == 2 + len(shortcuts)  # conv_in, conv_out and the shortcuts, each one float conv
+    assert fused["QLinearConv"] == details["integer_convs"] + details["split_integer_convs"]
+    with pytest.raises(TfmqError, match="'\\*conv_shortcutt' matches none of the"):
+        export_onnx(pixel_w4a8, tmp_path / "typo.onnx", calibration=calibration, exact_convs=["*conv_shortcutt"])
+    assert not (tmp_path / "typo.onnx").exists()
+
+
 def test_text_unet_graph_takes_the_conditioning_as_input(text_w8a8, scheduler, schedule, tmp_path):
     text = Conditioning({"encoder_hidden_states": torch.randn(2, 3, text_w8a8.config.cross_attention_dim)})
     calibration = trajectory_inputs(text_w8a8, scheduler, SAMPLER, num_images=2, conditioning=text)
@@ -150,7 +168,7 @@ def test_text_unet_graph_takes_the_conditioning_as_input(text_w8a8, scheduler, s
     assert [entry.name for entry in engine.session.get_inputs()] == ["sample", "step", "encoder_hidden_states"]
     assert engine.info.details["uint8_weights"] > 0  # 8-bit weights keep their zero points: exact
     assert max(engine_vs_fake_quant(engine, text_w8a8, schedule, tokens=5)) < INTEGER_TOLERANCE
-    exact = OnnxUNet(export_onnx(text_w8a8, tmp_path / "exact.onnx", schedule=schedule, integer_convs=False),
+    exact = OnnxUNet(export_onnx(text_w8a8, tmp_path / "exact.onnx", schedule=schedule, exact_convs=True),
                      threads=1)
     assert_exact(exact, text_w8a8, schedule, tokens=5)
     # The sampler passes the conditioning through to the engine as to the torch model. Over several steps a
@@ -165,7 +183,7 @@ def test_text_unet_graph_takes_the_conditioning_as_input(text_w8a8, scheduler, s
 
 
 def test_requantized_8bit_weights_are_symmetric_int8(text_w8a8, schedule, tmp_path):
-    path = export_onnx(text_w8a8, tmp_path / "fast.onnx", schedule=schedule, integer_convs=False,
+    path = export_onnx(text_w8a8, tmp_path / "fast.onnx", schedule=schedule, exact_convs=True,
                        requantize_weights=True)
     engine = OnnxUNet(path, threads=1)
     assert engine.info.details["uint8_weights"] == 0 and engine.info.details["int8_weights"] > 0
@@ -176,7 +194,7 @@ def test_requantized_8bit_weights_are_symmetric_int8(text_w8a8, schedule, tmp_pa
 def test_symmetric_8bit_weights_are_exact_int8(calibration, schedule, tmp_path):
     model = quantize(pixel_unet(), RTNConfig(w_bits=8, a_bits=8, weight_init="symmetric", fsc_scope="temporal"),
                      calibration, progress=False)
-    engine = OnnxUNet(export_onnx(model, tmp_path / "symmetric.onnx", integer_convs=False), threads=1)
+    engine = OnnxUNet(export_onnx(model, tmp_path / "symmetric.onnx", exact_convs=True), threads=1)
     assert engine.info.details["uint8_weights"] == 0 and engine.info.details["int8_weights"] > 0
     assert_exact(engine, model, schedule)  # no requantization: the fast kernels' weights are the model's
 
@@ -187,7 +205,7 @@ def test_a_graph_correction_covers_every_calibrated_step(calibration, scheduler,
     inputs = iter(trajectory_inputs(model, scheduler, SAMPLER, num_images=2))  # read twice: a list is made
     engine = OnnxUNet(export_onnx(model, tmp_path / "integer.onnx", calibration=inputs), threads=1)
     assert engine.info.details["correction_graph_error_steps"] == len(schedule)
-    exact = OnnxUNet(export_onnx(model, tmp_path / "exact.onnx", integer_convs=False), threads=1)
+    exact = OnnxUNet(export_onnx(model, tmp_path / "exact.onnx", exact_convs=True), threads=1)
     assert exact.info.details["correction_graph_error_steps"] == 0  # no grids, no calibration: nothing added
 
 
@@ -217,26 +235,26 @@ def test_export_refuses_what_it_cannot_serve(pixel_w4a8, schedule, calibration, 
         export_onnx(pixel_w4a8, tmp_path / "a.onnx")
     all_scales = quantize(pixel_unet(), RTNConfig(w_bits=4, a_bits=8, fsc_scope="all"), calibration, progress=False)
     with pytest.raises(TfmqError, match="constant scales"):
-        export_onnx(all_scales, tmp_path / "a.onnx", integer_convs=False)
+        export_onnx(all_scales, tmp_path / "a.onnx", exact_convs=True)
     assert not (tmp_path / "a.onnx").exists()
 
 
 def test_export_without_onnx_is_a_clear_error(pixel_w4a8, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "onnx", None)
     with pytest.raises(TfmqError, match="onnx cannot be imported"):
-        export_onnx(pixel_w4a8, tmp_path / "a.onnx", integer_convs=False)
+        export_onnx(pixel_w4a8, tmp_path / "a.onnx", exact_convs=True)
 
 
 def test_an_export_replaces_its_own_data_file_and_no_other(pixel_w4a8, tmp_path):
     path, data_file = tmp_path / "unet.onnx", tmp_path / "unet.onnx.data"
     data_file.write_bytes(b"not tfmq's")
     with pytest.raises(TfmqError, match="unet.onnx.data exists and was not written by tfmq"):
-        export_onnx(pixel_w4a8, path, integer_convs=False, external_data_threshold_bytes=0)
+        export_onnx(pixel_w4a8, path, exact_convs=True, external_data_threshold_bytes=0)
     assert data_file.read_bytes() == b"not tfmq's" and not path.exists()
-    export_onnx(pixel_w4a8, path, integer_convs=False, external_data_threshold_bytes=0, overwrite=True)
+    export_onnx(pixel_w4a8, path, exact_convs=True, external_data_threshold_bytes=0, overwrite=True)
     assert OnnxUNet(path, threads=1).files == [path, data_file]
     # no overwrite needed now: the data file is the tfmq graph's; inline, it goes with the graph it served
-    export_onnx(pixel_w4a8, path, integer_convs=False)
+    export_onnx(pixel_w4a8, path, exact_convs=True)
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["unet.onnx"]
     assert OnnxUNet(path, threads=1).files == [path]
 
@@ -244,7 +262,7 @@ def test_an_export_replaces_its_own_data_file_and_no_other(pixel_w4a8, tmp_path)
 def test_a_schedule_free_graph_agrees_with_torch_at_timesteps_never_calibrated(calibration, scheduler, tmp_path):
     config = RTNConfig(w_bits=4, a_bits=8, fsc_scope="temporal", train_timesteps=scheduler.config.num_train_timesteps)
     model = quantize(pixel_unet(), config, calibration, progress=False)
-    engine = OnnxUNet(export_onnx(model, tmp_path / "any.onnx", integer_convs=False), threads=1)
+    engine = OnnxUNet(export_onnx(model, tmp_path / "any.onnx", exact_convs=True), threads=1)
     assert engine.schedule_free and engine.info.schedule == list(range(scheduler.config.num_train_timesteps))
     never_calibrated = [t for t in (999, 640, 333, 37, 1) if t not in calibration.schedule.tolist()]
     assert_exact(engine, model, never_calibrated)
@@ -266,7 +284,7 @@ def test_a_graph_takes_the_output_correction_off_at_its_step(calibration, schedu
     model = quantize(pixel_unet(), config, calibration, progress=False)
     # offsets far above float noise, different at every timestep, so a graph that dropped or misread them fails
     model.output_correction.offsets += torch.linspace(-1, 1, 1000)[:, None] * torch.tensor([1.0, -2.0, 0.5])
-    engine = OnnxUNet(export_onnx(model, tmp_path / "corrected.onnx", integer_convs=False), threads=1)
+    engine = OnnxUNet(export_onnx(model, tmp_path / "corrected.onnx", exact_convs=True), threads=1)
     assert_exact(engine, model, [int(t) for t in calibration.schedule[:2]] + [640, 3])
     ops = collections.Counter(node.op_type for node in onnx.load(str(tmp_path / "corrected.onnx")).graph.node)
     assert ops["Sub"] >= 1 and ops["Gather"] >= 1

@@ -75,8 +75,8 @@ def test_without_openvino_the_engine_names_its_extra(unet_graph, monkeypatch):
 
 
 def test_a_graph_with_its_weights_in_a_data_file_runs_as_the_inline_one(pixel_w4a8, tmp_path):
-    inline = export_onnx(pixel_w4a8, tmp_path / "inline.onnx", integer_convs=False)
-    external = export_onnx(pixel_w4a8, tmp_path / "external.onnx", integer_convs=False, external_data_threshold_bytes=0)
+    inline = export_onnx(pixel_w4a8, tmp_path / "inline.onnx", exact_convs=True)
+    external = export_onnx(pixel_w4a8, tmp_path / "external.onnx", exact_convs=True, external_data_threshold_bytes=0)
     engines = [OpenVinoUNet(path, threads=1) for path in (inline, external)]
     assert engines[1].files == [external, tmp_path / "external.onnx.data"]
     inputs = {**unet_inputs(pixel_w4a8, 2, 0), "timestep": torch.full((2,), engines[0].info.schedule[0])}

@@ -20,7 +20,7 @@ from tfmq.export.runtime import u8s8_saturates, widen_saturating_int8_weights
 
 @pytest.fixture(scope="module")
 def exact_graph(pixel_w4a8, tmp_path_factory):
-    return export_onnx(pixel_w4a8, tmp_path_factory.mktemp("runtime") / "exact.onnx", integer_convs=False)
+    return export_onnx(pixel_w4a8, tmp_path_factory.mktemp("runtime") / "exact.onnx", exact_convs=True)
 
 
 def test_the_sampler_runs_unchanged_on_the_engine(exact_graph, pixel_w4a8, scheduler):
@@ -171,7 +171,7 @@ def test_int8_weights_that_can_saturate_run_exactly_once_widened():
 @pytest.fixture(scope="module")
 def external_graph(pixel_w4a8, tmp_path_factory):
     """The exact graph again, with its weights forced into a data file beside it."""
-    return export_onnx(pixel_w4a8, tmp_path_factory.mktemp("external") / "exact.onnx", integer_convs=False,
+    return export_onnx(pixel_w4a8, tmp_path_factory.mktemp("external") / "exact.onnx", exact_convs=True,
                        external_data_threshold_bytes=0)
 
 

@@ -44,7 +44,7 @@ def model(request, pixel_w4a8) -> nn.Module:
 def session_and_tables(model, tmp_path_factory) -> tuple[onnxruntime.InferenceSession, list[str]]:
     """A session of the exact graph whose outputs are the noise and every step-table Gather; the names of
     those Gathers' tables."""
-    path = export_onnx(model, tmp_path_factory.mktemp("step_table") / "exact.onnx", integer_convs=False)
+    path = export_onnx(model, tmp_path_factory.mktemp("step_table") / "exact.onnx", exact_convs=True)
     graph_model = onnx.load(str(path))
     widen_uint4_weights(graph_model, onnx)
     graph = graph_model.graph

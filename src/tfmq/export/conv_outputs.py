@@ -9,7 +9,8 @@ its own grid.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -51,6 +52,20 @@ def integer_conv_names(model: nn.Module) -> list[str]:
     """Names of the convolutions that can become QLinearConv."""
     return [name for name, layer in quant_layers(model)
             if isinstance(layer, QuantConv2d) and runs_on_integer_kernels(layer)]
+
+
+def exact_conv_names(names: list[str], exact: bool | str | Sequence[str]) -> list[str]:
+    """Which of `names` (convs that can run on integer kernels) stay exact: all (True), none (False), or those
+    matching any of the fnmatch patterns `exact`; a pattern matching none of them is an error, not a no-op."""
+    if isinstance(exact, bool):
+        return list(names) if exact else []
+    patterns = (exact,) if isinstance(exact, str) else tuple(exact)
+    for pattern in patterns:
+        if not any(fnmatchcase(name, pattern) for name in names):
+            example = f" (their names look like {names[-1]!r})" if names else ""
+            raise ValueError(f"exact conv pattern {pattern!r} matches none of the {len(names)} convs that can run "
+                             f"on integer kernels{example}")
+    return [name for name in names if any(fnmatchcase(name, pattern) for pattern in patterns)]
 
 
 def single_timestep_batches(inputs: UNetInputs) -> Iterator[dict[str, Any]]:

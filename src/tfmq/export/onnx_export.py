@@ -20,7 +20,7 @@ from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from tfmq.errors import TfmqError
-from tfmq.export.conv_outputs import UNetInputs, conv_output_grids, integer_conv_names
+from tfmq.export.conv_outputs import UNetInputs, conv_output_grids, exact_conv_names, integer_conv_names
 from tfmq.export.dependencies import require
 from tfmq.export.graph import StepGraph, TimestepGraph, add_graph_error, integer_twin
 from tfmq.export.metadata import (
@@ -73,7 +73,7 @@ def export_onnx(
     schedule: Sequence[int] | torch.Tensor | None = None,
     calibration: Iterable[UNetInputs] | None = None,
     opset: int = DEFAULT_OPSET,
-    integer_convs: bool = True,
+    exact_convs: bool | str | Sequence[str] = False,
     requantize_weights: bool = False,
     details: Mapping[str, Any] | None = None,
     overwrite: bool = False,
@@ -89,8 +89,10 @@ def export_onnx(
     required to match: the model's timestep-table schedule). `calibration` (UNet keyword inputs, e.g.
     `trajectory_inputs(...)`) ranges the 8-bit conv outputs that integer convolution needs, and, for a model
     with an output correction, measures the mean error those grids add, which the graph's correction takes off
-    too (`add_graph_error`); `integer_convs=False` keeps convs in float on dequantized operands instead (exact,
-    not faster).
+    too (`add_graph_error`). `exact_convs` keeps convs in float on dequantized operands instead, exact but not
+    faster: all (True), or those whose names match fnmatch patterns, e.g. "up_blocks.*conv_shortcut" (a UNet's
+    split shortcut convs, an output grid per input part on integer kernels: on fashion-ddpm W8A8 the convs
+    whose exactness buys back the most quality for its time, see docs/design/integer_inference.md).
     Weights are exact: symmetric int8 up to 7 bits and for 8-bit weights on a grid centred on zero (weight
     init "symmetric"), otherwise uint8 with zero points at 8 bits (slower kernels);
     `requantize_weights=True` rounds 8-bit weights onto symmetric int8 instead (approximate; fast where the
@@ -126,7 +128,7 @@ def export_onnx(
     else:
         schedule_tensor = _checked_schedule(unet, schedule, quantized)
         try:
-            graph, counts = _integer_graph(unet, schedule_tensor, calibration, integer_convs, requantize_weights)
+            graph, counts = _integer_graph(unet, schedule_tensor, calibration, exact_convs, requantize_weights)
         except ValueError as exc:
             raise TfmqError(str(exc)) from exc
         info_details.update(counts, quant_config=unet.tfmq_info.to_dict()["quant_config"])
@@ -189,19 +191,21 @@ def _checked_schedule(unet: nn.Module, schedule: Sequence[int] | torch.Tensor | 
 
 
 def _integer_graph(
-    unet: nn.Module, schedule: torch.Tensor, calibration: Iterable[UNetInputs] | None, use_integer_convs: bool,
-    requantize_weights: bool,
+    unet: nn.Module, schedule: torch.Tensor, calibration: Iterable[UNetInputs] | None,
+    exact_convs: bool | str | Sequence[str], requantize_weights: bool,
 ) -> tuple[StepGraph, dict[str, int]]:
-    names = integer_conv_names(unet) if use_integer_convs else []
+    capable = integer_conv_names(unet)
+    exact = exact_conv_names(capable, exact_convs)
+    names = [name for name in capable if name not in exact]
     if names and calibration is None:
         raise ValueError("integer convolutions need calibration inputs for their 8-bit output grids: pass "
-                         "calibration= (e.g. trajectory_inputs(unet, scheduler, sampler)) or integer_convs=False")
+                         "calibration= (e.g. trajectory_inputs(unet, scheduler, sampler)) or exact_convs=True")
     calibration = None if calibration is None else list(calibration)  # read twice
     grids = conv_output_grids(unet, names, calibration) if names else {}
     graph, counts = integer_twin(unet, schedule, grids, condition_input(unet), requantize_weights)
     corrected = 0 if calibration is None else add_graph_error(graph, unet, schedule, calibration)
     split = sum(len(parts) == 2 for parts in grids.values())
-    return graph, {**counts, "integer_convs": len(grids), "split_integer_convs": split,
+    return graph, {**counts, "integer_convs": len(grids), "split_integer_convs": split, "exact_convs": len(exact),
                    "correction_graph_error_steps": corrected}
 
 
