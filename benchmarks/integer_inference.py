@@ -1,7 +1,7 @@
 """Real low-bit inference of a shipped model: speed of one denoiser step, file sizes, and image agreement.
 
-    python benchmarks/integer_inference.py --steps 20 --images 16
-    python benchmarks/integer_inference.py --model fashion-dit --steps 20 --images 16 --name integer_inference_dit
+    python benchmarks/integer_inference.py --steps 20
+    python benchmarks/integer_inference.py --model fashion-dit --steps 20 --name integer_inference_dit
 
 Quantizes the model (default fashion-ddpm) by RTN at W8A8 (8-bit weights on a grid centred on zero, the
 `symmetric` weight init, and on the default asymmetric one) and W4A8, with the output correction (off with
@@ -9,8 +9,9 @@ Quantizes the model (default fashion-ddpm) by RTN at W8A8 (8-bit weights on a gr
 over every class in turn, as `tfmq sample` does by default),
 exports the full-precision denoiser and the quantized ones to ONNX, and times one denoiser call at batch 1 and
 64 (a conditional model's with class labels) for:
-FP32 torch, FP32 onnxruntime, W8A8 onnxruntime with its symmetric weights (exact int8) and with asymmetric ones
-(exact uint8: slower kernels), W4A8 onnxruntime (4-bit file, int8 kernels), the W4A8 graph as stored (4-bit
+FP32 torch, FP32 onnxruntime, W8A8 onnxruntime with its symmetric weights (exact int8), the same with a UNet's
+split shortcut convs exact (`exact_convs=SPLIT_SHORTCUTS`: no output grid per input part) and with asymmetric
+weights (exact uint8: slower kernels), W4A8 onnxruntime (4-bit file, int8 kernels), the W4A8 graph as stored (4-bit
 weights that onnxruntime dequantizes to float every call), and the fake-quant torch W8A8 model - all in
 this process, in blocks of `--repeats` calls, three rounds, the median call; speed-ups are FP32 torch time /
 engine time.
@@ -33,6 +34,7 @@ import subprocess
 import time
 import sys
 from collections import defaultdict
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -42,6 +44,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from tfmq import SamplerConfig, load_model, sample
 from tfmq.arguments import DEFAULT_GUIDANCE_SCALE
 from tfmq.export import ExportedGraph, OnnxUNet, export_onnx, trajectory_inputs
+from tfmq.export.conv_outputs import integer_conv_names
 from tfmq.export.openvino_runtime import OpenVinoUNet
 from tfmq.export.timing import time_steps
 from tfmq.files import write_json, write_text_atomic
@@ -58,6 +61,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 64)
 SPEED_COLUMNS = ("engine", "batch", "ms_per_step", "speedup_vs_torch_fp32")
 QUALITY_COLUMNS = ("engine", "reference", "images", "psnr_db", "ssim")
+# A diffusers UNet's up-block shortcuts: the convs whose input is split (upsampled features and skip), two
+# output grids each on integer kernels.
+SPLIT_SHORTCUTS = "up_blocks.*conv_shortcut"
 
 
 def step_inputs(model, batch: int, timestep: int) -> dict:
@@ -133,7 +139,7 @@ def main() -> None:
     parser.add_argument("--model", default="fashion-ddpm")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (quadratic skip) of the exported schedule")
     parser.add_argument("--calibration-images", type=int, default=16)
-    parser.add_argument("--images", type=int, default=16, help="images sampled per engine for the PSNR")
+    parser.add_argument("--images", type=int, default=128, help="images sampled per engine for the PSNR")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--work", type=Path, default=Path("runs/integer_inference"), help="where the .onnx go")
@@ -160,17 +166,24 @@ def main() -> None:
                "w8a8 asymmetric": RTNConfig(w_bits=8, a_bits=8, **correction),
                "w4a8": RTNConfig(w_bits=4, a_bits=8, **correction)}
     fake_quant = {name: quantize(unet, config, calibration, progress=False) for name, config in configs.items()}
+    # graph name: (its fake-quant model, its exact convs)
+    graphs = {name: (name, False) for name in fake_quant}
+    if any(fnmatchcase(name, SPLIT_SHORTCUTS) for name in integer_conv_names(fake_quant["w8a8"])):
+        graphs["w8a8 split exact"] = ("w8a8", SPLIT_SHORTCUTS)
     args.work.mkdir(parents=True, exist_ok=True)
     files = {"fp32": export_onnx(unet, args.work / "fp32.onnx", format="fp32")}
-    for name, quantized in fake_quant.items():
-        files[name] = export_onnx(quantized, args.work / f"{name.replace(' ', '_')}.onnx", schedule=schedule,
-                                  calibration=trajectory_inputs(quantized, scheduler, sampler, num_images=8,
-                                                                conditioning=conditioning_of(model, 8)),
+    for name, (quantized, exact_convs) in graphs.items():
+        files[name] = export_onnx(fake_quant[quantized], args.work / f"{name.replace(' ', '_')}.onnx",
+                                  schedule=schedule, exact_convs=exact_convs,
+                                  calibration=trajectory_inputs(fake_quant[quantized], scheduler, sampler,
+                                                                num_images=8, conditioning=conditioning_of(model, 8)),
                                   details={"sampler": sampler.to_dict()})
     engines = {
         "torch fp32": unet,
         "ort fp32": OnnxUNet(files["fp32"], threads=args.threads),
         "ort w8a8 (symmetric, s8 weights)": OnnxUNet(files["w8a8"], threads=args.threads),
+        **({"ort w8a8 split shortcuts exact": OnnxUNet(files["w8a8 split exact"], threads=args.threads)}
+           if "w8a8 split exact" in files else {}),
         "ort w8a8 asymmetric (u8 weights)": OnnxUNet(files["w8a8 asymmetric"], threads=args.threads),
         "ort w4a8 (u4 file, s8 at load)": OnnxUNet(files["w4a8"], threads=args.threads),
         "ort w4a8 as stored (u4 DQ to float)": OnnxUNet(files["w4a8"], threads=args.threads, widen_4bit=False),
@@ -209,11 +222,11 @@ def main() -> None:
     full_precision = sample(unet, scheduler, args.images, 0, sampler, **run)
     references = {name: sample(quantized, scheduler, args.images, 0, sampler, **run)
                   for name, quantized in fake_quant.items()}
-    for name in fake_quant:
+    for name, (quantized, _) in graphs.items():
         engine = OnnxUNet(files[name], threads=args.threads)
         images = sample(engine, scheduler, args.images, 0, sampler, **run)
-        quality_rows.append({"engine": f"ort {name}", "reference": f"torch fake-quant {name}",
-                             "images": args.images, **_similarity(images, references[name])})
+        quality_rows.append({"engine": f"ort {name}", "reference": f"torch fake-quant {quantized}",
+                             "images": args.images, **_similarity(images, references[quantized])})
         quality_rows.append({"engine": f"ort {name}", "reference": "torch fp32", "images": args.images,
                              **_similarity(images, full_precision)})
     for name, engine in openvino_engines.items():
