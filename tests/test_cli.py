@@ -327,6 +327,13 @@ def test_onnxruntime_engine_without_a_graph_is_an_error(capsys, tmp_path):
     _assert_one_line_error(code, err, "needs --onnx")
 
 
+def test_integer_graph_options_on_the_fp32_export_are_an_error(capsys, tmp_path, tiny_model_folder):
+    for option in (("--exact-convs",), ("--exact-convs", "*conv1"), ("--requantize-weights",)):
+        code, _, err = _run(capsys, "export", "--model", tiny_model_folder, "--out", tmp_path / "fp32.onnx", *option)
+        _assert_one_line_error(code, err, "format 'fp32' has neither")
+        assert not (tmp_path / "fp32.onnx").exists()
+
+
 def test_bench_times_every_engine_against_fp32_torch(capsys, tmp_path, tiny_model_folder):
     code, _, err = _run(capsys, "export", "--model", tiny_model_folder, "--out", tmp_path / "fp32.onnx")
     assert code == 0, err

@@ -97,10 +97,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
     details = {"model": source, "base_model": model.source, "sampler": config.to_dict()}
     if "config" in model.reference:
         details["base_model_config"] = model.reference["config"]
+    exact_convs = True if args.exact_convs == [] else args.exact_convs or False  # the bare flag: all
     if args.quantized is None:
-        path = export_onnx(unet, args.out, format="fp32", opset=args.opset, details=details, overwrite=args.overwrite)
+        path = export_onnx(unet, args.out, format="fp32", opset=args.opset, exact_convs=exact_convs,
+                           requantize_weights=args.requantize_weights, details=details, overwrite=args.overwrite)
     else:
-        exact_convs = True if args.exact_convs == [] else args.exact_convs or False  # the bare flag: all
         calibration = None if exact_convs is True else trajectory_inputs(
             unet, model.scheduler, config, num_images=args.calibration_images,
             conditioning=conditioning_of(args, model, args.calibration_images,

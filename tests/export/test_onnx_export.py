@@ -233,6 +233,9 @@ def test_export_refuses_what_it_cannot_serve(pixel_w4a8, schedule, calibration, 
         export_onnx(pixel_w4a8, tmp_path / "a.onnx", schedule=schedule[:-1])
     with pytest.raises(TfmqError, match="calibration inputs"):
         export_onnx(pixel_w4a8, tmp_path / "a.onnx")
+    for integer_option in ({"exact_convs": "*conv1"}, {"requantize_weights": True}):
+        with pytest.raises(TfmqError, match="format 'fp32' has neither"):
+            export_onnx(pixel_unet(), tmp_path / "a.onnx", format="fp32", **integer_option)
     all_scales = quantize(pixel_unet(), RTNConfig(w_bits=4, a_bits=8, fsc_scope="all"), calibration, progress=False)
     with pytest.raises(TfmqError, match="constant scales"):
         export_onnx(all_scales, tmp_path / "a.onnx", exact_convs=True)
