@@ -123,7 +123,7 @@ def export_onnx(
     if format == "fp32":
         if quantized:
             raise TfmqError("format 'fp32' exports a full-precision model; this one is quantized (use format 'int8')")
-        if exact_convs is not False or requantize_weights:
+        if exact_convs or requantize_weights:
             raise TfmqError("exact convs (--exact-convs) and requantized weights shape the integer graph of a "
                             "quantized model; format 'fp32' has neither")
         graph, schedule_list = TimestepGraph(unet.eval(), condition_input(unet)), None
