@@ -22,8 +22,9 @@ from tfmq.sampling import Conditioning, distinct_timesteps, sample, sampling_tim
 CLASSES = 3
 # The linears run as integer matmuls with exact float outputs: the graph differs from the fake-quant model by
 # float summation order, which moves a code across a rounding boundary now and then (measured on these tiny
-# transformers: 4e-7 to 6e-7 over a whole guided sampling run).
-CALL_TOLERANCE = 1e-4
+# transformers: 4e-7 to 6e-7 over a whole guided sampling run; one call of six 3.5e-4 on an AVX-512 CPU, where
+# the summation order differs from the AVX2 one's). A call without a flip is exact to float rounding.
+EXACT_TOLERANCE = 1e-5
 RUN_TOLERANCE = 1e-3
 
 
@@ -68,7 +69,8 @@ def test_every_step_and_label_gives_the_fake_quant_noise(quantized, graph):
                       "class_labels": labels}
             reference = quantized(inputs["sample"], timestep=inputs["timestep"], class_labels=labels).sample
             errors.append(_relative(engine(**inputs).sample, reference))
-    assert max(errors) < CALL_TOLERANCE, errors
+    agreeing = sum(error < EXACT_TOLERANCE for error in errors)
+    assert agreeing > len(errors) / 2 and max(errors) < RUN_TOLERANCE, errors
 
 
 def test_the_time_mlps_are_tables_and_the_modulations_read_their_grids_per_step(quantized, graph):
