@@ -254,7 +254,6 @@ def test_finds_exactly_the_modulation_path_of_a_dit() -> None:
     assert tib.feature_names == DIT_FEATURES
     assert tib.linear_names == DIT_LINEARS
     assert tib.feature_reader_names == (DIT_LINEARS[1], DIT_LINEARS[3], *DIT_FEATURES)
-    assert tib.output_modulations == ("proj_out_1",)
     assert tib.class_conditional
 
 
@@ -264,7 +263,6 @@ def test_finds_exactly_the_modulation_path_of_pixart() -> None:
     assert tib.feature_names == PIXART_FEATURES
     assert tib.linear_names == PIXART_LINEARS
     assert tib.feature_reader_names == ("adaln_single.emb.timestep_embedder.linear_2", "adaln_single.linear")
-    assert tib.output_modulations == ()  # its output layer reads the embedding the blocks' modulation reads
     assert not tib.class_conditional
 
 

@@ -70,11 +70,6 @@ class TemporalInformationBlock:
         return tuple(f"{resnet}.time_emb_proj" for resnet in self.resnets)
 
     @property
-    def output_modulations(self) -> tuple[str, ...]:
-        """Temporal features that the output layer reads and no block does: none in a UNet."""
-        return ()
-
-    @property
     def module_names(self) -> tuple[str, ...]:
         """Every module of the TIB. A resnet's `nonlinearity` also serves its image path (it is stateless)."""
         shared = [name for name in (self.time_proj, self.time_embedding, self.class_embedding, self.time_embed_act)
@@ -184,15 +179,13 @@ class AdaLNTemporalInformationBlock:
     `features` maps each temporal feature, named by the Linear producing it, to the embedder it reads and
     whether it reads Linear(SiLU(c)) of the embedding c (a modulation Linear) or is the embedder's own last
     Linear (PixArt's output layer reads the embedding itself). The names are the same in a model and in its
-    quantized copy. `output_modulations`: the features that the output layer reads and no block does (DiT's
-    `proj_out_1`).
+    quantized copy.
     """
 
     model: nn.Module = field(repr=False, compare=False)
     embedders: tuple[str, ...]
     features: dict[str, tuple[str, bool]]
     class_conditional: bool
-    output_modulations: tuple[str, ...] = ()
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -307,12 +300,10 @@ def _adaln_tib(model: nn.Module) -> AdaLNTemporalInformationBlock:
         raise ValueError(f"{model_class}'s {refused[0]} reads an embedding made elsewhere (not its own timestep + "
                          "class embedder): not supported")
     features = {f"{block}.linear": (f"{block}.emb", True) for block in blocks}
-    output_modulations: tuple[str, ...] = ()
     if isinstance(modules.get("proj_out_1"), nn.Linear):  # DiT's output layer reads the first block's embedder
         features["proj_out_1"] = (f"{blocks[0]}.emb", True)
-        output_modulations = ("proj_out_1",)
     return AdaLNTemporalInformationBlock(model, tuple(f"{block}.emb" for block in blocks), features,
-                                         class_conditional=True, output_modulations=output_modulations)
+                                         class_conditional=True)
 
 
 def find_tib(model: nn.Module) -> TemporalInformationBlock | AdaLNTemporalInformationBlock:

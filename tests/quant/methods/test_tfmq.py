@@ -13,7 +13,7 @@ from torch import nn
 
 from tests.quant.methods.helpers import unit_outputs
 from tests.quant.test_tib import EXPECTED_RESNETS, class_unet
-from tests.quant.tiny_unets import one_thread, pixel_unet, tiny_dit
+from tests.quant.tiny_unets import one_thread, pixel_unet
 from tfmq.errors import TfmqError
 from tfmq.models.architectures import fashion_ddpm_scheduler
 from tfmq.quant.config import LayerRule, QDiffusionConfig, RTNConfig, TFMQConfig
@@ -23,16 +23,13 @@ from tfmq.quant.api import quantize
 from tfmq.quant.calibration import CalibrationSet, collect_calibration
 from tfmq.quant.checkpoint import METADATA_FILE, load_quantized, save_quantized
 from tfmq.quant.activation_ranges import calibrate_activation_ranges
-from tfmq.quant.methods.capture import Call
 from tfmq.quant.methods.tfmq import (
     TIB_UNIT,
-    TemporalInformationModel,
     block_units,
     cached_temporal_features,
     maintain_temporal_features,
     reconstruct_tib,
     temporal_cache_stats,
-    tib_unit,
 )
 from tfmq.quant.methods.scheduled_lookup import (
     ScheduledFeatureLookup,
@@ -112,26 +109,6 @@ def test_block_units_leave_the_tib_to_tiar(calibration: CalibrationSet) -> None:
     resnet = units["mid_block.resnets.0"]
     assert {id(resnet_layer) for resnet_layer in resnet.layers} == {
         id(model.get_submodule(f"mid_block.resnets.0.{part}")) for part in ("conv1", "conv2")}
-
-
-def test_tiar_leaves_a_dit_output_modulation_to_a_unit_of_its_own_after_the_blocks() -> None:
-    dit = tiny_dit()
-    model = quantize_model(dit, RTNConfig(w_bits=4, a_bits=None))  # no activation ranges to calibrate
-    tiar = tib_unit(TemporalInformationModel(model), TemporalInformationModel(dit))
-    output_modulation = model.get_submodule("proj_out_1")
-    assert output_modulation not in tiar.layers
-    assert {id(layer) for layer in tiar.layers} == {
-        id(model.get_submodule(name)) for name in find_tib(model).linear_names if name != "proj_out_1"}
-    assert tiar.targets_from == tuple(dit.get_submodule(f"transformer_blocks.{block}.norm1.linear")
-                                      for block in (0, 1))
-    with torch.no_grad():
-        assert len(tiar.forward(Call((torch.tensor([999, 3]), torch.tensor([0, 3])), {}))) == 2
-    example = {"sample": torch.randn(1, 4, 8, 8), "timestep": torch.tensor([999]), "class_labels": torch.tensor([1])}
-    units = block_units(model, dit, example)
-    assert [unit.name for unit in units] == ["transformer_blocks.0", "transformer_blocks.1", "proj_out_1"]
-    assert units[-1].layers == (output_modulation,)
-    tiar_layers = {id(layer) for layer in tiar.layers}
-    assert not any(tiar_layers & {id(layer) for layer in unit.layers} for unit in units)
 
 
 def test_tfmq_records_tiar_then_the_blocks_and_calibrates_a_row_per_timestep(calibration: CalibrationSet) -> None:

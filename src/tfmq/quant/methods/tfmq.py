@@ -6,10 +6,7 @@ temporal-feature cache. `quantize_tfmq` is the whole recipe, in the order of the
   from the timesteps alone (every timestep of the schedule, or of the training range for a schedule-free
   config, no images). The other BRECQ units follow
   (`block_units`) without the TIB's layers: their inputs are captured from the model with the TIB
-  already hardened, so each block reads its temporal feature as an input its loss cannot bend. A
-  modulation that only the output layer reads (DiT's `proj_out_1`) is left to a unit of its own after the
-  blocks, as in Q-Diffusion: its error reaches the output directly, and inside TIAR's joint loss it counts
-  no more than any block's channel (README, "Calibration cost").
+  already hardened, so each block reads its temporal feature as an input its loss cannot bend.
 - FSC is per-timestep activation calibration: `timestep_table.calibrate_timestep_tables`.
 - Cache-based maintenance (`maintain_temporal_features`): each block's temporal feature is computed in full
   precision for every scheduled timestep, quantized per timestep, and served from a table
@@ -44,16 +41,10 @@ from tfmq.quant.nn.layers import QuantLayer
 from tfmq.quant.nn.quantizer import quantize_codes, range_to_scale_zero_point
 from tfmq.quant.nn.step_table import StepTable
 from tfmq.quant.nn.temporal import cache_code_dtype, cache_site_outputs_by_timestep, install_temporal_cache
-from tfmq.quant.tib import (
-    AdaLNTemporalInformationBlock,
-    TemporalInformationBlock,
-    check_temporal_cache_supported,
-    find_tib,
-)
+from tfmq.quant.tib import TemporalInformationBlock, check_temporal_cache_supported, find_tib
 from tfmq.quant.wrap import quantizers
 
 TIB_UNIT = "temporal_information_block"
-TIB = TemporalInformationBlock | AdaLNTemporalInformationBlock
 # {residual block: its cache} and the selection's JSON entries, as `choose_temporal_caches` returns them.
 ChosenCaches = tuple[dict[str, StepTable], dict[str, Any]]
 
@@ -72,25 +63,18 @@ class TemporalInformationModel(nn.Module):
         self.tib = find_tib(unet)
 
     def forward(self, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        features = self.tib.temporal_features(timesteps, class_labels)
-        return tuple(features[name] for name in _block_features(self.tib))
+        return tuple(self.tib.temporal_features(timesteps, class_labels).values())
 
 
-def _block_features(tib: TIB) -> tuple[str, ...]:
-    """The temporal features that blocks read: what TIAR learns against."""
-    return tuple(name for name in tib.feature_names if name not in tib.output_modulations)
-
-
-def _tib_layers(model: nn.Module, tib: TIB) -> tuple[QuantLayer, ...]:
-    """The TIB's quantized linears (those outside keep_fp) that TIAR learns: all but the output modulations."""
-    layers = (model.get_submodule(name) for name in tib.linear_names if name not in tib.output_modulations)
+def _tib_layers(model: nn.Module, tib: TemporalInformationBlock) -> tuple[QuantLayer, ...]:
+    """The TIB's quantized linears (those outside keep_fp)."""
+    layers = (model.get_submodule(name) for name in tib.linear_names)
     return tuple(layer for layer in layers if isinstance(layer, QuantLayer))
 
 
 def tib_unit(model: TemporalInformationModel, full_precision: TemporalInformationModel) -> ReconstructionUnit:
-    """The TIB as one reconstruction unit: every quantized linear of it but the output modulations, and their
-    input quantizers, against the full-precision temporal feature of every block (`time_emb_proj`, or a
-    transformer block's modulation Linear)."""
+    """The TIB as one reconstruction unit: every quantized linear of it and their input quantizers, against
+    the full-precision output of every block's `time_emb_proj`."""
     layers = _tib_layers(model.unet, model.tib)
 
     def replay(call: Call) -> tuple[torch.Tensor, ...]:
@@ -99,7 +83,7 @@ def tib_unit(model: TemporalInformationModel, full_precision: TemporalInformatio
     return ReconstructionUnit(
         name=TIB_UNIT,
         inputs_from=(model,),
-        targets_from=tuple(full_precision.unet.get_submodule(name) for name in _block_features(full_precision.tib)),
+        targets_from=tuple(full_precision.unet.get_submodule(name) for name in full_precision.tib.feature_names),
         forward=replay,
         layers=layers,
         activation_quantizers=tuple(
@@ -145,9 +129,9 @@ def reconstruct_tib(
 
 
 def block_units(model: nn.Module, full_precision: nn.Module, example_inputs: ModelInputs) -> list[ReconstructionUnit]:
-    """The BRECQ units of the wrapped UNet without the layers TIAR learns and their input quantizers: the
+    """The BRECQ units of the wrapped UNet without the TIB's layers and their input quantizers: the
     time-embedding linears are no units of their own, and each resnet unit leaves its `time_emb_proj`
-    as it is. An output modulation (DiT's `proj_out_1`) stays the unit of its own it is in Q-Diffusion."""
+    as it is (TIAR has learnt it)."""
     tib_layers = _tib_layers(model, find_tib(model))
     tib_layer_ids = {id(layer) for layer in tib_layers}
     tib_quantizer_ids = {id(quantizer) for layer in tib_layers for _, quantizer in quantizers(layer)}
