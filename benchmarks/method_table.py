@@ -227,7 +227,9 @@ def main() -> None:
     setup = (f"`{args.model}`, {sampler_text} {args.steps} steps{guidance}, {args.num} images of seed "
              f"{args.seed}; calibration: {args.calib_samples} trajectories (seed {args.calib_seed}) x {args.steps} steps "
              f"(collected once in {collect_seconds:.0f} s, shared by all rows; calib_s excludes it), "
-             f"torch threads per row {1 if args.jobs > 1 else torch.get_num_threads()}, {args.jobs} row(s) at a time")
+             f"torch threads per row {1 if args.jobs > 1 else torch.get_num_threads()}, {args.jobs} row(s) at a time, "
+             f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()} (the rounding, and so the quality "
+             "columns, differ between kernel sets)")
     print(table)
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / f"{args.name}.json", {"setup": setup, "collect_calibration_s": collect_seconds,
