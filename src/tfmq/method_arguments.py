@@ -67,11 +67,11 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reconstruction length (qdiff, tfmq): 'fast' (default; 200 rounding steps a block) "
                              "suits a CPU (minutes); 'balanced' (2k) is closer to FP for 3-5x the time; 'auto' "
                              "(1.3k at balanced's rate on batches of 16, not 32; for tfmq 1.2k, 300 TIAR steps on "
-                             "batches of 128 and the output correction) takes about half balanced's time "
+                             "batches of 128, the output correction and no FSC) takes about half balanced's time "
                              "(quality: see the README); 'paper' is the authors' 20k (hours on a CPU)")
     parser.add_argument("--fsc-scope", choices=list(FSC_SCOPES), **given,
                         help="per-timestep activation ranges (FSC): for the temporal features, for every "
-                             "activation, or none (default: temporal for tfmq, none otherwise)")
+                             "activation, or none (default: temporal for tfmq but with --preset auto, none otherwise)")
     parser.add_argument("--schedule-free", action="store_true",
                         help="timestep tables and caches for every training timestep: sample the quantized model "
                              "with any sampler and step count, not only the calibration's")

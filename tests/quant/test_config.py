@@ -167,9 +167,11 @@ def test_a_method_name_is_taken_once() -> None:
         type("Other", (QuantConfig,), {}, method="rtn")
 
 
-def test_the_auto_preset_brings_tfmq_its_tiar_settings_and_the_output_correction() -> None:
+def test_the_auto_preset_brings_tfmq_its_tiar_settings_and_the_output_correction_without_fsc() -> None:
     auto = TFMQConfig(recon_preset="auto")
     assert auto.output_correction and auto.output_correction_samples == 8
+    assert auto.fsc_scope == "none" and TFMQConfig(recon_preset="auto", fsc_scope="temporal").fsc_scope == "temporal"
+    assert TFMQConfig(recon_preset="balanced").fsc_scope == "temporal"
     tiar, blocks = auto.tiar_reconstruction, auto.reconstruction
     assert (tiar.batch_size, tiar.weight_lr, tiar.weight_iters) == (128, 0.1, 300)
     assert (blocks.batch_size, blocks.weight_lr, blocks.weight_iters) == (16, 0.01, 1_200)

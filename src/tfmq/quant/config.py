@@ -371,7 +371,7 @@ class TFMQConfig(QDiffusionConfig, method="tfmq"):
 
     `tiar` reconstructs the Temporal Information Block as one unit against the temporal features, before the
     other units (off: its linears are learnt inside their blocks, as in qdiff). FSC defaults to the temporal
-    scope when activations are quantized. `temporal_cache` (journal version) replaces each residual block's
+    scope when activations are quantized, except with the `auto` preset. `temporal_cache` (journal version) replaces each residual block's
     temporal feature by its full-precision value at every scheduled timestep, quantized to `a_bits`, so the
     TIB leaves the sampling loop; `temporal_selection` measures per block the error of that cache and of the
     TIB path and keeps the better one, so it needs `temporal_cache`. `tiar_weight_iters`, `tiar_batch_size`
@@ -411,7 +411,9 @@ class TFMQConfig(QDiffusionConfig, method="tfmq"):
         return dataclasses.replace(self.reconstruction, **values)
 
     def default_fsc_scope(self) -> str:
-        return "none" if self.a_bits is None else "temporal"
+        """Temporal, but none without quantized activations and with the `auto` preset: there FSC made no
+        difference on the UNets and cost the diffusion transformer (README, "Calibration cost")."""
+        return "none" if self.a_bits is None or self.recon_preset == "auto" else "temporal"
 
     def default_output_correction(self) -> bool:
         """On with the `auto` preset: its shorter reconstruction leaves a per-step error that the images
