@@ -19,6 +19,13 @@ from tfmq.sampling import SamplerConfig, sampling_timesteps
 SAMPLER = SamplerConfig(steps=6)
 
 
+def assert_exact_but_for_flips(errors: list[float], exact: float, flip: float) -> None:
+    """Relative errors of engine calls: most exact to float rounding, and none past what a code moved across a
+    rounding boundary (the float summation order differs between the engine and torch) gives."""
+    agreeing = sum(error < exact for error in errors)
+    assert agreeing > len(errors) / 2 and max(errors) < flip, errors
+
+
 @pytest.fixture(scope="session")
 def scheduler() -> DDPMScheduler:
     return fashion_ddpm_scheduler()

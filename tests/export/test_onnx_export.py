@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from tests.export.conftest import SAMPLER
+from tests.export.conftest import SAMPLER, assert_exact_but_for_flips
 from tests.quant.tiny_unets import pixel_unet, text_unet, unet_inputs
 from tfmq.errors import TfmqError
 from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
@@ -70,8 +70,7 @@ def assert_exact(engine: OnnxUNet, model, schedule: list[int], tokens: int | Non
         in_double = {key: value.double() if value.is_floating_point() else value for key, value in inputs.items()}
         errors += map(min, relative_errors(output, model(**inputs).sample),
                       relative_errors(output.double(), double(**in_double).sample))
-    agreeing = sum(error < EXACT_TOLERANCE for error in errors)
-    assert agreeing > len(errors) / 2 and max(errors) < FLIP_TOLERANCE, errors
+    assert_exact_but_for_flips(errors, EXACT_TOLERANCE, FLIP_TOLERANCE)
 
 
 @pytest.fixture(scope="module")
