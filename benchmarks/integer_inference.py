@@ -21,7 +21,8 @@ seeds (PSNR between them), and profiles the W4A8 engine (all-s8 weights) per op 
 With `--openvino` (the `bench` extra), OpenVINO's CPU runtime joins the per-step table and the image
 comparison: the fp32 graph at f32 and at bf16 precision, NNCF's own INT8 post-training quantization of the
 fp32 graph (calibrated on the model's trajectories; first and last conv and the time embedding float, transformer
-model type: NNCF's defaults give images ~24 dB from fp32), and our W8A8 (symmetric) and W4A8 QDQ graphs in
+model type: NNCF's defaults give images ~24 dB from fp32) with its float parts at f32 and at bf16 (OpenVINO's
+default on a CPU with bf16 units, such as AMX), and our W8A8 (symmetric) and W4A8 QDQ graphs in
 tfmq's OpenVINO engine (`tfmq sample --engine openvino`).
 Writes benchmarks/results/integer_inference.{json,md}.
 """
@@ -55,7 +56,8 @@ from tfmq.quant.config import RTNConfig
 from tfmq.report import format_table
 from tfmq.sampling import distinct_timesteps, sampling_timesteps
 
-from memory import peak_rss_mb  # this folder: scripts run as files
+from machine import cpu_description  # this folder: scripts run as files
+from memory import peak_rss_mb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 64)
@@ -191,12 +193,13 @@ def main() -> None:
     }
     openvino_engines = {}
     if args.openvino:
+        nncf_int8 = nncf_int8_model(files["fp32"], trajectory_inputs(unet, scheduler, sampler, 8,
+                                                                    conditioning=conditioning_of(model, 8)))
         openvino_engines = {
             "openvino fp32 (f32)": OpenVinoBaseline(files["fp32"], args.threads),
             "openvino fp32 (bf16 hint)": OpenVinoBaseline(files["fp32"], args.threads, "bf16"),
-            "openvino nncf int8 of fp32 graph": OpenVinoBaseline(
-                files["fp32"], args.threads,
-                int8_calibration=trajectory_inputs(unet, scheduler, sampler, 8, conditioning=conditioning_of(model, 8))),
+            "openvino nncf int8 of fp32 graph": OpenVinoBaseline(files["fp32"], args.threads, model=nncf_int8),
+            "openvino nncf int8, bf16 hint": OpenVinoBaseline(files["fp32"], args.threads, "bf16", model=nncf_int8),
             # tfmq's own OpenVINO engine (`--engine openvino`): the graph as onnxruntime's engine runs it
             "openvino tfmq w8a8 graph (s8 weights)": OpenVinoUNet(files["w8a8"], threads=args.threads),
             "openvino tfmq w4a8 graph (s8 at load)": OpenVinoUNet(files["w4a8"], threads=args.threads),
@@ -273,6 +276,7 @@ def main() -> None:
     write_text_atomic(RESULTS / f"{args.name}.md", (
         f"# Integer inference (onnxruntime{' and OpenVINO' if args.openvino else ''})\n\n`{command}`\n\n"
         f"{args.model}, RTN quantization{' with the output correction' if args.output_correction else ''}, "
+        f"CPU {cpu_description()}, "
         f"DDIM {args.steps} "
         f"steps (quad), {args.threads} threads for torch and onnxruntime, timestep {timestep}; median of 3 "
         f"rounds of {args.repeats} calls per engine{guided}.\n\n## Time per denoiser step\n\n{speed_table}\n\n"
@@ -282,27 +286,32 @@ def main() -> None:
         f"## Where the W4A8 engine spends its time (batch 64, onnxruntime profile)\n\n{profile_table}\n"))
 
 
-class OpenVinoBaseline:
-    """What a user gets from OpenVINO without tfmq: the fp32 graph compiled at a precision hint, or NNCF's
-    INT8 quantization of it, called like `OnnxUNet` (`ExportedGraph.feeds` makes the graph's inputs)."""
+def nncf_int8_model(path: Path, calibration: list):
+    """NNCF's INT8 post-training quantization of the fp32 graph at `path`, calibrated on `calibration` (UNet
+    keyword inputs), tuned as a user would: first and last conv float (tfmq's default rules keep conv_in and
+    conv_out), the time embedding float (quantized per tensor over all timesteps it ruins the images), and the
+    transformer model type (its attention handling); a DiT's time MLPs and final Linear likewise."""
+    ov, nncf = _openvino()
+    reference = ExportedGraph(path)
+    feeds = [reference.feeds(inputs["sample"], inputs["timestep"], class_labels=inputs.get("class_labels"))
+             for inputs in calibration]
+    model = ov.Core().read_model(str(path))
+    convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    float_scope = nncf.IgnoredScope(names=[convs[0], convs[-1]], validate=False,
+                                    patterns=[".*time_emb.*", ".*timestep_embedder.*", ".*proj_out_2.*"])
+    return nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), ignored_scope=float_scope,
+                         model_type=nncf.ModelType.TRANSFORMER)
 
-    def __init__(self, path: Path, threads: int, precision: str = "f32", int8_calibration: list | None = None):
-        ov, nncf = _openvino()
+
+class OpenVinoBaseline:
+    """What a user gets from OpenVINO without tfmq: the fp32 graph at `path` (or `model`, NNCF's INT8 of it)
+    compiled at a precision hint, called like `OnnxUNet` (`ExportedGraph.feeds` makes the graph's inputs)."""
+
+    def __init__(self, path: Path, threads: int, precision: str = "f32", model=None):
+        ov, _ = _openvino()
         self.reference = ExportedGraph(path)  # the graph's inputs, schedule and model config
         self.config = self.reference.config
-        model = ov.Core().read_model(str(path))
-        if int8_calibration is not None:
-            feeds = [self.reference.feeds(inputs["sample"], inputs["timestep"], class_labels=inputs.get("class_labels"))
-                     for inputs in int8_calibration]
-            convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
-            # tuned as a user would: first and last conv float (tfmq's default rules keep conv_in and conv_out),
-            # the time embedding float (quantized per tensor over all timesteps it ruins the images), and the
-            # transformer model type (its attention handling); a DiT's time MLPs and final Linear likewise
-            float_scope = nncf.IgnoredScope(names=[convs[0], convs[-1]], validate=False,
-                                            patterns=[".*time_emb.*", ".*timestep_embedder.*", ".*proj_out_2.*"])
-            model = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), ignored_scope=float_scope,
-                                  model_type=nncf.ModelType.TRANSFORMER)
-        self.compiled = ov.Core().compile_model(model, "CPU", {
+        self.compiled = ov.Core().compile_model(model or ov.Core().read_model(str(path)), "CPU", {
             "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, class_labels: torch.Tensor | None = None,

@@ -36,7 +36,8 @@ from tfmq.quant.config import CONFIG_TYPES, QuantConfig, config_for
 from tfmq.models.prompts import CLASS_WORDS, prompt_class
 from tfmq.report import format_table
 
-from memory import peak_rss_mb  # this folder: scripts run as files
+from machine import cpu_description  # this folder: scripts run as files
+from memory import peak_rss_mb
 from sampling_args import add_sampling_arguments  # this folder: scripts run as files
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -228,8 +229,8 @@ def main() -> None:
              f"{args.seed}; calibration: {args.calib_samples} trajectories (seed {args.calib_seed}) x {args.steps} steps "
              f"(collected once in {collect_seconds:.0f} s, shared by all rows; calib_s excludes it), "
              f"torch threads per row {1 if args.jobs > 1 else torch.get_num_threads()}, {args.jobs} row(s) at a time, "
-             f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()} (the rounding, and so the quality "
-             "columns, differ between kernel sets)")
+             f"CPU {cpu_description()} (the rounding, and so the quality columns, differ between torch's "
+             "kernel sets)")
     print(table)
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / f"{args.name}.json", {"setup": setup, "collect_calibration_s": collect_seconds,
