@@ -116,7 +116,8 @@ class ModelManifest:
             if tables is None:
                 raise ValueError("an output correction needs the timestep tables' schedule")
             attach_output_correction(model, torch.tensor(tables.schedule, device="cpu"),
-                                     torch.zeros(len(tables.schedule), self.output_correction.channels))
+                                     torch.zeros(len(tables.schedule), self.output_correction.channels,
+                                                 device="cpu"))
         return model
 
     def to_dict(self) -> dict[str, Any]:

@@ -55,9 +55,10 @@ def calibrate_output_correction(
     device = module_device(model)
     step_indices = data.step_indices.cpu()
     # every rank learns the width from one sample, so a rank left without samples still adds its zeros
-    channels = denoiser_call(full_precision, data.inputs(torch.tensor([0]), device)).shape[1]
-    sums = torch.zeros(len(schedule), channels, dtype=torch.float64)
-    counts = torch.zeros(len(schedule), 1, dtype=torch.float64)
+    channels = denoiser_call(full_precision, data.inputs(torch.tensor([0], device="cpu"), device)).shape[1]
+    # host bookkeeping: the errors come back to the CPU, so these never follow a default device
+    sums = torch.zeros(len(schedule), channels, dtype=torch.float64, device="cpu")
+    counts = torch.zeros(len(schedule), 1, dtype=torch.float64, device="cpu")
     for step in tqdm(range(len(schedule)), desc="output correction", unit="step", disable=not progress):
         indices = (step_indices == step).nonzero().flatten()
         share = distributed.shard(len(indices))
@@ -67,9 +68,9 @@ def calibrate_output_correction(
             sums[step] += error.transpose(0, 1).reshape(channels, -1).sum(dim=1, dtype=torch.float64)
             counts[step] += error.numel() / channels
     sums, counts = distributed.sum_over_ranks(torch.cat([sums, counts], dim=1)).split([channels, 1], dim=1)
-    offsets = torch.zeros(len(table_schedule), channels)
-    calibrated = torch.zeros(len(table_schedule), dtype=torch.bool)
-    rows = torch.tensor([row_of[int(timestep)] for timestep in schedule])
+    offsets = torch.zeros(len(table_schedule), channels, device="cpu")
+    calibrated = torch.zeros(len(table_schedule), dtype=torch.bool, device="cpu")
+    rows = torch.tensor([row_of[int(timestep)] for timestep in schedule], device="cpu")
     offsets[rows] = (sums / counts).float()
     calibrated[rows] = True
     filled, left, right, weight = filled_rows(calibrated, fill)
