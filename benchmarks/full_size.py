@@ -372,7 +372,7 @@ def phase_tfmq(args: argparse.Namespace) -> dict[str, Any]:
 
     probe = UnitProbe()
     probe.install(args.max_units)
-    config = tfmq.TFMQConfig(w_bits=4, a_bits=8, weight_init=args.tfmq_weight_init,
+    config = tfmq.TFMQConfig(w_bits=4, a_bits=8, weight_init=args.tfmq_weight_init, recon_preset="fast",
                              recon_weight_iters=args.weight_iters,
                              recon_act_iters=args.act_iters, recon_batch_size=args.recon_batch_size)
     return _quantize_phase(args, config, probe)

@@ -31,7 +31,7 @@ import torch
 from full_size import build_unet, example_inputs, random_calibration  # this folder: scripts run as files
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FEW_ITERATIONS = {"recon_weight_iters": 2, "recon_act_iters": 2}
+FEW_ITERATIONS = {"recon_preset": "fast", "recon_weight_iters": 2, "recon_act_iters": 2}
 
 
 def _wait(device: torch.device) -> None:

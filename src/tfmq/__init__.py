@@ -7,7 +7,7 @@ What `tfmq quantize --method tfmq --out q/` does, in Python:
     sampler = tfmq.SamplerConfig(steps=100, skip_type="quad")  # DDIM, eta 0: calibrate and sample with it
     calibration = tfmq.collect_calibration(model.unet, model.scheduler, num_samples=64, config=sampler,
                                            interval_length=5)
-    config = tfmq.TFMQConfig(w_bits=4, a_bits=8)     # the CLI's defaults: fast preset, temporal FSC
+    config = tfmq.TFMQConfig(w_bits=4, a_bits=8)     # the CLI's defaults: auto preset
     qunet = tfmq.quantize(model.unet, config, calibration)
     tfmq.save_quantized(qunet, "q/")
     images = tfmq.sample(qunet, model.scheduler, num_images=64, seed=0, config=sampler, decoder=model.decoder)

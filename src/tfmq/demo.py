@@ -29,7 +29,7 @@ class DemoSettings:
     calib_samples: int = 64
     steps: int = 100
     seed: int = 0
-    config: QuantConfig = TFMQConfig()
+    config: QuantConfig = TFMQConfig(recon_preset="fast")  # the conference method at a length the demo's minutes fit
 
 
 def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 12) -> Image.Image:

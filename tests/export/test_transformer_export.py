@@ -44,7 +44,8 @@ def quantized(request, calibration):
     """RTN W8A8 with FSC tables on the whole TIB (the time MLPs' grids per step), or TFMQ W4A8 whose time MLPs
     are temporal feature caches."""
     config = (RTNConfig(w_bits=8, a_bits=8, fsc_scope="temporal") if request.param == "rtn_w8a8" else
-              TFMQConfig(w_bits=4, a_bits=8, recon_weight_iters=2, recon_act_iters=1, temporal_cache=True))
+              TFMQConfig(w_bits=4, a_bits=8, recon_preset="fast", recon_weight_iters=2, recon_act_iters=1,
+                         temporal_cache=True))
     return quantize(tiny_dit(num_classes=CLASSES), config, calibration, progress=False)
 
 

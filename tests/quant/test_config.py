@@ -35,11 +35,13 @@ def test_defaults_are_the_clis_w4a8_setting() -> None:
     assert config.layers == tuple(LayerRule.full_precision(name) for name in
                                   ("conv_in", "conv_out", "pos_embed.proj", "proj_out_2", "proj_out"))
     assert config.quantize_attention and config.split_shortcut and config.softmax_bits is None
-    assert (config.recon_preset, config.fsc_scope, config.tiar, config.temporal_cache) == ("fast", "temporal", True, False)
+    assert (config.recon_preset, config.fsc_scope, config.tiar, config.temporal_cache) == ("auto", "none", True, False)
+    assert config.output_correction and QDiffusionConfig().recon_preset == "fast"
     assert (config.act_samples_per_step, config.batch_size) == (16, 64)
     assert RTNConfig().fsc_scope == QDiffusionConfig().fsc_scope == "none"
     assert TFMQConfig(a_bits=None).fsc_scope == "none"  # FSC calibrates activations: nothing to do without them
-    assert TFMQConfig() == TFMQConfig(fsc_scope="temporal")
+    assert TFMQConfig() == TFMQConfig(recon_preset="auto", fsc_scope="none", output_correction=True)
+    assert TFMQConfig(recon_preset="fast") == TFMQConfig(recon_preset="fast", fsc_scope="temporal")
 
 
 @pytest.mark.parametrize("config", [

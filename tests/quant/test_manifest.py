@@ -25,7 +25,8 @@ def calibration():
 
 @pytest.fixture(scope="module")
 def cached_model(calibration):
-    config = TFMQConfig(w_bits=4, a_bits=8, recon_weight_iters=2, recon_act_iters=1, temporal_cache=True,
+    config = TFMQConfig(w_bits=4, a_bits=8, recon_preset="fast", recon_weight_iters=2, recon_act_iters=1,
+                        temporal_cache=True,
                         layers=(LayerRule.full_precision("conv_in"), LayerRule("conv_out", w_bits=8)))
     with one_thread():
         return quantize(pixel_unet(), config, calibration, progress=False)
