@@ -190,8 +190,8 @@ def test_text_model_quantizes_on_a_captions_file_and_samples_with_prompts(capsys
                                                     for name in ("sneaker", "bag", "coat")]}))
     common = ("--sampler", "plms", "--steps", 3, "--quiet")
     code, out, err = _run(capsys, "quantize", "--model", text_folder, "--method", "tfmq", "--preset", "fast",
-                          "--w-bits", 8, "--prompts", captions, "--num-prompts", 2, "--calib-samples", 2, "--interval-length", 1,
-                          "--out", tmp_path / "q", *common)
+                          "--w-bits", 8, "--prompts", captions, "--num-prompts", 2, "--calib-samples", 2,
+                          "--interval-length", 1, "--out", tmp_path / "q", *common)
     assert code == 0, err
     info = json.loads((tmp_path / "q" / "quantization.json").read_text())
     assert info["provenance"]["calibration"]["guidance_scale"] == 3.0

@@ -64,8 +64,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--a-bits", type=bit_width, **given,
                         help="activation bits 4..16, or none (default 8; paper: --aq; --use_aq off = none)")
     parser.add_argument("--preset", choices=list(RECON_PRESETS), **given,
-                        help="reconstruction length (qdiff, tfmq): 'fast' (qdiff's default; 200 rounding steps a block) "
-                             "suits a CPU (minutes); 'balanced' (2k) is closer to FP for 3-5x the time; 'auto' "
+                        help="reconstruction length (qdiff, tfmq): 'fast' (qdiff's default; 200 rounding steps a "
+                             "block) suits a CPU (minutes); 'balanced' (2k) is closer to FP for 3-5x the time; 'auto' "
                              "(tfmq's default: 1.3k at balanced's rate on batches of 16, not 32; for tfmq 1.2k, 300 "
                              "TIAR steps on batches of 128, the output correction and no FSC) takes about twice "
                              "fast's time and half balanced's (quality: see the README); 'paper' is the authors' "
