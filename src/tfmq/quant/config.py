@@ -374,12 +374,12 @@ class TFMQConfig(QDiffusionConfig, method="tfmq"):
     scope when activations are quantized, except with the `auto` preset. `temporal_cache` (journal version)
     replaces each residual block's temporal feature by its full-precision value at every scheduled timestep,
     quantized to `a_bits`, so the TIB leaves the sampling loop; `temporal_selection` measures per block the
-    error of that cache and of the TIB path and keeps the better one, so it needs `temporal_cache`. `tiar_weight_iters`, `tiar_batch_size`
-    and `tiar_weight_lr` set TIAR's AdaRound apart from the blocks' (None: the preset's TIAR value,
-    `TIAR_PRESETS`, else the blocks'): its one unit is image-free and small, so longer or full-batch TIAR
-    costs little (what it changed: README, "Why tfmq `auto` swings between calibration sets"). The preset
-    defaults to `auto`, measured closer to full precision than `fast` on every shipped model for about twice
-    its time (README, "Calibration cost").
+    error of that cache and of the TIB path and keeps the better one, so it needs `temporal_cache`.
+    `tiar_weight_iters`, `tiar_batch_size` and `tiar_weight_lr` set TIAR's AdaRound apart from the blocks'
+    (None: the preset's TIAR value, `TIAR_PRESETS`, else the blocks'): its one unit is image-free and small, so
+    longer or full-batch TIAR costs little (what it changed: README, "Why tfmq `auto` swings between
+    calibration sets"). The preset defaults to `auto`, measured closer to full precision than `fast` on every
+    shipped model for about twice its time (README, "Calibration cost").
     """
 
     block_presets: ClassVar[dict[str, dict[str, Any]]] = TFMQ_BLOCK_PRESETS
