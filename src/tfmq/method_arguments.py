@@ -66,10 +66,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=list(RECON_PRESETS), **given,
                         help="reconstruction length (qdiff, tfmq): 'fast' (qdiff's default; 200 rounding steps a "
                              "block) suits a CPU (minutes); 'balanced' (2k) is closer to FP for 3-5x the time; 'auto' "
-                             "(tfmq's default: 1.3k at balanced's rate on batches of 16, not 32; for tfmq 1.2k, 300 "
-                             "TIAR steps on batches of 128, the output correction and no FSC) takes about twice "
-                             "fast's time and half balanced's (quality: see the README); 'paper' is the authors' "
-                             "20k (hours on a CPU)")
+                             "(tfmq's default: 1.3k at balanced's rate on batches of 16, not 32; for tfmq 1.2k at ten "
+                             "times the rate, 300 TIAR steps on batches of 128, the output correction and no FSC) "
+                             "takes about twice fast's time and half balanced's (quality: see the README); 'paper' is "
+                             "the authors' 20k (hours on a CPU)")
     parser.add_argument("--fsc-scope", choices=list(FSC_SCOPES), **given,
                         help="per-timestep activation ranges (FSC): for the temporal features, for every "
                              "activation, or none (default: temporal for tfmq but with --preset auto, none otherwise)")

@@ -176,7 +176,7 @@ def test_the_auto_preset_brings_tfmq_its_tiar_settings_and_the_output_correction
     assert TFMQConfig(recon_preset="balanced").fsc_scope == "temporal"
     tiar, blocks = auto.tiar_reconstruction, auto.reconstruction
     assert (tiar.batch_size, tiar.weight_lr, tiar.weight_iters) == (128, 0.1, 300)
-    assert (blocks.batch_size, blocks.weight_lr, blocks.weight_iters) == (16, 0.01, 1_200)
+    assert (blocks.batch_size, blocks.weight_lr, blocks.weight_iters) == (16, 0.1, 1_200)
     explicit = TFMQConfig(recon_preset="auto", tiar_weight_lr=0.02, output_correction=False)
     assert explicit.tiar_reconstruction.weight_lr == 0.02 and explicit.tiar_reconstruction.batch_size == 128
     assert not explicit.output_correction

@@ -189,9 +189,11 @@ def test_auto_is_balanced_with_fewer_cheaper_steps_and_the_levers_switch_on_any_
     balanced = QDiffusionConfig(recon_preset="balanced").reconstruction
     assert (auto.batch_size, auto.weight_iters) == (16, 1_300)
     assert dataclasses.replace(auto, batch_size=32, weight_iters=2_000) == balanced
-    # tfmq's blocks take fewer steps under `auto` (its output correction is on), its own explicit field still wins
-    assert TFMQConfig(recon_preset="auto").reconstruction == dataclasses.replace(auto, weight_iters=1_200)
-    assert TFMQConfig(recon_preset="auto", recon_weight_iters=1_300).reconstruction == auto
+    # tfmq's blocks take fewer steps at a higher rate under `auto` (its output correction is on), its own
+    # explicit fields still win
+    tfmq_auto = TFMQConfig(recon_preset="auto").reconstruction
+    assert tfmq_auto == dataclasses.replace(auto, weight_iters=1_200, weight_lr=0.1)
+    assert TFMQConfig(recon_preset="auto", recon_weight_iters=1_300, recon_weight_lr=0.01).reconstruction == auto
     assert TFMQConfig(recon_preset="balanced").reconstruction == balanced
     assert balanced.rounding_stop is None and balanced.rounding_start == "nearest"
     # The explicit fields switch either lever on or off whatever the preset; True is the early-ending rule.
