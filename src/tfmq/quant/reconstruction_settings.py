@@ -64,10 +64,10 @@ RECON_PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"weight_iters": 200, "act_iters": 50, "batch_size": 32, "weight_lr": 1e-2, "act_lr": 4e-5},
     "auto": {"weight_iters": 1_300, "act_iters": 50, "batch_size": 16, "weight_lr": 1e-2, "act_lr": 4e-5},
 }
-# tfmq's blocks under a preset, where they differ from qdiff's: with `auto` 1,200 rounding steps, since the
-# output correction that `auto` turns on for tfmq takes off much of what the last steps gain, at 1e-1: at
-# 1e-2 too few decisions move in 1,200 steps, and each block ended with about 1.4x the error of `balanced`'s
-# 2,000 at batch 32, which the higher rate brings level in the same steps (README, "Calibration cost").
+# tfmq's blocks under a preset, where they differ from qdiff's: with `auto` 1,200 rounding steps (the output
+# correction that `auto` turns on for tfmq takes off much of what the last steps gain) at 1e-1 (at 1e-2 too few
+# decisions moved in them: each block ended with about 1.4x the error that `balanced`'s 2,000 at batch 32 leave;
+# README, "Calibration cost").
 TFMQ_BLOCK_PRESETS: dict[str, dict[str, Any]] = {"auto": {"weight_iters": 1_200, "weight_lr": 1e-1}}
 # TIAR's unit under a preset, where it differs from the blocks': with `auto` batches of 128 at 1e-1 for 300
 # steps, which reach the images of 1,300. 128 holds every timestep of a 50- or 100-step schedule, so a UNet's
