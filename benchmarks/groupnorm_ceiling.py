@@ -24,7 +24,7 @@ import torch
 from onnx import helper
 
 from tfmq import SamplerConfig, load_model
-from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
+from tfmq.export import OnnxUNet
 from tfmq.export.metadata import DIGEST_KEY, graph_digest
 from tfmq.export.timing import time_steps
 from tfmq.files import write_json, write_text_atomic
@@ -34,7 +34,7 @@ from tfmq.quant.config import RTNConfig
 from tfmq.report import format_table
 from tfmq.sampling import distinct_timesteps, sampling_timesteps
 
-from integer_inference import step_inputs  # this folder: scripts run as files
+from integer_inference import export_graph, step_inputs  # this folder: scripts run as files
 from machine import cpu_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,9 +108,7 @@ def main() -> None:
     config = RTNConfig(w_bits=8, a_bits=8, weight_init="symmetric", output_correction=True)
     quantized = quantize(unet, config, calibration, progress=False)
     args.work.mkdir(parents=True, exist_ok=True)
-    files = {"w8a8 graph": export_onnx(quantized, args.work / "w8a8.onnx", schedule=schedule,
-                                       calibration=trajectory_inputs(quantized, scheduler, sampler, num_images=8),
-                                       details={"sampler": sampler.to_dict()})}
+    files = {"w8a8 graph": export_graph(quantized, args.work / "w8a8.onnx", model, sampler, schedule)}
     for name, one_pass in (("no norms", False), ("one pass", True)):
         variant = onnx.load(str(files["w8a8 graph"]))
         cut = without_group_norms(variant, one_pass)

@@ -35,6 +35,7 @@ import subprocess
 import time
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -84,6 +85,16 @@ def conditioning_of(model, images: int):
     if model.conditioning_kind is None:
         return None
     return model.conditioning(images, guidance_scale=DEFAULT_GUIDANCE_SCALE)
+
+
+def export_graph(quantized, path: Path, model, sampler: SamplerConfig, schedule: Sequence[int],
+                 exact_convs: bool | str = False) -> Path:
+    """The integer graph of a fake-quant model for `schedule`, its graph error measured on 8 of its own
+    trajectories (conditioned as `tfmq sample` conditions them)."""
+    return export_onnx(quantized, path, schedule=schedule, exact_convs=exact_convs,
+                       calibration=trajectory_inputs(quantized, model.scheduler, sampler, num_images=8,
+                                                     conditioning=conditioning_of(model, 8)),
+                       details={"sampler": sampler.to_dict()})
 
 
 def profile_by_op(engine_path: Path, inputs: dict, threads: int, calls: int = 10) -> list[dict]:
@@ -175,11 +186,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     files = {"fp32": export_onnx(unet, args.work / "fp32.onnx", format="fp32")}
     for name, (quantized, exact_convs) in graphs.items():
-        files[name] = export_onnx(fake_quant[quantized], args.work / f"{name.replace(' ', '_')}.onnx",
-                                  schedule=schedule, exact_convs=exact_convs,
-                                  calibration=trajectory_inputs(fake_quant[quantized], scheduler, sampler,
-                                                                num_images=8, conditioning=conditioning_of(model, 8)),
-                                  details={"sampler": sampler.to_dict()})
+        files[name] = export_graph(fake_quant[quantized], args.work / f"{name.replace(' ', '_')}.onnx", model,
+                                   sampler, schedule, exact_convs)
     engines = {
         "torch fp32": unet,
         "ort fp32": OnnxUNet(files["fp32"], threads=args.threads),
