@@ -54,6 +54,8 @@ TABLE = {
         ("--engine onnxruntime --onnx {user_file}", "ONNX"),
         ("--engine openvino", "--engine openvino needs --onnx"),
         ("--engine openvino --onnx {user_file}", "ONNX"),
+        ("--engine inductor", "--engine inductor compiles a quantized model: give --quantized"),
+        ("--engine inductor --onnx {user_file}", "give --quantized (a folder written by `tfmq quantize`), not --onnx"),
         ("--engine tensorrt", "invalid choice"),
         ("--sampler euler", "invalid choice"),
         ("--device cuda:x", "device must be"),
@@ -111,6 +113,7 @@ TABLE = {
         ("--onnx {missing}", "does not exist"),
         ("--json {user_file}", "not written by tfmq"),
         ("--quantized {missing}", "not a tfmq quantized checkpoint"),
+        ("--inductor", "the inductor engine compiles a quantized model: give --quantized"),
     ],
     "train": [
         ("ddpm --lr nan --out {new}", "finite number"),

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tfmq.errors import TfmqError
-    from tfmq.export import OnnxUNet, export_onnx, trajectory_inputs
+    from tfmq.export import CompiledUNet, OnnxUNet, export_onnx, trajectory_inputs
     from tfmq.metrics import QualityMetrics, load_reference_statistics
     from tfmq.models.loading import DiffusionModel, load_model
     from tfmq.quant.api import quantize
@@ -38,6 +38,7 @@ __version__ = "0.1.0"
 # Where each public name lives; tests/test_package.py checks that the TYPE_CHECKING imports say the same.
 _WHERE = {
     "CalibrationSet": "tfmq.quant.calibration",
+    "CompiledUNet": "tfmq.export",
     "Conditioning": "tfmq.sampling",
     "DiffusionModel": "tfmq.models.loading",
     "OnnxUNet": "tfmq.export",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 DEFAULT_GUIDANCE_SCALE = 3.0  # for conditional models when --guidance-scale is not given
 GRAPH_ENGINES = ("onnxruntime", "openvino")  # the runtimes of exported graphs (`tfmq.export.graph_engine`)
+COMPILED_ENGINE = "inductor"  # a quantized folder compiled onto oneDNN's integer kernels (`tfmq.export.CompiledUNet`)
 
 
 def positive(text: str) -> int:

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from tfmq.arguments import (
+    COMPILED_ENGINE,
     GRAPH_ENGINES,
     Parser,
     add_device_arguments,
@@ -21,8 +22,8 @@ from tfmq.arguments import (
     one_line,
     positive,
 )
-from tfmq.command_inputs import (base_model, check_timesteps_served, conditioning_of, guidance_scale, input_paths,
-                                 load_engine, load_unet, prompts_of, sampler_config)
+from tfmq.command_inputs import (base_model, bench_engines, check_timesteps_served, conditioning_of, guidance_scale,
+                                 input_paths, load_engine, load_unet, prompts_of, sampler_config)
 from tfmq.errors import TfmqError
 from tfmq.method_arguments import add_method_arguments
 
@@ -76,7 +77,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             metadata["class_labels"] = conditioning.per_image["class_labels"].tolist()
         else:
             metadata["prompts"] = cycled(prompts, args.num)
-    digest = model_identity(unet if args.engine == "torch" else args.onnx, model.autoencoder)
+    identity = {"torch": unet, COMPILED_ENGINE: getattr(unet, "graph", None)}.get(args.engine, args.onnx)
+    digest = model_identity(identity, model.autoencoder)
     done = sample_folder(unet, model.scheduler, args.out, args.num, args.seed, config, args.batch_size,
                          model_digest=digest, metadata=metadata, conditioning=conditioning, decoder=model.decoder,
                          progress=not args.quiet and distributed.is_main(), overwrite=args.overwrite,
@@ -123,22 +125,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from tfmq.export import graph_engine
     from tfmq.export.timing import time_engines
     from tfmq.files import owned_json, stamped, write_json
     from tfmq.report import format_table
 
     _output_file(args, args.json, owned_json)
     model, quantized, _ = load_unet(args)
-    engines: dict = {"torch fp32": model.unet}
-    files = {}
-    if args.quantized is not None:
-        engines["torch fake-quant"] = quantized
-    for path in args.onnx:
-        for runtime in args.runtimes:
-            engine = graph_engine(path, runtime, threads=args.threads)
-            engines[f"{runtime} {engine.info.format} {path.name}"] = engine
-        files[path.name] = sum(file.stat().st_size for file in engine.files)
+    engines, files = bench_engines(args, model, quantized)
     timestep, rows = time_engines(model, engines, args.batch, args.repeats)
     print(format_table(rows, ("engine", "batch", "ms_per_step", "speedup_vs_torch_fp32")))
     fp32_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
@@ -305,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "and the same command continues an interrupted run)")
     add_overwrite_argument(sample)
     sample.add_argument("--quiet", action="store_true", help="no progress bars")
-    sample.add_argument("--engine", choices=("torch", *GRAPH_ENGINES), default="torch",
-                        help="run the graph of `tfmq export` (--onnx) on onnxruntime or openvino (its extra)")
+    sample.add_argument("--engine", choices=("torch", *GRAPH_ENGINES, COMPILED_ENGINE), default="torch",
+                        help="run the graph of `tfmq export` (--onnx) on onnxruntime or openvino (its extra), or "
+                             "--quantized compiled onto oneDNN's integer kernels (inductor)")
     sample.add_argument("--onnx", type=Path, default=None, help="the exported graph (--engine onnxruntime/openvino)")
     sample.add_argument("--threads", type=positive, default=None, help="graph engine threads (default: torch's)")
     add_sampler_arguments(sample)
@@ -346,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runtimes", nargs="+", choices=GRAPH_ENGINES, default=["onnxruntime"],
                        help="the runtimes that run each --onnx graph (openvino: the openvino extra)")
     bench.add_argument("--threads", type=positive, default=None, help="graph engine threads (default: torch's)")
+    bench.add_argument("--inductor", action="store_true", help="also time --quantized compiled onto oneDNN's integer "
+                       "kernels, for the schedule of the first --onnx graph (default: the model's, else the sampler's)")
     bench.add_argument("--json", type=Path, default=None, help="also write the table here")
     add_overwrite_argument(bench)
     bench.set_defaults(func=_cmd_bench)
@@ -427,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched; never even try
     warnings.simplefilter("ignore")
-    if getattr(args, "engine", "torch") != "torch" or args.command == "bench":
+    if getattr(args, "engine", "torch") in GRAPH_ENGINES or args.command == "bench":
         # torch's OpenMP threads spin-wait and steal the graph engine's cores (measured 49 vs 50-97 ms a step);
         # must be set before torch starts its thread pool (the CLI imports torch lazily)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from tfmq.arguments import DEFAULT_GUIDANCE_SCALE
+from tfmq.arguments import COMPILED_ENGINE, DEFAULT_GUIDANCE_SCALE
 from tfmq.errors import TfmqError
 
 ONNX_DATA_SUFFIX = ".data"  # tfmq.export.metadata's DATA_SUFFIX: a graph's external weights, protected unloaded
@@ -96,9 +96,11 @@ def check_timesteps_served(unet, scheduler, config) -> None:
 def load_engine(args: argparse.Namespace, config):
     """An exported graph in the runtime of --engine, with the model it was exported from (for its scheduler,
     decoder and conditioning); the sampler must be the one the graph's timestep table was exported for, unless
-    the graph is schedule-free."""
+    the graph is schedule-free. --engine inductor: the --quantized folder compiled for the sampler's timesteps."""
     from tfmq.export import graph_engine
 
+    if args.engine == COMPILED_ENGINE:
+        return _compiled_engine(args, config)
     if args.onnx is None:
         raise TfmqError(f"--engine {args.engine} needs --onnx unet.onnx (written by `tfmq export`)")
     if args.quantized is not None:
@@ -112,6 +114,55 @@ def load_engine(args: argparse.Namespace, config):
     model = base_model(args, {"source": details.get("base_model", "fashion-ddpm"),
                                "config": details.get("base_model_config")})
     return model, engine, str(args.onnx)
+
+
+def _compiled_engine(args: argparse.Namespace, config):
+    if args.onnx is not None or args.quantized is None:
+        raise TfmqError(f"--engine {COMPILED_ENGINE} compiles a quantized model: give --quantized (a folder written "
+                        "by `tfmq quantize`), not --onnx")
+    model, unet, source = load_unet(args)
+    check_timesteps_served(unet, model.scheduler, config)
+    return model, compiled_engine(unet, model, config=config), source
+
+
+def bench_engines(args: argparse.Namespace, model, quantized) -> tuple[dict, dict[str, int]]:
+    """What `tfmq bench` times, by name (FP32 torch first), and the bytes of each --onnx graph's files."""
+    from tfmq.export import graph_engine
+
+    engines: dict = {"torch fp32": model.unet}
+    files = {}
+    quantized = quantized if args.quantized is not None else None  # else the FP32 UNet itself
+    if quantized is not None:
+        engines["torch fake-quant"] = quantized
+    for path in args.onnx:
+        for runtime in args.runtimes:
+            engine = graph_engine(path, runtime, threads=args.threads)
+            engines[f"{runtime} {engine.info.format} {path.name}"] = engine
+        files[path.name] = sum(file.stat().st_size for file in engine.files)
+    if args.inductor:
+        engines[f"{COMPILED_ENGINE} int8"] = compiled_engine(quantized, model, engines.values())
+    return engines, files
+
+
+def compiled_engine(unet, model, engines=(), config=None):
+    """The quantized `unet` compiled onto oneDNN's integer kernels (`sample --engine inductor`, `bench --inductor`)
+    for the schedule of the first integer engine among `engines`, else its timestep tables' (which serve any
+    sampler they were checked against), else the timesteps of `config`'s sampler (default settings if None)."""
+    from tfmq.export import CompiledUNet
+    from tfmq.quant.nn import timestep_tables
+    from tfmq.sampling import SamplerConfig, distinct_timesteps, sampling_timesteps
+
+    if unet is None:
+        raise TfmqError(f"the {COMPILED_ENGINE} engine compiles a quantized model: give --quantized (a folder "
+                        "written by `tfmq quantize`)")
+    schedules = [engine.rows.schedule for engine in engines if getattr(engine, "rows", None) is not None]
+    if schedules:
+        schedule = schedules[0]
+    elif timestep_tables(unet) is not None:
+        schedule = None
+    else:
+        schedule = distinct_timesteps(sampling_timesteps(model.scheduler, config or SamplerConfig()))
+    return CompiledUNet(unet, schedule)
 
 
 def prompts_of(args: argparse.Namespace) -> list[str]:

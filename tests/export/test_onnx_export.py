@@ -160,8 +160,12 @@ def test_convs_matching_a_pattern_stay_exact_and_the_others_integer(pixel_graphs
 
 
 def test_text_unet_graph_takes_the_conditioning_as_input(text_w8a8, scheduler, schedule, tmp_path):
-    text = Conditioning({"encoder_hidden_states": torch.randn(2, 3, text_w8a8.config.cross_attention_dim)})
-    calibration = trajectory_inputs(text_w8a8, scheduler, SAMPLER, num_images=2, conditioning=text)
+    # Seeded: which tests ran before must not decide the data. The output grids are ranged on four trajectories:
+    # on two, one call of the six went past the tolerance (0.11) for some seeds.
+    states = torch.randn(4, 3, text_w8a8.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    calibration = trajectory_inputs(text_w8a8, scheduler, SAMPLER, num_images=4,
+                                    conditioning=Conditioning({"encoder_hidden_states": states}))
+    text = Conditioning({"encoder_hidden_states": states[:2]})
     path = export_onnx(text_w8a8, tmp_path / "text.onnx", schedule=schedule, calibration=calibration)
     engine = OnnxUNet(path, threads=1)
     assert [entry.name for entry in engine.session.get_inputs()] == ["sample", "step", "encoder_hidden_states"]

@@ -65,11 +65,14 @@ class StepGraph(_DenoiserGraph):
                  correction: OutputCorrection | None = None) -> None:
         super().__init__(model, condition, correction)
         self.step_rows = step_rows  # what the tables of `model` read their row from
+        # The shape of the row the tables read: 0-d, one row expanded to the batch (ONNX: a Gather of a scalar);
+        # (1,) a row broadcast over it, for a compiler that cannot index constants by a 0-d tensor.
+        self.row_shape: tuple[int, ...] = ()
 
     def forward(self, sample: torch.Tensor, step: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        # One row (0-d) for the whole batch. The timestep argument feeds only what the tables replaced (and
-        # the batch size their rows are expanded to).
-        with self.step_rows.serving(step.reshape(())):
+        # One row for the whole batch. The timestep argument feeds only what the tables replaced (and the
+        # batch size their rows are expanded to).
+        with self.step_rows.serving(step.reshape(self.row_shape)):
             return self.noise(sample, step.reshape(1).expand(sample.shape[0]), condition)
 
 
@@ -83,11 +86,15 @@ class TimestepGraph(_DenoiserGraph):
 
 def integer_twin(
     model: nn.Module, schedule: torch.Tensor, output_grids: dict[str, tuple], condition: str | None,
-    requantize_weights: bool = False
+    requantize_weights: bool = False, fused_group_norms: bool = True,
+    layer_twins: tuple[type[IntegerConv2d], type[IntegerLinear]] = (IntegerConv2d, IntegerLinear),
 ) -> tuple[StepGraph, dict[str, int]]:
     """The export twin of `model` (left untouched), and how many layers hold symmetric int8, uint8 (8-bit
     weights with zero points) and float weights. Convs in `output_grids` get those output grids (one per input
-    part); `condition`: see StepGraph; `requantize_weights`: see WeightCodes."""
+    part); `condition`: see StepGraph; `requantize_weights`: see WeightCodes; `fused_group_norms`: GroupNorms
+    written as onnxruntime runs them fastest (`GroupNormThenAffine`), else left as they are; `layer_twins`: the
+    classes that stand in for the quantized convs and linears (an engine's own forms of them)."""
+    conv_twin, linear_twin = layer_twins
     tib = find_tib(model)
     with torch.no_grad():
         site_outputs = cache_site_outputs_by_timestep(model, torch.as_tensor(schedule))
@@ -108,11 +115,12 @@ def integer_twin(
     for name, layer in list(quant_layers(twin)):
         if skipped is not None and name.startswith(skipped + "."):
             continue  # unread
-        twin_layer = (IntegerConv2d(layer, output_grids.get(name), requantize_weights, step_rows)
-                      if isinstance(layer, QuantConv2d) else IntegerLinear(layer, requantize_weights, step_rows))
+        twin_layer = (conv_twin(layer, output_grids.get(name), requantize_weights, step_rows)
+                      if isinstance(layer, QuantConv2d) else linear_twin(layer, requantize_weights, step_rows))
         counts[_weight_kind(twin_layer.weight)] += 1
         twin.set_submodule(name, twin_layer)
-    with_fused_group_norms(twin)
+    if fused_group_norms:
+        with_fused_group_norms(twin)
     for module in twin.modules():
         if isinstance(module, QuantAttnProcessor):
             for attribute in ATTENTION_QUANTIZERS:

@@ -129,7 +129,7 @@ def export_onnx(
         graph, schedule_list = TimestepGraph(unet.eval(), condition_input(unet)), None
         timestep = torch.full((_EXAMPLE_BATCH,), 10, dtype=torch.int64)
     else:
-        schedule_tensor = _checked_schedule(unet, schedule, quantized)
+        schedule_tensor = checked_schedule(unet, schedule)
         try:
             graph, counts = _integer_graph(unet, schedule_tensor, calibration, exact_convs, requantize_weights)
         except ValueError as exc:
@@ -156,11 +156,13 @@ def export_onnx(
     return written
 
 
-def _checked_schedule(unet: nn.Module, schedule: Sequence[int] | torch.Tensor | None, quantized: bool) -> torch.Tensor:
-    if getattr(unet, "tfmq_info", None) is None or not quantized:
+def checked_schedule(unet: nn.Module, schedule: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+    """The timesteps an integer engine of `unet` serves (`schedule`, or its timestep tables' own), after a
+    one-line error for a model such an engine cannot run."""
+    if getattr(unet, "tfmq_info", None) is None or not any(isinstance(module, QuantLayer) for module in unet.modules()):
         raise TfmqError(f"this {type(unet).__name__} was never quantized (no tfmq_info or no quantized layer): "
-                        "format 'int8' needs a model from tfmq.quantize or load_quantized; use format 'fp32' for "
-                        "the full-precision model")
+                        "integer inference (format 'int8') needs a model from tfmq.quantize or load_quantized; use "
+                        "format 'fp32' for the full-precision model")
     # What the model is (its manifest), not what its config asked for, decides what the graph can hold.
     manifest = ModelManifest.of(unet)
     if manifest.timestep_tables is not None and manifest.timestep_tables.scope == "all":
@@ -170,8 +172,7 @@ def _checked_schedule(unet: nn.Module, schedule: Sequence[int] | torch.Tensor | 
     activation_bits += [bits for plan in manifest.plan.attentions.values() for bits in (plan.a_bits, plan.probs_bits)
                         if bits is not None]
     if activation_bits and max(activation_bits) > KERNEL_BITS:
-        raise TfmqError(f"a_bits={max(activation_bits)}: onnxruntime's integer kernels take at most {KERNEL_BITS}-bit "
-                        "activations")
+        raise TfmqError(f"a_bits={max(activation_bits)}: integer kernels take at most {KERNEL_BITS}-bit activations")
     if getattr(unet, "class_embedding", None) is not None:
         raise TfmqError("class-conditional UNets are not supported by the integer export (the temporal table "
                         "would need a row per timestep and class)")

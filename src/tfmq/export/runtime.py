@@ -80,9 +80,8 @@ class ExportedGraph:
         if u8s8_saturates():
             widen_saturating_int8_weights(model, onnx)
         self.model = model  # the graph as the engine runs it; an engine may drop it once it has built its own
-        self._rows = None if self.info.schedule is None else {t: row for row, t in enumerate(self.info.schedule)}
-        # a table row for every training timestep 0..T-1: any sampler's timesteps are served
-        self.schedule_free = self.info.schedule is not None and self.info.schedule == list(range(len(self._rows)))
+        self.rows = None if self.info.schedule is None else ScheduleRows(self.info.schedule)
+        self.schedule_free = self.rows is not None and self.rows.schedule_free
         initializers = {tensor.name for tensor in model.graph.initializer}
         self._input_names = {entry.name for entry in model.graph.input} - initializers
 
@@ -111,10 +110,10 @@ class ExportedGraph:
         graph takes these)."""
         feeds: dict[str, np.ndarray] = {SAMPLE: sample.detach().float().cpu().numpy()}
         timesteps = torch.as_tensor(timestep).detach().reshape(-1).cpu()
-        if self._rows is None:
+        if self.rows is None:
             feeds[self.info.timestep_input] = timesteps.to(torch.int64).expand(len(sample)).numpy().copy()
         else:
-            feeds[STEP] = np.array(self.step_index(timesteps), dtype=np.int64)
+            feeds[STEP] = np.array(self.rows.row(timesteps), dtype=np.int64)
         if ENCODER_HIDDEN_STATES in self._input_names:
             if encoder_hidden_states is None:
                 raise TfmqError("this graph is text-conditional: pass encoder_hidden_states")
@@ -134,24 +133,34 @@ class ExportedGraph:
             raise TfmqError("this graph takes no class_labels (it is not class-conditional)")
         return feeds
 
-    def step_index(self, timesteps: torch.Tensor) -> int:
+
+class ScheduleRows:
+    """The table rows of an integer engine's schedule: which row serves a batch's timestep. A schedule-free one
+    (a row for every training timestep 0..T-1) serves any sampler's timesteps, a fractional one at the nearest
+    integer's row, as the torch model does."""
+
+    def __init__(self, schedule: list[int]) -> None:
+        self.schedule = list(schedule)
+        self._rows = {t: row for row, t in enumerate(self.schedule)}
+        self.schedule_free = self.schedule == list(range(len(self.schedule)))
+
+    def row(self, timesteps: torch.Tensor) -> int:
         """The row of the schedule a batch's timestep selects; an error for mixed or unscheduled timesteps."""
-        values = sorted(set(timesteps.tolist()))
+        values = sorted(set(timesteps.reshape(-1).tolist()))
         if len(values) != 1:
-            raise TfmqError(f"an integer graph takes one timestep per batch, got {len(values)} different ones")
+            raise TfmqError(f"an integer engine takes one timestep per batch, got {len(values)} different ones")
         value = values[0]
         if self.schedule_free:
-            if not 0 <= round(value) < len(self._rows):
-                raise TfmqError(f"timestep {value} is outside the training range 0..{len(self._rows) - 1} that this "
-                                "schedule-free graph serves")
+            if not 0 <= round(value) < len(self.schedule):
+                raise TfmqError(f"timestep {value} is outside the training range 0..{len(self.schedule) - 1} that "
+                                "this schedule-free engine serves")
             return round(value)  # row t is timestep t; a fractional timestep takes the nearest integer's row
         row = self._rows.get(int(value)) if float(value).is_integer() else None
         if row is None:
-            schedule = self.info.schedule
-            raise TfmqError(f"timestep {value} is not in the exported schedule ({len(schedule)} steps, "
-                            f"{max(schedule)}..{min(schedule)}): sample with the schedule the graph was exported for")
+            raise TfmqError(f"timestep {value} is not in the exported schedule ({len(self.schedule)} steps, "
+                            f"{max(self.schedule)}..{min(self.schedule)}): sample with the schedule the engine "
+                            "was built for")
         return row
-
 
 
 class OnnxUNet(ExportedGraph):
