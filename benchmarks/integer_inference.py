@@ -147,14 +147,20 @@ def measured_run(kind: str, path: str, args: argparse.Namespace, images: int) ->
     return json.loads(output.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser, threads: int) -> None:
+    """What the inference benchmarks share: the model, its schedule and calibration, the images compared, the
+    calls timed and the threads (default `threads`)."""
     parser.add_argument("--model", default="fashion-ddpm")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (quadratic skip) of the exported schedule")
     parser.add_argument("--calibration-images", type=int, default=16)
     parser.add_argument("--images", type=int, default=128, help="images sampled per engine for the PSNR")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=threads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, threads=torch.get_num_threads())
     parser.add_argument("--work", type=Path, default=Path("runs/integer_inference"), help="where the .onnx go")
     parser.add_argument("--name", default="integer_inference")
     parser.add_argument("--openvino", action="store_true", help="add OpenVINO engines (needs the bench extra)")
