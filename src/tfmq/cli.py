@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the graph of `tfmq export` (--onnx) on onnxruntime or openvino (its extra), or "
                              "--quantized compiled onto oneDNN's integer kernels (inductor)")
     sample.add_argument("--onnx", type=Path, default=None, help="the exported graph (--engine onnxruntime/openvino)")
-    sample.add_argument("--threads", type=positive, default=None, help="graph engine threads (default: torch's)")
+    sample.add_argument("--threads", type=positive, default=None, help="integer engine threads (default: torch's)")
     add_sampler_arguments(sample)
     sample.set_defaults(func=_cmd_sample)
 

@@ -120,6 +120,10 @@ def _compiled_engine(args: argparse.Namespace, config):
     if args.onnx is not None or args.quantized is None:
         raise TfmqError(f"--engine {COMPILED_ENGINE} compiles a quantized model: give --quantized (a folder written "
                         "by `tfmq quantize`), not --onnx")
+    if args.threads is not None:  # the engine runs on torch's own threads
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, unet, source = load_unet(args)
     check_timesteps_served(unet, model.scheduler, config)
     return model, compiled_engine(unet, model, config=config), source

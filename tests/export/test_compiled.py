@@ -17,7 +17,8 @@ def integer_kernels(engine: CompiledUNet) -> dict[str, int]:
     """How many oneDNN integer convs and linears the engine's layers should lower to: one conv per input part."""
     convs = linears = 0
     for module in engine.graph.modules():
-        integer = isinstance(getattr(module, "weight", None), DecomposedWeight) and module.weight.codes.dtype == torch.int8
+        weight = getattr(module, "weight", None)
+        integer = isinstance(weight, DecomposedWeight) and weight.codes.dtype == torch.int8
         if isinstance(module, CompiledConv2d) and integer:
             convs += 1 if module.parts is None else 2
         elif isinstance(module, CompiledLinear) and integer:

@@ -46,8 +46,8 @@ def time_steps(engines: Mapping[str, Engine], inputs: Mapping[str, object], repe
 def time_engines(model: Any, engines: Mapping[str, Engine], batches: Sequence[int],
                  repeats: int) -> tuple[int, list[dict[str, Any]]]:
     """One step of `model` (a `DiffusionModel`) as sampling calls it, timed on every engine at each batch size:
-    the timestep (the middle of an integer engine's schedule, else 500) and a row per engine and batch, with its speedup
-    over the engine named "torch fp32"."""
+    the timestep (the middle of an integer engine's schedule, else 500) and a row per engine and batch, with its
+    speedup over the engine named "torch fp32"."""
     schedules = [engine.rows.schedule for engine in engines.values() if getattr(engine, "rows", None) is not None]
     timestep = int(schedules[0][len(schedules[0]) // 2]) if schedules else 500
     config = model.unet.config
