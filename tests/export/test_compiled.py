@@ -54,6 +54,7 @@ def test_the_compiled_engine_runs_every_quantized_layer_on_integer_kernels_and_c
     assert_exact_but_for_flips(errors, EXACT_TOLERANCE, FLIP_TOLERANCE)
 
 
+@pytest.mark.slow  # a second compile of a tiny UNet: 30-35 s on 2 cores (the CLI and README tests compile too)
 def test_the_compiled_engine_runs_a_text_unet_with_its_states(text_w8a8, schedule):
     # 8-bit asymmetric weights: uint8 codes with zero points, which oneDNN's kernels do not take, run as float
     engine = CompiledUNet(text_w8a8, schedule[:2])
