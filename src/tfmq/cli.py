@@ -130,8 +130,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from tfmq.report import format_table
 
     _output_file(args, args.json, owned_json)
-    model, quantized, _ = load_unet(args)
-    engines, files = bench_engines(args, model, quantized)
+    model, engines, files = bench_engines(args)
     timestep, rows = time_engines(model, engines, args.batch, args.repeats)
     print(format_table(rows, ("engine", "batch", "ms_per_step", "speedup_vs_torch_fp32")))
     fp32_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())

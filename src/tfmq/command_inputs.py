@@ -129,10 +129,12 @@ def _compiled_engine(args: argparse.Namespace, config):
     return model, compiled_engine(unet, model, config=config), source
 
 
-def bench_engines(args: argparse.Namespace, model, quantized) -> tuple[dict, dict[str, int]]:
-    """What `tfmq bench` times, by name (FP32 torch first), and the bytes of each --onnx graph's files."""
+def bench_engines(args: argparse.Namespace) -> tuple:
+    """What `tfmq bench` times: the model, its engines by name (FP32 torch first), and the bytes of each --onnx
+    graph's files."""
     from tfmq.export import graph_engine
 
+    model, quantized, _ = load_unet(args)
     engines: dict = {"torch fp32": model.unet}
     files = {}
     quantized = quantized if args.quantized is not None else None  # else the FP32 UNet itself
@@ -145,7 +147,7 @@ def bench_engines(args: argparse.Namespace, model, quantized) -> tuple[dict, dic
         files[path.name] = sum(file.stat().st_size for file in engine.files)
     if args.inductor:
         engines[f"{COMPILED_ENGINE} int8"] = compiled_engine(quantized, model, engines.values())
-    return engines, files
+    return model, engines, files
 
 
 def compiled_engine(unet, model, engines=(), config=None):
