@@ -18,5 +18,5 @@ from tfmq.arguments import GRAPH_ENGINES
 from tfmq.export.compiled import CompiledUNet
 from tfmq.export.runtime import ExportedGraph, OnnxUNet, graph_engine
 
-__all__ = ["DEFAULT_OPSET", "FORMATS", "GRAPH_ENGINES", "SUPPORTED_OPSETS", "CompiledUNet", "ExportedGraph", "GraphInfo",
-           "OnnxUNet", "export_onnx", "graph_engine", "owned_graph", "trajectory_inputs"]
+__all__ = ["DEFAULT_OPSET", "FORMATS", "GRAPH_ENGINES", "SUPPORTED_OPSETS", "CompiledUNet", "ExportedGraph",
+           "GraphInfo", "OnnxUNet", "export_onnx", "graph_engine", "owned_graph", "trajectory_inputs"]

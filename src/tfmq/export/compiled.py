@@ -29,9 +29,9 @@ from tfmq.errors import TfmqError
 from tfmq.export.graph import integer_twin
 from tfmq.export.layers import IntegerConv2d, IntegerLinear
 from tfmq.export.onnx_export import checked_schedule, condition_input
-from tfmq.export.qdq import KERNEL_BITS, DequantizedWeight, QdqActivation, WeightCodes
+from tfmq.export.qdq import INT8_MAX, INT8_MIN, KERNEL_BITS, DequantizedWeight, QdqActivation, WeightCodes
 from tfmq.export.runtime import ScheduleRows
-from tfmq.quant.nn.layers import QuantConv2d, QuantLinear
+from tfmq.quant.nn.layers import QuantConv2d
 from tfmq.quant.nn.step_table import StepRows
 
 COMPILED_CLASSES = (UNet2DModel, UNet2DConditionModel)
@@ -68,7 +68,7 @@ class DecomposedWeight(DequantizedWeight):
         if self.codes.dtype != torch.int8:  # oneDNN's integer kernels take int8 weights only
             return super().forward()
         return _decomposed_ops().dequantize_per_channel(self.codes, self.scale, self.zero_point.to(torch.int64),
-                                                        self.axis, -128, 127, torch.int8)
+                                                        self.axis, INT8_MIN, INT8_MAX, torch.int8)
 
 
 class CompiledConv2d(IntegerConv2d):
@@ -98,9 +98,7 @@ class CompiledLinear(IntegerLinear):
     """A linear over the flattened leading axes (Inductor's integer linear pattern is a 2-D matmul), its
     weight (out, in) with scales along axis 0."""
 
-    def __init__(self, layer: QuantLinear, requantize_weights: bool = False, step_rows: StepRows | None = None) -> None:
-        super().__init__(layer, requantize_weights, step_rows)
-        self.weight = self.weight_of(layer, requantize_weights)
+    transposed = False
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         outputs = functional.linear(self.quantize_input(inputs.reshape(-1, inputs.shape[-1])), self.weight(),

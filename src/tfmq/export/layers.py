@@ -110,9 +110,12 @@ class IntegerLinear(IntegerLayer):
     """Weight stored transposed (in, out), scales along axis 1: a plain DQ -> MatMul for onnxruntime."""
 
     channel_dim = -1
+    transposed = True  # the weight's layout: (in, out), scales along axis 1; else (out, in), scales along axis 0
 
     def __init__(self, layer: QuantLinear, requantize_weights: bool = False, step_rows: StepRows | None = None) -> None:
-        super().__init__(layer, self.weight_of(layer, requantize_weights, axis=1, transpose=True), None, step_rows)
+        axis = 1 if self.transposed else 0
+        super().__init__(layer, self.weight_of(layer, requantize_weights, axis=axis, transpose=self.transposed), None,
+                         step_rows)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         outputs = torch.matmul(self.quantize_input(inputs), self.weight())
