@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 from torch._dynamo.utils import counters
 
 from tests.export.conftest import assert_exact_but_for_flips
@@ -8,6 +9,7 @@ from tests.quant.tiny_unets import pixel_unet, unet_inputs
 from tfmq.errors import TfmqError
 from tfmq.export import CompiledUNet
 from tfmq.export.compiled import CompiledConv2d, CompiledLinear, DecomposedWeight
+from tfmq.export.norms import ChannelMomentsGroupNorm
 from tfmq.quant.nn import timestep_tables
 from tfmq.quant.provenance import Provenance
 from tfmq.quant.config import RTNConfig
@@ -27,13 +29,14 @@ def integer_kernels(engine: CompiledUNet) -> dict[str, int]:
 
 
 @torch.no_grad()
-def engine_errors(engine: CompiledUNet, model, schedule: list[int], text: bool = False) -> list[float]:
+def engine_errors(engine: CompiledUNet, model, schedule: list[int], text: bool = False,
+                  batch: int = 3) -> list[float]:
     """Relative errors against the fake-quant model, per sample, one call per scheduled timestep."""
     errors = []
     for index, timestep in enumerate(schedule):
-        inputs = {**unet_inputs(model, 3, index), "timestep": torch.full((3,), timestep)}
+        inputs = {**unet_inputs(model, batch, index), "timestep": torch.full((batch,), timestep)}
         if text:
-            inputs["encoder_hidden_states"] = torch.randn(3, 5, model.config.cross_attention_dim,
+            inputs["encoder_hidden_states"] = torch.randn(batch, 5, model.config.cross_attention_dim,
                                                           generator=torch.Generator().manual_seed(index))
         errors += relative_errors(engine(**inputs).sample, model(**inputs).sample)
     return errors
@@ -51,7 +54,11 @@ def test_the_compiled_engine_runs_every_quantized_layer_on_integer_kernels_and_c
     assert expected["qconv_unary_lower_count"] > len([m for m in engine.graph.modules() if isinstance(m, CompiledConv2d)
                                                       and m.parts is None and isinstance(m.weight, DecomposedWeight)])
     assert lowered == expected
+    # every call after the first ran with Dynamo's guards cut to those that tell compiled graphs apart
     assert_exact_but_for_flips(errors, EXACT_TOLERANCE, FLIP_TOLERANCE)
+    norms = [type(module) for module in engine.graph.modules() if isinstance(module, (nn.GroupNorm,
+                                                                                      ChannelMomentsGroupNorm))]
+    assert norms and set(norms) == {ChannelMomentsGroupNorm}
 
 
 @pytest.mark.slow  # a second compile of a tiny UNet: 30-35 s on 2 cores (the CLI and README tests compile too)
@@ -61,6 +68,9 @@ def test_the_compiled_engine_runs_a_text_unet_with_its_states(text_w8a8, schedul
     assert engine.counts["uint8_weights"] > 0
     assert_exact_but_for_flips(engine_errors(engine, text_w8a8, schedule[:2], text=True), EXACT_TOLERANCE,
                                FLIP_TOLERANCE)
+    # a batch of another size after the warm calls compiles anew rather than running the graph for 3
+    assert_exact_but_for_flips(engine_errors(engine, text_w8a8, schedule[:1], text=True, batch=2),
+                               EXACT_TOLERANCE, FLIP_TOLERANCE)
     with pytest.raises(TfmqError, match="text-conditional: pass encoder_hidden_states"):
         engine(torch.randn(1, 4, 8, 8), schedule[0])
 

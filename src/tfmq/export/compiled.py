@@ -28,6 +28,7 @@ from tfmq.devices import module_device
 from tfmq.errors import TfmqError
 from tfmq.export.graph import integer_twin
 from tfmq.export.layers import IntegerConv2d, IntegerLinear
+from tfmq.export.norms import ChannelMomentsGroupNorm
 from tfmq.export.onnx_export import checked_schedule, condition_input
 from tfmq.export.qdq import INT8_MAX, INT8_MIN, KERNEL_BITS, DequantizedWeight, QdqActivation, WeightCodes
 from tfmq.export.runtime import ScheduleRows
@@ -152,13 +153,15 @@ class CompiledUNet:
         check_compilable(model)
         schedule_tensor = checked_schedule(model, schedule)
         graph, self.counts = integer_twin(model.eval(), schedule_tensor, {}, condition_input(model),
-                                          fused_group_norms=False, layer_twins=(CompiledConv2d, CompiledLinear))
+                                          group_norm_form=ChannelMomentsGroupNorm,
+                                          layer_twins=(CompiledConv2d, CompiledLinear))
         graph.row_shape = (1,)
         self.graph = decomposed(graph).eval()
         self.rows = ScheduleRows(schedule_tensor.tolist())
         self.config = FrozenDict(model.config)
         # a new batch size compiles anew: code for dynamic shapes ran 1.5x slower on fashion-ddpm
         self._compiled = torch.compile(self.graph, dynamic=False)
+        self._compiled_shapes: set[tuple] = set()
 
     def __repr__(self) -> str:
         return f"CompiledUNet({type(self.graph.model).__name__}, steps={len(self.rows.schedule)})"
@@ -173,8 +176,14 @@ class CompiledUNet:
             raise TfmqError("this UNet takes no encoder_hidden_states (it is not text-conditional)")
         step = torch.tensor([self.rows.row(torch.as_tensor(timestep).detach().cpu())])
         condition = None if encoder_hidden_states is None else encoder_hidden_states.float().cpu()
-        with torch.no_grad(), torch._inductor.config.patch(INDUCTOR_OPTIONS), warnings.catch_warnings():
+        shapes = (tuple(sample.shape), None if condition is None else tuple(condition.shape))
+        # once these shapes are compiled, Dynamo checks only the guards that tell its compiled graphs apart: the
+        # graph is frozen, and its full guards re-read every module attribute at each call
+        compiled = shapes in self._compiled_shapes
+        with (torch.no_grad(), torch._inductor.config.patch(INDUCTOR_OPTIONS), warnings.catch_warnings(),
+              torch.compiler.set_stance(skip_guard_eval_unsafe=compiled)):
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")  # its notes to itself
             noise = self._compiled(sample.detach().float().cpu(), step, condition)
+        self._compiled_shapes.add(shapes)
         noise = noise.to(sample.device, sample.dtype)
         return UNet2DOutput(sample=noise) if return_dict else (noise,)

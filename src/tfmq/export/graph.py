@@ -17,7 +17,7 @@ modulation Linears, after the label embedding is added) stays in the graph, its 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from tfmq.denoiser import denoiser_call, predicted_noise
 from tfmq.export.conv_outputs import single_timestep_batches
 from tfmq.export.layers import IntegerConv2d, IntegerLinear
-from tfmq.export.norms import with_fused_group_norms
+from tfmq.export.norms import GroupNormThenAffine, replace_group_norms
 from tfmq.export.qdq import DequantizedWeight, frozen_activation
 from tfmq.quant.nn.attention import QuantAttnProcessor
 from tfmq.quant.nn.layers import QuantConv2d
@@ -86,14 +86,15 @@ class TimestepGraph(_DenoiserGraph):
 
 def integer_twin(
     model: nn.Module, schedule: torch.Tensor, output_grids: dict[str, tuple], condition: str | None,
-    requantize_weights: bool = False, fused_group_norms: bool = True,
+    requantize_weights: bool = False,
+    group_norm_form: Callable[[nn.GroupNorm], nn.Module] | None = GroupNormThenAffine,
     layer_twins: tuple[type[IntegerConv2d], type[IntegerLinear]] = (IntegerConv2d, IntegerLinear),
 ) -> tuple[StepGraph, dict[str, int]]:
     """The export twin of `model` (left untouched), and how many layers hold symmetric int8, uint8 (8-bit
     weights with zero points) and float weights. Convs in `output_grids` get those output grids (one per input
-    part); `condition`: see StepGraph; `requantize_weights`: see WeightCodes; `fused_group_norms`: GroupNorms
-    written as onnxruntime runs them fastest (`GroupNormThenAffine`), else left as they are; `layer_twins`: the
-    classes that stand in for the quantized convs and linears (an engine's own forms of them)."""
+    part); `condition`: see StepGraph; `requantize_weights`: see WeightCodes; `group_norm_form`: what each
+    affine GroupNorm becomes (the engine's fastest form of it, by default onnxruntime's; None leaves them);
+    `layer_twins`: the classes that stand in for the quantized convs and linears (an engine's own forms)."""
     conv_twin, linear_twin = layer_twins
     tib = find_tib(model)
     with torch.no_grad():
@@ -119,8 +120,8 @@ def integer_twin(
                       if isinstance(layer, QuantConv2d) else linear_twin(layer, requantize_weights, step_rows))
         counts[_weight_kind(twin_layer.weight)] += 1
         twin.set_submodule(name, twin_layer)
-    if fused_group_norms:
-        with_fused_group_norms(twin)
+    if group_norm_form is not None:
+        replace_group_norms(twin, group_norm_form)
     for module in twin.modules():
         if isinstance(module, QuantAttnProcessor):
             for attribute in ATTENTION_QUANTIZERS:

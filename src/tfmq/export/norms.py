@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional
@@ -28,10 +30,47 @@ class GroupNormThenAffine(nn.Module):
                                      training=False, eps=0.0)
 
 
-def with_fused_group_norms(model: nn.Module) -> int:
-    """Replace every affine `nn.GroupNorm` of `model` by a GroupNormThenAffine, in place; returns how many."""
+class ChannelMomentsGroupNorm(nn.Module):
+    """`nn.GroupNorm` from per-channel moments, as TorchInductor compiles it in fewest float operations on
+    channels-last tensors: the mean and mean square of each channel are reductions vectorised across channels,
+    and small matmuls (which Inductor leaves to the BLAS, so their outputs are stored, not recomputed per
+    element) average them over each group and spread each group's values back to its channels. Inductor's
+    own GroupNorm reduces each group's few channels in partly masked vectors.
+
+    The moments are taken about one value of each group (its first channel's first element), so the variance
+    (mean square less squared mean) keeps float32's precision when a group's mean is far from zero."""
+
+    def __init__(self, norm: nn.GroupNorm) -> None:
+        super().__init__()
+        if not norm.affine:
+            raise ValueError("ChannelMomentsGroupNorm takes an affine GroupNorm")
+        self.eps, self.group_size = norm.eps, norm.num_channels // norm.num_groups
+        self.weight = nn.Parameter(norm.weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(norm.bias.detach().clone(), requires_grad=False)
+        membership = (torch.arange(norm.num_channels)[:, None] // self.group_size
+                      == torch.arange(norm.num_groups)[None, :]).float()
+        self.register_buffer("group_average", membership / self.group_size, persistent=False)  # (channels, groups)
+        self.register_buffer("group_spread", membership.t().contiguous(), persistent=False)  # (groups, channels)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        batch, channels = inputs.shape[:2]
+        spatial = tuple(range(2, inputs.dim()))
+        shape = (batch, channels) + (1,) * len(spatial)
+        origin = inputs[:, ::self.group_size].reshape(batch, -1, inputs[0, 0].numel())[..., 0]  # (batch, groups)
+        centered = inputs - (origin @ self.group_spread).reshape(shape)
+        moments = torch.cat([centered.mean(spatial), (centered * centered).mean(spatial)]) @ self.group_average
+        offset, mean_square = moments[:batch], moments[batch:]
+        inverse_deviation = torch.rsqrt((mean_square - offset * offset).clamp_min(0) + self.eps)
+        spread = torch.cat([inverse_deviation, -(origin + offset) * inverse_deviation]) @ self.group_spread
+        scale = spread[:batch] * self.weight
+        shift = spread[batch:] * self.weight + self.bias
+        return inputs * scale.reshape(shape) + shift.reshape(shape)
+
+
+def replace_group_norms(model: nn.Module, form: Callable[[nn.GroupNorm], nn.Module]) -> int:
+    """Replace every affine `nn.GroupNorm` of `model` by `form(norm)`, in place; returns how many."""
     norms = [(name, module) for name, module in model.named_modules()
              if isinstance(module, nn.GroupNorm) and module.affine]
     for name, norm in norms:
-        model.set_submodule(name, GroupNormThenAffine(norm))
+        model.set_submodule(name, form(norm))
     return len(norms)
