@@ -44,7 +44,8 @@ class ChannelMomentsGroupNorm(nn.Module):
         super().__init__()
         if not norm.affine:
             raise ValueError("ChannelMomentsGroupNorm takes an affine GroupNorm")
-        self.eps, self.group_size = norm.eps, norm.num_channels // norm.num_groups
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+        self.group_size = norm.num_channels // norm.num_groups
         self.weight = nn.Parameter(norm.weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(norm.bias.detach().clone(), requires_grad=False)
         membership = (torch.arange(norm.num_channels)[:, None] // self.group_size
@@ -53,10 +54,12 @@ class ChannelMomentsGroupNorm(nn.Module):
         self.register_buffer("group_spread", membership.t().contiguous(), persistent=False)  # (groups, channels)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.dim() < 3:  # no spatial axes to reduce (a mean over none would reduce them all)
+            return functional.group_norm(inputs, self.num_groups, self.weight, self.bias, self.eps)
         batch, channels = inputs.shape[:2]
         spatial = tuple(range(2, inputs.dim()))
         shape = (batch, channels) + (1,) * len(spatial)
-        origin = inputs[:, ::self.group_size].reshape(batch, -1, inputs[0, 0].numel())[..., 0]  # (batch, groups)
+        origin = inputs[:, ::self.group_size].flatten(2)[..., 0]  # (batch, groups): each group's first element
         centered = inputs - (origin @ self.group_spread).reshape(shape)
         moments = torch.cat([centered.mean(spatial), (centered * centered).mean(spatial)]) @ self.group_average
         offset, mean_square = moments[:batch], moments[batch:]
