@@ -13,6 +13,7 @@ model computes, up to float summation order (design note: docs/design/integer_in
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import warnings
 from collections.abc import Sequence
@@ -179,9 +180,10 @@ class CompiledUNet:
         shapes = (tuple(sample.shape), None if condition is None else tuple(condition.shape))
         # once these shapes are compiled, Dynamo checks only the guards that tell its compiled graphs apart: the
         # graph is frozen, and its full guards re-read every module attribute at each call
-        compiled = shapes in self._compiled_shapes
+        warm = shapes in self._compiled_shapes
+        # (set_stance applies itself when made, so it is made where the with statement enters it)
         with (torch.no_grad(), torch._inductor.config.patch(INDUCTOR_OPTIONS), warnings.catch_warnings(),
-              torch.compiler.set_stance(skip_guard_eval_unsafe=compiled)):
+              torch.compiler.set_stance(skip_guard_eval_unsafe=True) if warm else contextlib.nullcontext()):
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")  # its notes to itself
             noise = self._compiled(sample.detach().float().cpu(), step, condition)
         self._compiled_shapes.add(shapes)
