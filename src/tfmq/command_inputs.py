@@ -134,11 +134,13 @@ def bench_engines(args: argparse.Namespace) -> tuple:
     graph's files."""
     from tfmq.export import graph_engine
 
+    if args.inductor and args.quantized is None:  # before loading the model and its graphs
+        raise TfmqError(f"the {COMPILED_ENGINE} engine compiles a quantized model: give --quantized (a folder "
+                        "written by `tfmq quantize`)")
     model, quantized, _ = load_unet(args)
     engines: dict = {"torch fp32": model.unet}
     files = {}
-    quantized = quantized if args.quantized is not None else None  # else the FP32 UNet itself
-    if quantized is not None:
+    if args.quantized is not None:
         engines["torch fake-quant"] = quantized
     for path in args.onnx:
         for runtime in args.runtimes:
@@ -158,9 +160,6 @@ def compiled_engine(unet, model, engines=(), config=None):
     from tfmq.quant.nn import timestep_tables
     from tfmq.sampling import SamplerConfig, distinct_timesteps, sampling_timesteps
 
-    if unet is None:
-        raise TfmqError(f"the {COMPILED_ENGINE} engine compiles a quantized model: give --quantized (a folder "
-                        "written by `tfmq quantize`)")
     schedules = [engine.rows.schedule for engine in engines if getattr(engine, "rows", None) is not None]
     if schedules:
         schedule = schedules[0]
